@@ -1,0 +1,221 @@
+"""Flat buffers: pack params into one contiguous buffer and map views back.
+
+A :class:`FlatBuffer` holds the params of one (param group, device, dtype) as one
+1-D tensor. Each param's ``.data`` is rebound to a view of it, so the model keeps
+working and no second copy exists. Grads live in a matching flat grad buffer as
+views, and the AdaDelta state is kept as flat buffers beside them, so one kernel
+launch updates every param of the buffer.
+
+Segments start on a 16-byte boundary (128-bit accesses); the padding between them
+is zero in every buffer and an AdaDelta step keeps it zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+ALIGN_BYTES = 16
+
+
+def state_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``square_avg``/``acc_delta``: fp32, or fp64 for fp64 params."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def real_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """Complex params are stored as their real and imaginary parts, as torch does."""
+    return torch.empty((), dtype=dtype).real.dtype if dtype.is_complex else dtype
+
+
+def buffer_key(param: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+    return param.device, real_dtype_of(param.dtype)
+
+
+@dataclass
+class Segment:
+    """Where one param lives in its flat buffer (offsets in real elements)."""
+
+    param: torch.nn.Parameter
+    offset: int
+    numel: int
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.numel
+
+
+def _shaped_view(flat: torch.Tensor, segment: Segment) -> torch.Tensor:
+    """The segment of ``flat`` viewed with the param's shape (and complex dtype)."""
+    piece = flat[segment.offset : segment.end]
+    if segment.dtype.is_complex:
+        return torch.view_as_complex(piece.view(*segment.shape, 2))
+    return piece.view(segment.shape)
+
+
+def _real_flat(tensor: torch.Tensor) -> torch.Tensor:
+    """A 1-D real view (or copy, if non-contiguous) of ``tensor``."""
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor)
+    return tensor.reshape(-1)
+
+
+class FlatBuffer:
+    """Params of one group, device and dtype, packed with their grads and state.
+
+    Args:
+        params: the params, each at most once (tied weights are one param).
+        master_weights: keep an fp32 master copy (for bf16/fp16 params).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], *, master_weights: bool = False) -> None:
+        if not params:
+            raise ValueError("a FlatBuffer needs at least one param")
+        self.device, self.dtype = buffer_key(params[0])
+        for param in params:
+            if buffer_key(param) != (self.device, self.dtype):
+                raise ValueError("all params of a FlatBuffer must share device and dtype")
+        align = max(1, ALIGN_BYTES // torch.empty((), dtype=self.dtype).element_size())
+        self.segments: list[Segment] = []
+        offset = 0
+        for param in params:
+            numel = param.numel() * (2 if param.is_complex() else 1)
+            self.segments.append(Segment(param, offset, numel, param.shape, param.dtype))
+            offset += -(-numel // align) * align
+        self.n_elements = offset
+        self.index = {id(segment.param): i for i, segment in enumerate(self.segments)}
+
+        state_dtype = state_dtype_for(self.dtype)
+        make = lambda dtype: torch.zeros(self.n_elements, dtype=dtype, device=self.device)  # noqa: E731
+        self.param = make(self.dtype)
+        self.grad = make(self.dtype)
+        self.square_avg = make(state_dtype)
+        self.acc_delta = make(state_dtype)
+        self.master = make(torch.float32) if master_weights else None
+        # Per-param step counts (torch keeps one per param); advanced by the update.
+        self.steps = torch.zeros(len(params), dtype=torch.float32, device=self.device)
+        # Whether a param has state yet: torch creates it at the param's first grad.
+        self.initialized = [False] * len(params)
+
+        for segment in self.segments:
+            param = segment.param
+            self.param[segment.offset : segment.end].copy_(_real_flat(param.data))
+            if self.master is not None:
+                self.master[segment.offset : segment.end].copy_(_real_flat(param.data))
+        self._bind()
+
+    def _bind(self) -> None:
+        """Rebind every param's data (and any grad) to views of the flat buffers."""
+        self.grad_views: list[torch.Tensor] = []
+        self.data_ptrs: list[int] = []
+        for segment in self.segments:
+            param = segment.param
+            old_grad = param.grad
+            param.data = _shaped_view(self.param, segment)
+            grad_view = _shaped_view(self.grad, segment)
+            if old_grad is not None:
+                grad_view.copy_(old_grad)
+                param.grad = grad_view
+            self.grad_views.append(grad_view)
+            self.data_ptrs.append(param.data_ptr())
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [segment.param for segment in self.segments]
+
+    def is_stale(self) -> bool:
+        """Whether a param's data was replaced (``p.data = ...``, ``model.to(...)``)."""
+        for segment, data_ptr in zip(self.segments, self.data_ptrs):
+            param = segment.param
+            if param.data_ptr() != data_ptr or param.shape != segment.shape or param.dtype != segment.dtype:
+                return True
+        return False
+
+    def gather_grads(self) -> list[tuple[int, int]]:
+        """Bring the params' grads into the flat grad buffer.
+
+        Grads that are views already cost nothing; any other grad (a fresh one after
+        ``zero_grad()``, or one the user assigned) is copied in and re-pointed.
+
+        Returns:
+            Runs ``(first, stop)`` of consecutive segments whose param has a grad.
+            Params whose grad is None are skipped, as torch skips them.
+
+        Raises:
+            RuntimeError: for a sparse grad (torch's message); ValueError for a grad
+                whose shape, dtype or device does not match its param. Nothing is
+                changed when it raises.
+        """
+        to_copy: list[int] = []
+        runs: list[tuple[int, int]] = []
+        run_start = -1
+        for i, segment in enumerate(self.segments):
+            grad = segment.param.grad
+            if grad is None:
+                if run_start >= 0:
+                    runs.append((run_start, i))
+                    run_start = -1
+                continue
+            if grad is not self.grad_views[i]:
+                if grad.is_sparse:
+                    raise RuntimeError("Adadelta does not support sparse gradients")
+                if grad.shape != segment.shape or grad.dtype != segment.dtype or grad.device != self.device:
+                    raise ValueError(
+                        f"grad of shape {tuple(grad.shape)}, {grad.dtype} on {grad.device} does not match "
+                        f"its param of shape {tuple(segment.shape)}, {segment.dtype} on {self.device}"
+                    )
+                to_copy.append(i)
+            if run_start < 0:
+                run_start = i
+        if run_start >= 0:
+            runs.append((run_start, len(self.segments)))
+        for i in to_copy:
+            param = self.segments[i].param
+            self.grad_views[i].copy_(param.grad)
+            param.grad = self.grad_views[i]
+        return runs
+
+    def run_range(self, first: int, stop: int) -> tuple[int, int]:
+        """Element range of segments ``first..stop-1``, with the padding after them."""
+        end = self.segments[stop].offset if stop < len(self.segments) else self.n_elements
+        return self.segments[first].offset, end
+
+    def param_state(self, i: int) -> dict[str, torch.Tensor]:
+        """torch's per-param state of segment ``i``, as live views of the flat state."""
+        segment = self.segments[i]
+        state = {
+            "step": self.steps[i],
+            "square_avg": _shaped_view(self.square_avg, segment),
+            "acc_delta": _shaped_view(self.acc_delta, segment),
+        }
+        if self.master is not None:
+            state["master_param"] = _shaped_view(self.master, segment)
+        return state
+
+    def load_param_state(self, i: int, state: dict[str, torch.Tensor]) -> None:
+        """Copy one param's state in (shapes checked by the caller); fp32 is never downcast."""
+        segment = self.segments[i]
+        self.steps[i].copy_(torch.as_tensor(state["step"], dtype=torch.float32))
+        for name in ("square_avg", "acc_delta"):
+            flat = getattr(self, name)
+            flat[segment.offset : segment.end].copy_(_real_flat(state[name].to(self.device)))
+        if self.master is not None and "master_param" in state:
+            self.master[segment.offset : segment.end].copy_(_real_flat(state["master_param"].to(self.device)))
+        self.initialized[i] = True
+
+    def reset_param_state(self, i: int) -> None:
+        """Forget one param's state, as a param that never had a grad."""
+        segment = self.segments[i]
+        self.steps[i].zero_()
+        self.square_avg[segment.offset : segment.end].zero_()
+        self.acc_delta[segment.offset : segment.end].zero_()
+        if self.master is not None:
+            self.master[segment.offset : segment.end].copy_(self.param[segment.offset : segment.end])
+        self.initialized[i] = False
+
+    def __iter__(self) -> Iterator[Segment]:
+        return iter(self.segments)
