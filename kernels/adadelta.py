@@ -6,7 +6,7 @@ one step is, in this order::
 
     g = g / grad_scale            if a GradScaler's scale is given
     g = -g                        if maximize
-    g = g + weight_decay * p
+    g = g + weight_decay * p      if weight_decay != 0
     v = rho * v + (1 - rho) * g * g
     d = sqrt(u + eps) / sqrt(v + eps) * g
     u = rho * u + (1 - rho) * d * d
@@ -92,6 +92,36 @@ def _div(x, y):
         return tl.div_rn(x, y)
 
 
+@triton.jit
+def _widen(x, COMPUTE_DTYPE: tl.constexpr):
+    """Convert a loaded value to the compute dtype; bf16 by integer ops.
+
+    bf16 is the top half of an fp32, so the shift is exact, subnormals included
+    (the interpreter's own bf16 conversion flushes them to zero).
+    """
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(COMPUTE_DTYPE)
+
+
+@triton.jit
+def _round_to_nearest(x, DTYPE: tl.constexpr):
+    """Round to nearest even in DTYPE; bf16 by integer ops.
+
+    The interpreter converts fp32 to bf16 by truncation; the integer form is the
+    same correct rounding on a GPU and in the interpreter (it is c10's bf16 rounding).
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        # A NaN stays a (quiet) NaN instead of carrying into the exponent.
+        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
 @triton.autotune(
     configs=AUTOTUNE_CONFIGS,
     key=["size_bucket"],
@@ -169,8 +199,8 @@ def adadelta_kernel(
     if HAS_MASTER:
         param = tl.load(master_ptr + offs, mask=mask).to(COMPUTE_DTYPE)
     else:
-        param = tl.load(param_ptr + offs, mask=mask).to(COMPUTE_DTYPE)
-    grad = tl.load(grad_ptr + offs, mask=mask).to(COMPUTE_DTYPE)
+        param = _widen(tl.load(param_ptr + offs, mask=mask), COMPUTE_DTYPE)
+    grad = _widen(tl.load(grad_ptr + offs, mask=mask), COMPUTE_DTYPE)
     square_avg = tl.load(square_avg_ptr + offs, mask=mask).to(COMPUTE_DTYPE)
     acc_delta = tl.load(acc_delta_ptr + offs, mask=mask).to(COMPUTE_DTYPE)
 
@@ -178,7 +208,9 @@ def adadelta_kernel(
         grad = _div(grad, tl.load(grad_scale_ptr).to(COMPUTE_DTYPE))
     if MAXIMIZE:
         grad = -grad
-    grad = grad + weight_decay * param
+    if weight_decay != 0.0:
+        # As torch: with no weight decay an inf or NaN param does not reach the grad.
+        grad = grad + weight_decay * param
     square_avg = square_avg * rho + one_minus_rho * grad * grad
     std = _sqrt(square_avg + eps)
     delta = _div(_sqrt(acc_delta + eps), std) * grad
@@ -191,19 +223,20 @@ def adadelta_kernel(
         tl.store(master_ptr + offs, param.to(master_ptr.dtype.element_ty), mask=mask)
     if STOCHASTIC_ROUNDING:
         low_ty: tl.constexpr = param_ptr.dtype.element_ty
-        # The two neighbours of `param` in the low-precision type: toward zero, and
-        # one step further from zero (the magnitude bits plus one).
-        toward_zero = param.to(low_ty, fp_downcast_rounding="rtz")
-        away = (toward_zero.to(tl.int16, bitcast=True) + 1).to(low_ty, bitcast=True)
-        low = toward_zero.to(tl.float32)
-        high = away.to(tl.float32)
-        # P(round away) = distance from the lower neighbour / gap, so E[store] = param.
-        fraction = tl.div_rn(param - low, high - low)
-        rounded = tl.where(tl.rand(seed, offs) < fraction, away, toward_zero)
+        nearest = _round_to_nearest(param, low_ty)
+        nearest_value = _widen(nearest, tl.float32)
+        # The other neighbour of `param`: the magnitude bits one up when |param|
+        # lies beyond |nearest|, one down when it lies short of it.
+        beyond = tl.abs(param) > tl.abs(nearest_value)
+        other_bits = nearest.to(tl.int16, bitcast=True) + tl.where(beyond, 1, -1).to(tl.int16)
+        other = other_bits.to(low_ty, bitcast=True)
+        # P(other) = distance to nearest / gap, so the expected store is `param`.
+        # (Exact values give fraction 0, or NaN for a NaN gap: both keep nearest.)
+        fraction = _div(param - nearest_value, _widen(other, tl.float32) - nearest_value)
+        rounded = tl.where(tl.rand(seed, offs) < fraction, other, nearest)
         tl.store(param_ptr + offs, rounded, mask=mask)
     else:
-        tl.store(param_ptr + offs, param.to(param_ptr.dtype.element_ty), mask=mask)
-
+        tl.store(param_ptr + offs, _round_to_nearest(param, param_ptr.dtype.element_ty), mask=mask)
 
 def _check_scalar_tensor(name: str, value: torch.Tensor, device: torch.device) -> None:
     if value.numel() != 1:

@@ -1,0 +1,128 @@
+"""An fp64 numpy oracle of the AdaDelta step, written from the equations alone.
+
+It does not import the package. Each step is computed in fp64 from the given
+inputs; ``fp32_range`` models the one thing fp64 precision hides, fp32's exponent
+range: a result past 3.4e38 overflows to inf (a gradient of 1e30 squares to inf in
+fp32 and in torch alike), and one below half the smallest subnormal underflows to 0
+(a gradient of 1e-30 squares to 0, and with eps=0 that makes 0/0 = NaN).
+
+Besides the result, :func:`adadelta_step` returns a magnitude for each output: the
+same computation run on absolute values, with the ratio's sensitivity added. A
+correctly rounded fp32 evaluation differs from the exact result by at most a few
+units of roundoff times that magnitude (the tolerance table says how many).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FP32_MAX = float(np.finfo(np.float32).max)
+# Values at or past this round to inf in fp32 (the max plus half an ulp).
+FP32_OVERFLOW = FP32_MAX + 2.0**103
+# Values at or below this round to 0 (half the smallest subnormal, ties to even).
+FP32_UNDERFLOW = 2.0**-150
+FP32_MIN_NORMAL = 2.0**-126
+FP64_MIN_NORMAL = 2.0**-1022
+
+
+@dataclass
+class Step:
+    """One step's exact results and their magnitudes (all float64 arrays)."""
+
+    param: np.ndarray
+    square_avg: np.ndarray
+    acc_delta: np.ndarray
+    param_magnitude: np.ndarray
+    square_avg_magnitude: np.ndarray
+    acc_delta_magnitude: np.ndarray
+
+
+def _range(x: np.ndarray, fp32_range: bool) -> np.ndarray:
+    if not fp32_range:
+        return x
+    with np.errstate(invalid="ignore"):
+        x = np.where(np.abs(x) >= FP32_OVERFLOW, np.copysign(np.inf, x), x)
+        return np.where(np.abs(x) <= FP32_UNDERFLOW, np.copysign(0.0, x), x)
+
+
+def times(a: np.ndarray | float, magnitude: np.ndarray) -> np.ndarray:
+    """A product in a magnitude: an exact 0 factor (rho = 1, lr = 0, d = 0) makes
+    the term exactly 0 in any precision, even beside an infinite magnitude."""
+    with np.errstate(invalid="ignore"):
+        return np.where((np.asarray(a) == 0) | (magnitude == 0), 0.0, np.multiply(a, magnitude))
+
+
+def adadelta_step(
+    param: np.ndarray,
+    grad: np.ndarray,
+    square_avg: np.ndarray,
+    acc_delta: np.ndarray,
+    *,
+    lr: float,
+    rho: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+    grad_scale: float | None = None,
+    one_minus_rho: float | None = None,
+    fp32_range: bool = True,
+) -> Step:
+    """One step of torch.optim.Adadelta's equations in fp64.
+
+    ``one_minus_rho`` defaults to ``1 - rho``; give it where the code under test
+    rounds ``1 - rho`` itself (torch computes it in Python, then rounds to fp32).
+    """
+    if one_minus_rho is None:
+        one_minus_rho = 1 - rho
+    r = lambda x: _range(x, fp32_range)  # noqa: E731
+    min_normal = FP32_MIN_NORMAL if fp32_range else FP64_MIN_NORMAL
+    p = np.asarray(param, dtype=np.float64)
+    g = np.asarray(grad, dtype=np.float64)
+    v = np.asarray(square_avg, dtype=np.float64)
+    u = np.asarray(acc_delta, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        if grad_scale is not None:
+            g = r(g / grad_scale)
+        if maximize:
+            g = -g
+        # Magnitudes: the computation on absolute values. Each carries the smallest
+        # normal too: below it fp32 keeps fewer bits, so roundoff is at most
+        # u * max(|x|, min_normal) there (a subnormal g*g loses most of its bits).
+        g_magnitude = np.abs(g) + min_normal
+        if weight_decay != 0:
+            g_magnitude = r(np.abs(g) + r(weight_decay * np.abs(p))) + min_normal
+            g = r(g + r(weight_decay * p))
+        v_new = r(r(rho * v) + r(r(one_minus_rho * g) * g))
+        v_magnitude = r(r(rho * v) + r(times(r(times(one_minus_rho, g_magnitude)), g_magnitude))) + min_normal
+        ratio = np.sqrt(r(u + eps)) / np.sqrt(r(v_new + eps))
+        d = r(ratio * g)
+        # |error of d| <= ratio * |error of g| + |d| * (relative error of the ratio),
+        # and the ratio's relative error grows as v's magnitude exceeds v itself.
+        # (An infinite v is exact under the fp32 range model.)
+        relative = np.where(np.isinf(v_new), 1.0, v_magnitude / r(v_new + eps))
+        d_magnitude = r(
+            times(ratio, g_magnitude) + times(np.abs(d), 1 + relative)
+        ) + min_normal
+        u_new = r(r(rho * u) + r(r(one_minus_rho * d) * d))
+        u_magnitude = r(r(rho * u) + r(times(r(times(one_minus_rho, d_magnitude)), d_magnitude))) + min_normal
+        p_new = r(p - r(lr * d))
+        p_magnitude = r(np.abs(p) + r(times(lr, d_magnitude))) + min_normal
+    return Step(p_new, v_new, u_new, p_magnitude, v_magnitude, u_magnitude)
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Round fp64 values to a storage dtype (nearest even), back as float64."""
+    import torch  # only for bf16, which numpy lacks
+
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)).to(getattr(torch, dtype)).double().numpy()
+
+
+def ulp(x: np.ndarray, dtype: str) -> np.ndarray:
+    """The spacing of ``dtype`` at |x| (at least the smallest subnormal)."""
+    mantissa_bits, min_exponent = {"float32": (23, -126), "bfloat16": (7, -126), "float16": (10, -14), "float64": (52, -1022)}[dtype]
+    with np.errstate(divide="ignore"):
+        exponent = np.floor(np.log2(np.abs(x)))
+    exponent = np.where(np.isfinite(exponent), np.maximum(exponent, min_exponent), min_exponent)
+    return np.exp2(exponent - mantissa_bits)

@@ -1,0 +1,164 @@
+"""Hypothesis properties: the kernel (interpreter) and the CPU path against the fp64 oracle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import oracle
+from tolerances import UNIT_ROUNDOFF, roundoff_units
+from triton_adadelta.cpu import adadelta_step_torch_
+from triton_adadelta.kernels import adadelta_step_
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A dtype mode: param/grad dtype, state dtype, and how the param is stored."""
+
+    name: str
+    param_dtype: torch.dtype
+    master: bool = False
+    stochastic_rounding: bool = False
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return torch.float64 if self.param_dtype == torch.float64 else torch.float32
+
+    @property
+    def compute(self) -> str:
+        return "float64" if self.param_dtype == torch.float64 else "float32"
+
+
+MODES = [
+    Mode("fp32", torch.float32),
+    Mode("fp64", torch.float64),
+    Mode("bf16", torch.bfloat16),
+    Mode("fp16", torch.float16),
+    Mode("bf16_master", torch.bfloat16, master=True),
+    Mode("fp16_master", torch.float16, master=True),
+    Mode("bf16_stochastic", torch.bfloat16, stochastic_rounding=True),
+    Mode("fp16_stochastic", torch.float16, stochastic_rounding=True),
+]
+BACKENDS = {"kernel": adadelta_step_, "cpu": adadelta_step_torch_}
+# Awkward sizes: one element, around the default block (4096), primes, many blocks.
+SIZES = st.one_of(st.sampled_from([1, 2, 4095, 4096, 4097, 8191, 8193, 7919, 65521, 100_000]), st.integers(1, 20_000))
+
+
+@st.composite
+def hyper_parameters(draw):
+    """Every valid value: lr >= 0, 0 <= rho <= 1, eps >= 0, weight_decay >= 0."""
+    bounded = lambda lo, hi: st.floats(lo, hi, allow_nan=False, allow_infinity=False)  # noqa: E731
+    return {
+        "lr": draw(st.one_of(st.just(0.0), st.just(1.0), bounded(0.0, 1e3))),
+        "rho": draw(st.one_of(st.sampled_from([0.0, 0.9, 0.95, 1.0]), bounded(0.0, 1.0))),
+        "eps": draw(st.one_of(st.sampled_from([0.0, 1e-30, 1e-6, 1.0]), bounded(0.0, 1e3))),
+        "weight_decay": draw(st.one_of(st.just(0.0), bounded(0.0, 1e2))),
+        "maximize": draw(st.booleans()),
+    }
+
+
+def gradients(rng: np.random.Generator, size: int, specials: bool) -> np.ndarray:
+    """Magnitudes log-uniform over 1e-30..1e30, random signs; with zeros and subnormals."""
+    grads = rng.choice([-1.0, 1.0], size) * 10.0 ** rng.uniform(-30, 30, size)
+    if specials:
+        kind = rng.integers(0, 4, size)
+        grads = np.where(kind == 0, 0.0, grads)
+        grads = np.where(kind == 1, rng.choice([-1.0, 1.0], size) * 10.0 ** rng.uniform(-45, -38, size), grads)
+    return grads
+
+
+def check_within(name: str, actual: torch.Tensor, exact: np.ndarray, magnitude: np.ndarray, mode: Mode, stored: torch.dtype, stochastic: bool = False) -> None:
+    """The stored value lies within the error bound of the exact one, in the storage dtype.
+
+    The computed value q satisfies |q - exact| <= bound; storing rounds q to
+    nearest, which is monotone, so the store lies in [RN(exact - bound), RN(exact + bound)].
+    A stochastic store may take the other neighbour: one step further out each side.
+    """
+    actual64 = actual.double().numpy()
+    bound = roundoff_units() * UNIT_ROUNDOFF[mode.compute] * magnitude
+    nan = np.isnan(exact)
+    wrong_nan = np.flatnonzero(np.isnan(actual64) != nan)
+    assert wrong_nan.size == 0, f"{name}[{wrong_nan[0]}] = {actual64[wrong_nan[0]]!r}, exact {exact[wrong_nan[0]]!r}: NaN differs"
+    infinite = np.isinf(exact)
+    assert np.array_equal(actual64[infinite], exact[infinite]), f"{name}: wrong infinities"
+    finite = ~nan & ~infinite
+    with np.errstate(invalid="ignore"):
+        low = torch.from_numpy(np.where(finite, exact - bound, 0.0)).to(stored)
+        high = torch.from_numpy(np.where(finite, exact + bound, 0.0)).to(stored)
+    if stochastic:
+        low = torch.nextafter(low, torch.full_like(low, -float("inf")))
+        high = torch.nextafter(high, torch.full_like(high, float("inf")))
+    low64, high64 = low.double().numpy(), high.double().numpy()
+    bad = finite & ~((low64 <= actual64) & (actual64 <= high64))
+    if bad.any():
+        i = np.flatnonzero(bad)[0]
+        raise AssertionError(
+            f"{name}[{i}] = {actual64[i]!r}, exact {exact[i]!r}, allowed [{low64[i]!r}, {high64[i]!r}] "
+            f"({bad.sum()} of {bad.size} out of bound)"
+        )
+
+
+def run_and_check(backend: str, mode: Mode, size: int, hyper: dict, seed: int, steps: int, specials: bool, grad_scale: float | None = None) -> None:
+    rng = np.random.default_rng(seed)
+    master = None
+    if mode.master:
+        master = torch.from_numpy(rng.standard_normal(size)).float()
+        param = master.to(mode.param_dtype)
+    else:
+        param = torch.from_numpy(rng.standard_normal(size)).to(mode.param_dtype)
+    square_avg = torch.from_numpy(rng.uniform(0, 10, size) * (rng.random(size) < 0.5)).to(mode.state_dtype)
+    acc_delta = torch.from_numpy(rng.uniform(0, 10, size) * (rng.random(size) < 0.5)).to(mode.state_dtype)
+    step_counts = torch.zeros(3)
+    fp32_range = mode.compute == "float32"
+    # The contract, as in torch: hyper-parameters act as fp32 scalars on fp32 math
+    # (an lr of 1e-103 is 0 there). 1 - rho is computed in fp64 first, as torch does.
+    to_scalar = (lambda x: float(np.float32(x))) if fp32_range else float  # noqa: E731
+    oracle_hyper = {k: (to_scalar(v) if k != "maximize" else v) for k, v in hyper.items()}
+    oracle_hyper["one_minus_rho"] = to_scalar(1.0 - hyper["rho"])
+    for t in range(steps):
+        grad = torch.from_numpy(gradients(rng, size, specials)).to(mode.param_dtype)
+        # Copies: for fp64 buffers .double() is the buffer itself, which the step overwrites.
+        weights_in = (master if master is not None else param).double().numpy().copy()
+        v_in, u_in = square_avg.double().numpy().copy(), acc_delta.double().numpy().copy()
+        scale_tensor = None if grad_scale is None else torch.tensor([grad_scale])
+        BACKENDS[backend](
+            param, grad, square_avg, acc_delta, step_counts, **hyper, master=master,
+            stochastic_rounding=mode.stochastic_rounding, seed=seed + t, grad_scale=scale_tensor,
+        )
+        exact = oracle.adadelta_step(weights_in, grad.double().numpy(), v_in, u_in, **oracle_hyper, grad_scale=grad_scale, fp32_range=fp32_range)
+        check_within("square_avg", square_avg, exact.square_avg, exact.square_avg_magnitude, mode, mode.state_dtype)
+        check_within("acc_delta", acc_delta, exact.acc_delta, exact.acc_delta_magnitude, mode, mode.state_dtype)
+        if master is not None:
+            check_within("master", master, exact.param, exact.param_magnitude, mode, torch.float32)
+            # The param is the master rounded to nearest, exactly.
+            torch.testing.assert_close(param, master.to(mode.param_dtype), rtol=0, atol=0, equal_nan=True)
+        else:
+            check_within("param", param, exact.param, exact.param_magnitude, mode, mode.param_dtype, mode.stochastic_rounding)
+    assert torch.equal(step_counts, torch.full((3,), float(steps))), "step counts did not advance once per step"
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+@given(size=SIZES, hyper=hyper_parameters(), seed=st.integers(0, 2**32 - 1), specials=st.booleans())
+@example(size=4097, hyper={"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0, "maximize": False}, seed=0, specials=True)
+@example(size=1, hyper={"lr": 0.0, "rho": 1.0, "eps": 0.0, "weight_decay": 0.0, "maximize": True}, seed=1, specials=True)
+def test_one_step_within_roundoff_of_fp64_oracle(backend, mode, size, hyper, seed, specials):
+    run_and_check(backend, mode, size, hyper, seed, steps=1, specials=specials)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("mode", [MODES[0], MODES[2], MODES[4], MODES[6]], ids=lambda m: m.name)
+@given(size=st.integers(1, 5000), hyper=hyper_parameters(), seed=st.integers(0, 2**32 - 1), steps=st.integers(2, 6))
+def test_every_step_of_a_trajectory_within_roundoff_of_fp64_oracle(backend, mode, size, hyper, seed, steps):
+    run_and_check(backend, mode, size, hyper, seed, steps=steps, specials=False)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@given(size=st.integers(1, 5000), hyper=hyper_parameters(), seed=st.integers(0, 2**32 - 1), log2_scale=st.integers(-20, 40))
+def test_grad_scale_divides_the_gradient(backend, size, hyper, seed, log2_scale):
+    run_and_check(backend, MODES[0], size, hyper, seed, steps=1, specials=True, grad_scale=2.0**log2_scale)
