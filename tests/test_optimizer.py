@@ -1,0 +1,340 @@
+"""triton_adadelta.Adadelta as a drop-in torch.optim.Adadelta, on both backends."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from tolerances import TOLERANCES
+from triton_adadelta import Adadelta
+
+
+def assert_matches(ours: torch.Tensor, theirs: torch.Tensor, backend: str) -> None:
+    if backend == "torch":
+        # The CPU path runs torch's ops in torch's order (tolerances table).
+        torch.testing.assert_close(ours, theirs, rtol=TOLERANCES["torch_parity_cpu_fp32"].value, atol=0.0)
+    else:
+        torch.testing.assert_close(
+            ours, theirs,
+            rtol=TOLERANCES["torch_parity_kernel_rtol"].value, atol=TOLERANCES["torch_parity_kernel_atol"].value,
+        )  # fmt: skip
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(7, 33)
+        self.second = torch.nn.Linear(33, 5)
+        self.unused = torch.nn.Linear(3, 3)  # never gets a grad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.tanh(self.first(x)))
+
+
+def make_pair(seed: int = 0) -> tuple[Net, Net]:
+    torch.manual_seed(seed)
+    model = Net()
+    return model, copy.deepcopy(model)
+
+
+def groups(model: Net) -> list[dict]:
+    return [
+        {"params": [*model.first.parameters(), *model.unused.parameters()], "lr": 0.5, "weight_decay": 1e-2},
+        {"params": model.second.parameters(), "rho": 0.8, "eps": 1e-5, "maximize": False},
+    ]
+
+
+def train_step(model: Net, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, set_to_none: bool = True) -> float:
+    optimizer.zero_grad(set_to_none=set_to_none)
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def assert_models_and_states_match(model, reference, optimizer, torch_optimizer, backend) -> None:
+    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
+        assert_matches(ours.detach(), theirs.detach(), backend)
+        assert (ours in optimizer.state) == (theirs in torch_optimizer.state), name
+        if ours in optimizer.state:
+            for key in ("square_avg", "acc_delta"):
+                assert_matches(optimizer.state[ours][key], torch_optimizer.state[theirs][key], backend)
+            assert float(optimizer.state[ours]["step"]) == float(torch_optimizer.state[theirs]["step"])
+
+
+def test_matches_torch_over_many_steps_with_groups_scheduler_and_a_param_without_grad(backend):
+    model, reference = make_pair()
+    optimizer = Adadelta(groups(model))
+    torch_optimizer = torch.optim.Adadelta(groups(reference))
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=7, gamma=0.5) for o in (optimizer, torch_optimizer)]
+    torch.manual_seed(1)
+    x, y = torch.randn(32, 7), torch.randn(32, 5)
+    for step in range(40):
+        for m, o in ((model, optimizer), (reference, torch_optimizer)):
+            train_step(m, o, x, y, set_to_none=step % 2 == 0)
+        for scheduler in schedulers:
+            scheduler.step()
+        if step == 20:
+            # Hyper-parameters changed between steps are honoured.
+            for o in (optimizer, torch_optimizer):
+                o.param_groups[1]["rho"] = 0.95
+                o.param_groups[0]["weight_decay"] = 0.1
+    assert model.unused.weight not in optimizer.state
+    assert_models_and_states_match(model, reference, optimizer, torch_optimizer, backend)
+
+
+@pytest.mark.parametrize("direction", ["ours_to_torch", "torch_to_ours"])
+def test_state_dict_interop_through_torch_save(backend, direction):
+    model, reference = make_pair()
+    optimizer = Adadelta(groups(model))
+    torch_optimizer = torch.optim.Adadelta(groups(reference))
+    torch.manual_seed(2)
+    x, y = torch.randn(16, 7), torch.randn(16, 5)
+    for _ in range(5):
+        train_step(model, optimizer, x, y)
+        train_step(reference, torch_optimizer, x, y)
+    source, target = (optimizer, torch_optimizer) if direction == "ours_to_torch" else (torch_optimizer, optimizer)
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    buffer.seek(0)
+    # Fresh optimizers: the loaded one must take its whole state from the dict.
+    fresh_model, fresh_reference = copy.deepcopy(model), copy.deepcopy(reference)
+    if direction == "ours_to_torch":
+        target = torch.optim.Adadelta(groups(fresh_reference))
+        target.load_state_dict(torch.load(buffer, map_location="cpu", weights_only=True))
+        ours_model, ours_optimizer, torch_model, torch_opt = model, optimizer, fresh_reference, target
+    else:
+        target = Adadelta(groups(fresh_model))
+        target.load_state_dict(torch.load(buffer, map_location="cpu", weights_only=True))
+        ours_model, ours_optimizer, torch_model, torch_opt = fresh_model, target, reference, torch_optimizer
+    for _ in range(5):
+        train_step(ours_model, ours_optimizer, x, y)
+        train_step(torch_model, torch_opt, x, y)
+    assert_models_and_states_match(ours_model, torch_model, ours_optimizer, torch_opt, backend)
+
+
+def test_state_dict_has_torch_format(backend):
+    model, reference = make_pair()
+    optimizer, torch_optimizer = Adadelta(model.parameters()), torch.optim.Adadelta(reference.parameters())
+    x, y = torch.randn(4, 7), torch.randn(4, 5)
+    train_step(model, optimizer, x, y)
+    train_step(reference, torch_optimizer, x, y)
+    ours, theirs = optimizer.state_dict(), torch_optimizer.state_dict()
+    assert ours["state"].keys() == theirs["state"].keys()
+    for index, state in theirs["state"].items():
+        assert ours["state"][index].keys() == state.keys()
+        for key, value in state.items():
+            assert ours["state"][index][key].shape == value.shape
+            assert ours["state"][index][key].dtype == value.dtype
+    for ours_group, torch_group in zip(ours["param_groups"], theirs["param_groups"]):
+        for key, value in torch_group.items():
+            assert ours_group[key] == value, key
+
+
+INVALID = [
+    {"lr": -1.0},
+    {"lr": torch.tensor([1.0, 2.0])},
+    {"rho": 1.1},
+    {"rho": -0.1},
+    {"eps": -1e-6},
+    {"weight_decay": -1.0},
+]
+
+
+@pytest.mark.parametrize("kwargs", INVALID, ids=lambda k: ",".join(k))
+def test_invalid_hyper_parameters_raise_torchs_error(kwargs):
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError) as torch_error:
+        torch.optim.Adadelta(params, **kwargs)
+    with pytest.raises(ValueError) as our_error:
+        Adadelta(params, **kwargs)
+    assert str(our_error.value) == str(torch_error.value)
+
+
+def test_defaults_and_signature_match_torch():
+    import inspect
+
+    ours = inspect.signature(Adadelta.__init__).parameters
+    theirs = inspect.signature(torch.optim.Adadelta.__init__).parameters
+    for name, parameter in theirs.items():
+        assert name in ours, name
+        assert ours[name].default == parameter.default or name == "params", name
+        assert ours[name].kind == parameter.kind, name
+
+
+def test_differentiable_is_refused_clearly():
+    with pytest.raises(ValueError, match="differentiable=True"):
+        Adadelta([torch.nn.Parameter(torch.zeros(2))], differentiable=True)
+
+
+def test_foreach_has_no_effect(backend):
+    results = []
+    for foreach in (None, True, False):
+        torch.manual_seed(0)
+        param = torch.nn.Parameter(torch.randn(100))
+        optimizer = Adadelta([param], foreach=foreach)
+        param.grad = torch.ones(100)
+        optimizer.step()
+        results.append(param.detach().clone())
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_zero_grad_set_to_none_skips_the_param_and_leaves_its_state_untouched(backend):
+    first, second = torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(10))
+    optimizer = Adadelta([first, second])
+    first.grad, second.grad = torch.ones(10), torch.ones(10)
+    optimizer.step()
+    before = {k: v.clone() for k, v in optimizer.state[second].items()}
+    second_before = second.detach().clone()
+    optimizer.zero_grad()  # set_to_none=True
+    first.grad = torch.ones(10)
+    optimizer.step()
+    assert torch.equal(second.detach(), second_before)
+    for key, value in before.items():
+        assert torch.equal(optimizer.state[second][key], value), key
+    assert float(optimizer.state[first]["step"]) == 2.0
+
+
+def test_zeroed_grad_is_a_real_zero_gradient_and_decays_the_state(backend):
+    param, reference = torch.nn.Parameter(torch.randn(10)), None
+    reference = torch.nn.Parameter(param.detach().clone())
+    optimizer, torch_optimizer = Adadelta([param]), torch.optim.Adadelta([reference])
+    for p, o in ((param, optimizer), (reference, torch_optimizer)):
+        p.grad = torch.ones(10)
+        o.step()
+        o.zero_grad(set_to_none=False)
+        o.step()
+    assert float(optimizer.state[param]["step"]) == 2.0
+    assert_matches(optimizer.state[param]["square_avg"], torch_optimizer.state[reference]["square_avg"], backend)
+    # Grads stayed views of the flat grad buffer: zeroing kept them.
+    buffer = optimizer.flat_buffers()[0]
+    assert param.grad.data_ptr() == buffer.grad.data_ptr()
+
+
+def test_params_and_grads_are_views_of_one_flat_buffer():
+    model, _ = make_pair()
+    optimizer = Adadelta(model.parameters())
+    model(torch.randn(2, 7)).sum().backward()
+    optimizer.step()
+    (buffer,) = optimizer.flat_buffers()
+    for segment in buffer.segments:
+        param = segment.param
+        assert param.untyped_storage().data_ptr() == buffer.param.untyped_storage().data_ptr()
+        assert param.data_ptr() % 16 == 0, "segments start on a 16-byte boundary"
+        if param.grad is not None:
+            assert param.grad.data_ptr() == buffer.grad.data_ptr() + segment.offset * buffer.grad.element_size()
+    covered = torch.zeros(buffer.n_elements, dtype=torch.bool)
+    for segment in buffer.segments:
+        covered[segment.offset : segment.end] = True
+    for flat in (buffer.param, buffer.grad, buffer.square_avg, buffer.acc_delta):
+        assert torch.all(flat[~covered] == 0), "padding is zero"
+
+
+def test_grad_that_is_not_a_view_is_copied_in_and_repointed(backend):
+    model, reference = make_pair()
+    optimizer, torch_optimizer = Adadelta(model.parameters()), torch.optim.Adadelta(reference.parameters())
+    x, y = torch.randn(8, 7), torch.randn(8, 5)
+    for m, o in ((model, optimizer), (reference, torch_optimizer)):
+        for _ in range(3):
+            m.zero_grad()  # the module's zero_grad: grads become None, backward makes new ones
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+    assert_models_and_states_match(model, reference, optimizer, torch_optimizer, backend)
+    buffer = optimizer.flat_buffers()[0]
+    assert model.first.weight.grad.untyped_storage().data_ptr() == buffer.grad.untyped_storage().data_ptr()
+
+
+def test_tied_weights_are_one_param(backend):
+    shared = torch.nn.Parameter(torch.randn(4, 4))
+    optimizer = Adadelta([{"params": [shared]}])
+    shared.grad = torch.ones(4, 4)
+    optimizer.step()
+    (buffer,) = optimizer.flat_buffers()
+    assert len(buffer.segments) == 1
+    embedding = torch.nn.Embedding(4, 4)
+    head = torch.nn.Linear(4, 4, bias=False)
+    head.weight = embedding.weight
+    model = torch.nn.Sequential(embedding, head)
+    optimizer = Adadelta(model.parameters())
+    model(torch.tensor([0, 1])).sum().backward()
+    optimizer.step()
+    assert len(optimizer.flat_buffers()[0].segments) == 1
+
+
+def test_closure_is_evaluated_and_its_loss_returned(backend):
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = Adadelta([param])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (param**2).sum()
+        loss.backward()
+        return loss
+
+    assert optimizer.step(closure).item() == 3.0
+    assert not torch.equal(param.detach(), torch.ones(3))
+
+
+def test_add_param_group_and_named_parameters(backend):
+    model, reference = make_pair()
+    optimizer = Adadelta(model.first.named_parameters(), lr=0.3)
+    torch_optimizer = torch.optim.Adadelta(reference.first.named_parameters(), lr=0.3)
+    x, y = torch.randn(8, 7), torch.randn(8, 5)
+    for m, o in ((model, optimizer), (reference, torch_optimizer)):
+        train_step(m, o, x, y)
+        o.add_param_group({"params": m.second.named_parameters(), "lr": 0.7})
+        train_step(m, o, x, y)
+        train_step(m, o, x, y)
+    assert optimizer.state_dict()["param_groups"][0]["param_names"] == ["weight", "bias"]
+    assert_models_and_states_match(model, reference, optimizer, torch_optimizer, backend)
+
+
+def test_tensor_lr_matches_float_lr(backend):
+    results = []
+    for lr in (0.25, torch.tensor(0.25)):
+        param = torch.nn.Parameter(torch.linspace(-1, 1, 50))
+        optimizer = Adadelta([param], lr=lr)
+        for _ in range(3):
+            param.grad = torch.linspace(1, 2, 50)
+            optimizer.step()
+        results.append(param.detach().clone())
+    assert_matches(results[1], results[0], backend)
+
+
+def test_load_state_dict_that_does_not_fit_raises_and_changes_nothing(backend):
+    model, _ = make_pair()
+    optimizer = Adadelta(model.parameters())
+    x, y = torch.randn(4, 7), torch.randn(4, 5)
+    train_step(model, optimizer, x, y)
+    saved = copy.deepcopy(optimizer.state_dict())
+    before = {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+    bad = copy.deepcopy(saved)
+    bad["state"][2]["square_avg"] = torch.zeros(5, 34)  # second.weight is 5x33
+    bad["param_groups"][0]["lr"] = 123.0
+    with pytest.raises(ValueError, match=r"square_avg.*param 2.*\(5, 34\).*\(5, 33\)"):
+        optimizer.load_state_dict(bad)
+    assert optimizer.param_groups[0]["lr"] == 1.0
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            assert torch.equal(value, before[id(param)][key])
+    missing = copy.deepcopy(saved)
+    del missing["state"][0]["acc_delta"]
+    with pytest.raises(ValueError, match="acc_delta"):
+        optimizer.load_state_dict(missing)
+    with pytest.raises(ValueError, match="parameter groups"):
+        optimizer.load_state_dict({"state": {}, "param_groups": []})
+
+
+def test_fp32_state_is_never_downcast_on_load(backend):
+    param = torch.nn.Parameter(torch.randn(8).bfloat16())
+    reference = torch.nn.Parameter(param.detach().clone())
+    torch_optimizer = torch.optim.Adadelta([reference])
+    reference.grad = torch.ones(8, dtype=torch.bfloat16)
+    torch_optimizer.step()
+    optimizer = Adadelta([param])
+    optimizer.load_state_dict(torch_optimizer.state_dict())
+    assert optimizer.state[param]["square_avg"].dtype == torch.float32
+    torch.testing.assert_close(optimizer.state[param]["square_avg"], torch_optimizer.state[reference]["square_avg"].float())
