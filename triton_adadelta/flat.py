@@ -16,8 +16,43 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 ALIGN_BYTES = 16
+
+# The storage each param was rebound to by a FlatBuffer: a param that lives inside a
+# larger storage is ours to rebind again only if that storage is one of ours.
+_BOUND_STORAGE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def check_packable(param: torch.Tensor) -> None:
+    """Refuse a param that cannot be rebound as a view of a flat buffer.
+
+    Raises:
+        TypeError: for a tensor subclass such as ``DTensor`` (FSDP2's ``fully_shard``,
+            tensor parallelism). FSDP2 all-gathers each param from its own padded
+            copy of the local shard, so a shard rebound into a flat buffer would
+            never reach the forward pass: the update would be silently lost.
+        ValueError: for a param that is a view into a larger storage someone else
+            owns (``ZeroRedundancyOptimizer(parameters_as_bucket_view=True)``, FSDP1
+            flat params, a Parameter made from a slice). Rebinding would detach it
+            from that storage, and its owner would go on reading stale values.
+    """
+    data = param.data
+    if type(data) is not torch.Tensor:
+        raise TypeError(
+            f"triton_adadelta packs plain tensors into flat buffers and cannot rebind a "
+            f"{type(data).__name__} param (FSDP2 fully_shard and tensor parallelism give DTensor "
+            "params, whose local shards FSDP2 keeps in its own buffers); use torch.optim.Adadelta there"
+        )
+    storage = data.untyped_storage()
+    if storage.nbytes() > data.numel() * data.element_size() and _BOUND_STORAGE.get(param) != storage.data_ptr():
+        raise ValueError(
+            f"a param of shape {tuple(data.shape)} is a view into a larger storage that something else owns "
+            "(e.g. ZeroRedundancyOptimizer(parameters_as_bucket_view=True), FSDP1, or a Parameter made from a "
+            "slice); rebinding it into a flat buffer would detach it from that storage. Give each param its "
+            "own storage (for ZeroRedundancyOptimizer: parameters_as_bucket_view=False, the default)"
+        )
 
 
 def state_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
@@ -77,6 +112,7 @@ class FlatBuffer:
             raise ValueError("a FlatBuffer needs at least one param")
         self.device, self.dtype = buffer_key(params[0])
         for param in params:
+            check_packable(param)
             if buffer_key(param) != (self.device, self.dtype):
                 raise ValueError("all params of a FlatBuffer must share device and dtype")
         align = max(1, ALIGN_BYTES // torch.empty((), dtype=self.dtype).element_size())
@@ -116,6 +152,7 @@ class FlatBuffer:
             param = segment.param
             old_grad = param.grad
             param.data = _shaped_view(self.param, segment)
+            _BOUND_STORAGE[param] = self.param.untyped_storage().data_ptr()
             grad_view = _shaped_view(self.grad, segment)
             if old_grad is not None:
                 grad_view.copy_(old_grad)

@@ -11,7 +11,7 @@ import torch
 from torch.optim import Optimizer
 
 from .cpu import adadelta_step_torch_
-from .flat import FlatBuffer, buffer_key
+from .flat import FlatBuffer, buffer_key, check_packable
 from .kernels import adadelta_step_
 from .kernels.adadelta import interpreter_enabled
 
@@ -143,6 +143,10 @@ class Adadelta(Optimizer):
         self._group_buffers: list[list[FlatBuffer]] = []
         self._group_param_ids: list[tuple[int, ...]] = []
         super().__init__(params, defaults)
+        for group in self.param_groups:
+            for param in group["params"]:
+                # Refuse DTensor (FSDP2) params here, not at the first step.
+                check_packable(param)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
