@@ -3,7 +3,8 @@
 ``triton_adadelta.Adadelta`` is a drop-in ``torch.optim.Adadelta``.
 """
 
-from .optimizer import Adadelta, backend_for
+from .optimizer import Adadelta
+from .update import backend_for
 
 __all__ = ["Adadelta", "backend_for"]
 __version__ = "0.1.0"

@@ -99,6 +99,37 @@ def _real_flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1)
 
 
+STATE_KEYS = ("step", "square_avg", "acc_delta")
+
+
+def check_param_state(key: object, param: torch.Tensor, value: object) -> None:
+    """Check that ``value`` is an Adadelta state for ``param`` (torch's or ours).
+
+    Raises:
+        ValueError: naming the param (by its key in the state_dict) and the mismatch.
+    """
+    if not isinstance(value, dict):
+        raise ValueError(f"state of param {key} is a {type(value).__name__}, not a dict")
+    missing = [name for name in STATE_KEYS if name not in value]
+    if missing:
+        raise ValueError(f"state of param {key} lacks {missing}: not an Adadelta state_dict")
+    for name in ("square_avg", "acc_delta", "master_param"):
+        if name not in value:
+            continue
+        tensor = value[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"state '{name}' of param {key} is a {type(tensor).__name__}, not a tensor")
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(
+                f"state '{name}' of param {key} has shape {tuple(tensor.shape)} "
+                f"but the param has shape {tuple(param.shape)}"
+            )
+        if tensor.is_complex() != param.is_complex() or not (tensor.is_floating_point() or tensor.is_complex()):
+            raise ValueError(f"state '{name}' of param {key} is {tensor.dtype} but the param is {param.dtype}")
+    if torch.as_tensor(value["step"]).numel() != 1:
+        raise ValueError(f"state 'step' of param {key} must be a scalar")
+
+
 class FlatBuffer:
     """Params of one group, device and dtype, packed with their grads and state.
 

@@ -10,32 +10,11 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from .cpu import adadelta_step_torch_
-from .flat import FlatBuffer, buffer_key, check_packable
-from .kernels import adadelta_step_
-from .kernels.adadelta import interpreter_enabled
+from .flat import FlatBuffer, buffer_key, check_packable, check_param_state
+from .update import apply_update_, backend_for
 
-__all__ = ["Adadelta", "backend_for"]
+__all__ = ["Adadelta"]
 
-_STATE_KEYS = ("step", "square_avg", "acc_delta")
-
-
-def backend_for(device: torch.device) -> str:
-    """Which implementation updates buffers on ``device``.
-
-    Returns:
-        ``"triton"`` (CUDA/ROCm), ``"triton-interpreter"`` (``TRITON_INTERPRET=1``)
-        or ``"torch"`` (CPU and other devices).
-    """
-    if device.type == "cuda":
-        return "triton"
-    if device.type == "cpu" and interpreter_enabled():
-        return "triton-interpreter"
-    return "torch"
-
-
-def _update_fn(device: torch.device) -> Callable[..., None]:
-    return adadelta_step_torch_ if backend_for(device) == "torch" else adadelta_step_
 
 
 class Adadelta(Optimizer):
@@ -235,42 +214,20 @@ class Adadelta(Optimizer):
             for buffer in buffers
         ]
         for group, buffer, runs in plans:
-            if not runs:
-                continue
-            device = buffer.device
-            update = _update_fn(device)
-            lr = group["lr"]
-            if isinstance(lr, torch.Tensor) and lr.device != device:
-                # A host tensor's value is read without a device sync.
-                lr = lr.to(device) if lr.device.type != "cpu" else float(lr)
-            seed = 0
-            if group["stochastic_rounding"] and buffer.dtype in (torch.bfloat16, torch.float16):
-                seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-            scale = grad_scale.to(device, non_blocking=True) if grad_scale is not None else None
-            skip = found_inf.to(device, non_blocking=True) if found_inf is not None else None
-            for first, stop in runs:
-                for i in range(first, stop):
-                    if not buffer.initialized[i]:
-                        buffer.initialized[i] = True
-                        self.state[buffer.segments[i].param] = buffer.param_state(i)
-                start, end = buffer.run_range(first, stop)
-                update(
-                    buffer.param[start:end],
-                    buffer.grad[start:end],
-                    buffer.square_avg[start:end],
-                    buffer.acc_delta[start:end],
-                    buffer.steps[first:stop],
-                    lr=lr,
-                    rho=group["rho"],
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    maximize=group["maximize"],
-                    master=buffer.master[start:end] if buffer.master is not None else None,
-                    stochastic_rounding=bool(seed),
-                    seed=seed,
-                    grad_scale=scale,
-                    found_inf=skip,
-                )
+            initialized = apply_update_(
+                buffer,
+                runs,
+                lr=group["lr"],
+                rho=group["rho"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                stochastic_rounding=group["stochastic_rounding"],
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+            )
+            for i in initialized:
+                self.state[buffer.segments[i].param] = buffer.param_state(i)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -333,19 +290,7 @@ class Adadelta(Optimizer):
             if key not in id_map:
                 raise ValueError(f"loaded state dict has state for param {key!r}, which no param group lists")
             param = id_map[key]
-            missing = [name for name in _STATE_KEYS if name not in value]
-            if missing:
-                raise ValueError(f"state of param {key} lacks {missing}: not an Adadelta state_dict")
-            for name in ("square_avg", "acc_delta", "master_param"):
-                if name in value and tuple(value[name].shape) != tuple(param.shape):
-                    raise ValueError(
-                        f"state '{name}' of param {key} has shape {tuple(value[name].shape)} "
-                        f"but the param has shape {tuple(param.shape)}"
-                    )
-                if name in value and value[name].is_complex() != param.is_complex():
-                    raise ValueError(f"state '{name}' of param {key} is {value[name].dtype} but the param is {param.dtype}")
-            if torch.as_tensor(value["step"]).numel() != 1:
-                raise ValueError(f"state 'step' of param {key} must be a scalar")
+            check_param_state(key, param, value)
             loaded[id(param)] = value
 
         # Everything fits: from here on nothing raises for the dict's sake.

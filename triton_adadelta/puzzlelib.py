@@ -24,8 +24,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from .flat import FlatBuffer, buffer_key
-from .optimizer import _update_fn
+from .flat import FlatBuffer, buffer_key, check_param_state
+from .update import apply_update_
 
 __all__ = ["AdaDelta"]
 
@@ -231,22 +231,7 @@ class AdaDelta:
             for buffer in buffers:
                 self._average_(buffer.grad)
         for buffer, runs in plans:
-            update = _update_fn(buffer.device)
-            for first, stop in runs:
-                for i in range(first, stop):
-                    buffer.initialized[i] = True
-                start, end = buffer.run_range(first, stop)
-                update(
-                    buffer.param[start:end],
-                    buffer.grad[start:end],
-                    buffer.square_avg[start:end],
-                    buffer.acc_delta[start:end],
-                    buffer.steps[first:stop],
-                    lr=1.0,
-                    rho=self.rho,
-                    eps=self.epsilon,
-                    weight_decay=0.0,
-                )
+            apply_update_(buffer, runs, lr=1.0, rho=self.rho, eps=self.epsilon, weight_decay=0.0)
         self.t += 1
 
     def _sync_grad_presence(self, buffers: list[FlatBuffer]) -> None:
@@ -339,20 +324,7 @@ class AdaDelta:
             if key not in position:
                 raise ValueError(f"the state has an entry for param {key!r}, which its param group does not list")
             param = self._params[position[key]]
-            missing = [name for name in ("step", "square_avg", "acc_delta") if name not in value]
-            if missing:
-                raise ValueError(f"state of param {key} lacks {missing}: not an AdaDelta state")
-            for name in ("square_avg", "acc_delta"):
-                tensor = value[name]
-                if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(param.shape):
-                    shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                    raise ValueError(
-                        f"state '{name}' of param {key} has shape {shape} but the param has shape {tuple(param.shape)}"
-                    )
-                if tensor.is_complex() != param.is_complex():
-                    raise ValueError(f"state '{name}' of param {key} is {tensor.dtype} but the param is {param.dtype}")
-            if torch.as_tensor(value["step"]).numel() != 1:
-                raise ValueError(f"state 'step' of param {key} must be a scalar")
+            check_param_state(key, param, value)
             loaded[id(param)] = value
 
         # Everything fits: from here on nothing raises for the dict's sake.
