@@ -156,40 +156,43 @@ class FlatBuffer:
         self.n_elements = offset
         self.index = {id(segment.param): i for i, segment in enumerate(self.segments)}
 
-        state_dtype = state_dtype_for(self.dtype)
+        # Allocation order keeps the peak at the steady state (params, grads, state):
+        # each old param or grad storage is freed as soon as it is rebound, before
+        # the next flat buffer is allocated.
         make = lambda dtype: torch.zeros(self.n_elements, dtype=dtype, device=self.device)  # noqa: E731
         self.param = make(self.dtype)
+        self.data_ptrs: list[int] = []
+        self.versions: list[int] = []
+        for segment in self.segments:
+            param = segment.param
+            self.param[segment.offset : segment.end].copy_(_real_flat(param.data))
+            param.data = _shaped_view(self.param, segment)
+            _BOUND_STORAGE[param] = self.param.untyped_storage().data_ptr()
+            self.data_ptrs.append(param.data_ptr())
+            # In-place writes through the param (not through the flat buffer) bump
+            # this; with master weights they must reach the master copy.
+            self.versions.append(param._version)
+
         self.grad = make(self.dtype)
+        self.grad_views: list[torch.Tensor] = []
+        self.grad_ptrs: list[int] = []
+        for segment in self.segments:
+            param = segment.param
+            grad_view = _shaped_view(self.grad, segment)
+            if param.grad is not None:
+                grad_view.copy_(param.grad)
+                param.grad = grad_view
+            self.grad_views.append(grad_view)
+            self.grad_ptrs.append(grad_view.data_ptr())
+
+        state_dtype = state_dtype_for(self.dtype)
         self.square_avg = make(state_dtype)
         self.acc_delta = make(state_dtype)
-        self.master = make(torch.float32) if master_weights else None
+        self.master = self.param.float() if master_weights else None
         # Per-param step counts (torch keeps one per param); advanced by the update.
         self.steps = torch.zeros(len(params), dtype=torch.float32, device=self.device)
         # Whether a param has state yet: torch creates it at the param's first grad.
         self.initialized = [False] * len(params)
-
-        for segment in self.segments:
-            param = segment.param
-            self.param[segment.offset : segment.end].copy_(_real_flat(param.data))
-            if self.master is not None:
-                self.master[segment.offset : segment.end].copy_(_real_flat(param.data))
-        self._bind()
-
-    def _bind(self) -> None:
-        """Rebind every param's data (and any grad) to views of the flat buffers."""
-        self.grad_views: list[torch.Tensor] = []
-        self.data_ptrs: list[int] = []
-        for segment in self.segments:
-            param = segment.param
-            old_grad = param.grad
-            param.data = _shaped_view(self.param, segment)
-            _BOUND_STORAGE[param] = self.param.untyped_storage().data_ptr()
-            grad_view = _shaped_view(self.grad, segment)
-            if old_grad is not None:
-                grad_view.copy_(old_grad)
-                param.grad = grad_view
-            self.grad_views.append(grad_view)
-            self.data_ptrs.append(param.data_ptr())
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -221,6 +224,8 @@ class FlatBuffer:
         to_copy: list[int] = []
         runs: list[tuple[int, int]] = []
         run_start = -1
+        if self.master is not None:
+            self._sync_master()
         for i, segment in enumerate(self.segments):
             grad = segment.param.grad
             if grad is None:
@@ -228,7 +233,8 @@ class FlatBuffer:
                     runs.append((run_start, i))
                     run_start = -1
                 continue
-            if grad is not self.grad_views[i]:
+            # Our view, unless it was replaced or its `.data` was.
+            if grad is not self.grad_views[i] or grad.data_ptr() != self.grad_ptrs[i]:
                 if grad.is_sparse:
                     raise RuntimeError("Adadelta does not support sparse gradients")
                 if grad.shape != segment.shape or grad.dtype != segment.dtype or grad.device != self.device:
@@ -242,10 +248,25 @@ class FlatBuffer:
         if run_start >= 0:
             runs.append((run_start, len(self.segments)))
         for i in to_copy:
-            param = self.segments[i].param
-            self.grad_views[i].copy_(param.grad)
-            param.grad = self.grad_views[i]
+            segment = self.segments[i]
+            grad_view = _shaped_view(self.grad, segment)
+            grad_view.copy_(segment.param.grad)
+            segment.param.grad = grad_view
+            self.grad_views[i] = grad_view
         return runs
+
+    def _sync_master(self) -> None:
+        """Copy into the master any param written in place from outside.
+
+        ``model.load_state_dict``, an init function or ``p.mul_()`` write the
+        low-precision param; the master copy must follow it, or the next step would
+        undo the write.
+        """
+        for i, segment in enumerate(self.segments):
+            version = segment.param._version
+            if version != self.versions[i]:
+                self.master[segment.offset : segment.end].copy_(_real_flat(segment.param.data))
+                self.versions[i] = version
 
     def run_range(self, first: int, stop: int) -> tuple[int, int]:
         """Element range of segments ``first..stop-1``, with the padding after them."""

@@ -1,0 +1,252 @@
+"""Reliability: bad input, params that change under the optimizer, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from tolerances import TOLERANCES
+from triton_adadelta import Adadelta
+from triton_adadelta.checkpoint import load_checkpoint, save_checkpoint
+
+KERNEL_TOLERANCE = {"rtol": TOLERANCES["torch_parity_kernel_rtol"].value, "atol": TOLERANCES["torch_parity_kernel_atol"].value}
+
+
+def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "state": {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()},
+    }
+
+
+def assert_unchanged(model: torch.nn.Module, optimizer: torch.optim.Optimizer, before: dict) -> None:
+    for param, saved in zip(model.parameters(), before["params"]):
+        assert torch.equal(param.detach(), saved)
+    assert {id(p) for p in optimizer.state} == set(before["state"])
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            assert torch.equal(value, before["state"][id(param)][key]), key
+
+
+def trained(seed: int = 0, **options) -> tuple[torch.nn.Sequential, Adadelta]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    optimizer = Adadelta(model.parameters(), **options)
+    model(torch.randn(4, 6)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+# ------------------------------------------------------------------ bad input
+def test_sparse_grad_raises_torchs_error_and_changes_nothing(backend):
+    model, optimizer = trained()
+    before = snapshot(model, optimizer)
+    model[0].weight.grad = torch.ones(8, 6)
+    model[2].weight.grad = torch.eye(2, 8).to_sparse()
+    with pytest.raises(RuntimeError, match="Adadelta does not support sparse gradients"):
+        optimizer.step()
+    assert_unchanged(model, optimizer, before)
+
+
+def test_grad_whose_data_changed_shape_raises_and_changes_nothing(backend):
+    model, optimizer = trained()
+    before = snapshot(model, optimizer)
+    model[0].weight.grad.data = torch.zeros(3, 3)  # torch allows this through .data
+    with pytest.raises(ValueError, match=r"grad of shape \(3, 3\).*param of shape \(8, 6\)"):
+        optimizer.step()
+    assert_unchanged(model, optimizer, before)
+
+
+def test_grad_whose_data_changed_dtype_raises(backend):
+    model, optimizer = trained()
+    model[2].bias.grad.data = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="torch.float64.*torch.float32"):
+        optimizer.step()
+
+
+def test_grad_whose_data_was_replaced_is_used(backend):
+    model, optimizer = trained()
+    reference = copy.deepcopy(model)
+    torch_optimizer = torch.optim.Adadelta(reference.parameters())
+    torch_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for m, o in ((model, optimizer), (reference, torch_optimizer)):
+        for p in m.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.data = torch.full_like(p, 0.5)  # same shape, new storage
+        o.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, **KERNEL_TOLERANCE)
+
+
+def test_params_on_several_devices_get_one_buffer_per_device(backend):
+    on_cpu = torch.nn.Parameter(torch.ones(4))
+    on_meta = torch.nn.Parameter(torch.ones(4, device="meta"))
+    optimizer = Adadelta([on_cpu, on_meta])
+    on_cpu.grad = torch.ones(4)
+    on_meta.grad = torch.ones(4, device="meta")
+    optimizer.step()
+    devices = sorted(str(buffer.device) for buffer in optimizer.flat_buffers())
+    assert devices == ["cpu", "meta"]
+    assert not torch.equal(on_cpu.detach(), torch.ones(4))
+
+
+def test_state_dict_of_another_model_names_the_mismatch_and_changes_nothing(backend):
+    model, optimizer = trained()
+    other = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2))
+    other_optimizer = Adadelta(other.parameters())
+    other(torch.randn(2, 6)).sum().backward()
+    other_optimizer.step()
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=r"param 0 has shape \(9, 6\) but the param has shape \(8, 6\)"):
+        optimizer.load_state_dict(other_optimizer.state_dict())
+    assert_unchanged(model, optimizer, before)
+    assert optimizer.param_groups[0]["lr"] == 1.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_and_inf_grads_propagate_as_in_torch(backend, bad):
+    model, optimizer = trained()
+    reference = copy.deepcopy(model)
+    torch_optimizer = torch.optim.Adadelta(reference.parameters())
+    torch_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    for m, o in ((model, optimizer), (reference, torch_optimizer)):
+        for p, grad in zip(m.parameters(), grads):
+            p.grad = grad.clone()
+        m[0].weight.grad[1, 2] = bad
+        m[2].bias.grad[0] = bad
+        o.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, equal_nan=True, **KERNEL_TOLERANCE)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        for key in ("square_avg", "acc_delta"):
+            torch.testing.assert_close(optimizer.state[a][key], torch_optimizer.state[b][key], equal_nan=True, **KERNEL_TOLERANCE)
+
+
+# ------------------------------------------------- the model changes under us
+def run_both(change, steps_before: int = 3, steps_after: int = 3, **options):
+    """Train ours and torch's, apply ``change(model)`` to both models mid-run, train on."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    reference = copy.deepcopy(model)
+    optimizer, torch_optimizer = Adadelta(model.parameters(), **options), torch.optim.Adadelta(reference.parameters())
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+
+    def train(m, o, steps):
+        for _ in range(steps):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x.to(next(m.parameters()).dtype)), y.to(next(m.parameters()).dtype)).backward()
+            o.step()
+
+    train(model, optimizer, steps_before)
+    train(reference, torch_optimizer, steps_before)
+    change(model)
+    change(reference)
+    train(model, optimizer, steps_after)
+    train(reference, torch_optimizer, steps_after)
+    return model, optimizer, reference, torch_optimizer
+
+
+def assert_same_params(model, reference, **tolerance):
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, **(tolerance or KERNEL_TOLERANCE))
+
+
+def test_model_to_dtype_is_noticed_and_rebuilt(backend):
+    model, optimizer, reference, _ = run_both(lambda m: m.to(torch.float64))
+    # torch keeps the fp32 state it had; ours carries it into fp64 state: the same
+    # values, then each step in fp64 instead of fp32-rounded state.
+    assert_same_params(model, reference, rtol=1e-5, atol=1e-6)
+    (buffer,) = optimizer.flat_buffers()
+    assert buffer.dtype == torch.float64 and buffer.square_avg.dtype == torch.float64
+    assert all(p.data_ptr() == buffer.param.data_ptr() + s.offset * 8 for p, s in zip(model.parameters(), buffer.segments))
+
+
+def test_assigned_param_data_is_noticed(backend):
+    def change(m):
+        m[0].weight.data = torch.full((8, 6), 0.25)
+
+    model, optimizer, reference, _ = run_both(change)
+    assert_same_params(model, reference)
+    assert model[0].weight.untyped_storage().data_ptr() == optimizer.flat_buffers()[0].param.untyped_storage().data_ptr()
+
+
+def test_module_load_state_dict_is_used(backend):
+    torch.manual_seed(5)
+    weights = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).state_dict()
+    model, _, reference, _ = run_both(lambda m: m.load_state_dict(weights))
+    assert_same_params(model, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_module_load_state_dict_reaches_the_master_weights(backend, dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 2).to(dtype)
+    optimizer = Adadelta(model.parameters(), master_weights=True)
+    model(torch.randn(3, 6).to(dtype)).sum().backward()
+    optimizer.step()
+    loaded = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+    model.load_state_dict(loaded)
+    optimizer.zero_grad(set_to_none=False)  # zero grads: params move only by weight decay (none)
+    optimizer.step()
+    for param in model.parameters():
+        # A zero gradient leaves the loaded values in place; a stale master would
+        # have put the pre-load values back.
+        assert torch.equal(param.detach(), torch.full_like(param, 0.5))
+        assert torch.equal(optimizer.state[param]["master_param"], torch.full_like(param, 0.5, dtype=torch.float32))
+
+
+def test_frozen_and_unfrozen_params_follow_torch(backend):
+    def freeze(m):
+        m[0].weight.requires_grad_(False)
+        m[0].weight.grad = None
+
+    model, optimizer, reference, torch_optimizer = run_both(freeze)
+    assert_same_params(model, reference)
+    for m in (model, reference):
+        m[0].weight.requires_grad_(True)
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    for m, o in ((model, optimizer), (reference, torch_optimizer)):
+        o.zero_grad()
+        torch.nn.functional.mse_loss(m(x), y).backward()
+        o.step()
+    assert_same_params(model, reference)
+    assert float(optimizer.state[model[0].weight]["step"]) == float(torch_optimizer.state[reference[0].weight]["step"]) == 4.0
+
+
+def test_module_zero_grad_set_to_none_skips_like_torch(backend):
+    def zero(m):
+        m.zero_grad(set_to_none=True)
+
+    model, optimizer, reference, _ = run_both(zero)
+    assert_same_params(model, reference)
+
+
+# ------------------------------------------------------------------ checkpoints
+def test_interrupted_save_leaves_the_previous_checkpoint_usable(tmp_path, monkeypatch):
+    model, optimizer = trained()
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    good = path.read_bytes()
+
+    real_save = torch.save
+
+    def dies_halfway(obj, file, *args, **kwargs):
+        real_save(obj, file, *args, **kwargs)
+        file.truncate(100)  # as if the process died mid-write
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == good
+    assert [f for f in os.listdir(tmp_path)] == ["checkpoint.pt"], "no partial file is left behind"
+    checkpoint = load_checkpoint(path)
+    fresh = Adadelta(model.parameters())
+    fresh.load_state_dict(checkpoint["optimizer"])
