@@ -1,0 +1,78 @@
+"""Memory: no second copy of params or grads; the state is 2x params in fp32
+(plus the master copy only when asked); construction allocates nothing.
+
+Peak resident memory is read from Linux's /proc (VmHWM, reset through clear_refs),
+on buffers large enough (128 MiB of params) that allocator noise does not matter.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+
+import pytest
+import torch
+
+from triton_adadelta import Adadelta
+
+MIB = 1 << 20
+# Allocator and bookkeeping headroom: the CPU path's chunk scratch (a few MiB) and
+# malloc's own slack; small against the hundreds of MiB measured.
+SLACK_BYTES = 24 * MIB
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not os.access("/proc/self/clear_refs", os.W_OK),
+    reason="peak memory is read from Linux's /proc",
+)
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_increase(fn) -> int:
+    """Bytes by which the peak resident memory during ``fn()`` exceeds the start."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the peak (VmHWM) to the current RSS
+    start = _status("VmRSS")
+    fn()
+    return _status("VmHWM") - start
+
+
+@pytest.mark.parametrize(
+    "dtype,options,state_bytes_per_param",
+    [(torch.float32, {}, 8), (torch.bfloat16, {}, 8), (torch.bfloat16, {"master_weights": True}, 12)],
+    ids=["fp32", "bf16", "bf16_master"],
+)
+def test_peak_memory_of_construction_and_steps(cpu_path, dtype, options, state_bytes_per_param):
+    Adadelta([torch.nn.Parameter(torch.zeros(8))]).step()  # one-time set-up out of the way
+    n = 1 << 25
+    params = [torch.nn.Parameter(torch.randn(n // 4).to(dtype)) for _ in range(4)]
+    for param in params:
+        param.grad = torch.randn_like(param)
+    holder: list[Adadelta] = []
+
+    construction = peak_increase(lambda: holder.append(Adadelta(params, **options)))
+    assert construction <= SLACK_BYTES, f"construction allocated {construction / MIB:.0f} MiB"
+
+    # First step: packing rebinds params and grads into flat buffers (freeing the old
+    # storages as it goes) and allocates the state: the peak grows by the state alone.
+    first_step = peak_increase(holder[0].step)
+    state = n * state_bytes_per_param
+    assert first_step <= state + SLACK_BYTES, f"first step: +{first_step / MIB:.0f} MiB, state is {state / MIB:.0f} MiB"
+    assert first_step >= state - SLACK_BYTES, "the state is allocated at the first step"
+
+    later_step = peak_increase(holder[0].step)
+    assert later_step <= SLACK_BYTES, f"a later step allocated {later_step / MIB:.0f} MiB"
+
+    # No second copy: every param and grad is a view of the one flat buffer.
+    (buffer,) = holder[0].flat_buffers()
+    for param in params:
+        assert param.untyped_storage().data_ptr() == buffer.param.untyped_storage().data_ptr()
+        assert param.grad.untyped_storage().data_ptr() == buffer.grad.untyped_storage().data_ptr()
