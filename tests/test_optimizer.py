@@ -8,19 +8,12 @@ import io
 import pytest
 import torch
 
-from tolerances import TOLERANCES
+from tolerances import TOLERANCES, parity_tolerance
 from triton_adadelta import Adadelta
 
 
 def assert_matches(ours: torch.Tensor, theirs: torch.Tensor, backend: str) -> None:
-    if backend == "torch":
-        # The CPU path runs torch's ops in torch's order (tolerances table).
-        torch.testing.assert_close(ours, theirs, rtol=TOLERANCES["torch_parity_cpu_fp32"].value, atol=0.0)
-    else:
-        torch.testing.assert_close(
-            ours, theirs,
-            rtol=TOLERANCES["torch_parity_kernel_rtol"].value, atol=TOLERANCES["torch_parity_kernel_atol"].value,
-        )  # fmt: skip
+    torch.testing.assert_close(ours, theirs, **parity_tolerance())
 
 
 class Net(torch.nn.Module):
@@ -338,3 +331,21 @@ def test_fp32_state_is_never_downcast_on_load(backend):
     optimizer.load_state_dict(torch_optimizer.state_dict())
     assert optimizer.state[param]["square_avg"].dtype == torch.float32
     torch.testing.assert_close(optimizer.state[param]["square_avg"], torch_optimizer.state[reference]["square_avg"].float())
+
+
+def test_cpu_path_with_torchs_sqrt_is_bit_identical_to_torch(cpu_path, monkeypatch):
+    monkeypatch.setenv("TRITON_ADADELTA_CPU_SQRT", "torch")
+    model, reference = make_pair()
+    optimizer = Adadelta(groups(model))
+    torch_optimizer = torch.optim.Adadelta(groups(reference))
+    torch.manual_seed(1)
+    x, y = torch.randn(32, 7), torch.randn(32, 5)
+    for step in range(20):
+        for m, o in ((model, optimizer), (reference, torch_optimizer)):
+            train_step(m, o, x, y, set_to_none=step % 2 == 0)
+    exact = TOLERANCES["torch_parity_cpu_fp32_torch_sqrt"].value
+    for ours, theirs in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=exact, atol=exact)
+        if ours in optimizer.state:
+            for key in ("square_avg", "acc_delta"):
+                torch.testing.assert_close(optimizer.state[ours][key], torch_optimizer.state[theirs][key], rtol=exact, atol=exact)

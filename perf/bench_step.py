@@ -1,0 +1,338 @@
+"""Time whole ``step()`` calls of ``triton_adadelta.Adadelta`` against torch's Adadelta.
+
+Each shape is a list of fp32 params with fixed random grads. The three optimizers
+(ours, ``torch.optim.Adadelta(foreach=True)`` and ``(foreach=False)``) and a large
+``torch`` copy, which measures this machine's copy bandwidth in the same run, are
+timed round-robin, one step each per round, in a rotating order, after warm-ups.
+Reported: medians, the interquartile range, the speed-up over torch's best median,
+and the time as a multiple of the bytes floor (28 B/param for fp32 at the measured
+copy bandwidth).
+
+On a machine without a GPU this times the CPU path (``TRITON_INTERPRET`` must be
+unset); with a GPU it times CUDA tensors and the Triton kernel.
+
+Usage::
+
+    python perf/bench_step.py            # full run, about 3-4 minutes on 2 cores
+    python perf/bench_step.py --quick    # a short run, about 1 minute
+
+Writes ``perf/results/bench_step_<device>.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("bench_step.py times the real backends: unset TRITON_INTERPRET")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import triton_adadelta  # noqa: E402
+from triton_adadelta import cpu as cpu_path  # noqa: E402
+
+# Bytes one fp32 param moves in a fused step: read p g v u, write p v u.
+FLOOR_BYTES_PER_PARAM = 28
+# A copy this large (per side) leaves every cache and times memory alone.
+COPY_BYTES = 256 << 20
+
+
+def transformer_shapes(d_model: int = 512, layers: int = 6, vocab: int = 8192) -> list[tuple[int, ...]]:
+    """Param shapes of a small pre-norm transformer: embeddings, attention, MLP, norms."""
+    shapes: list[tuple[int, ...]] = [(vocab, d_model), (1024, d_model)]
+    for _ in range(layers):
+        shapes += [
+            (d_model,), (d_model,),  # attention layer norm
+            (3 * d_model, d_model), (3 * d_model,),  # qkv projection
+            (d_model, d_model), (d_model,),  # output projection
+            (d_model,), (d_model,),  # MLP layer norm
+            (4 * d_model, d_model), (4 * d_model,),  # MLP up
+            (d_model, 4 * d_model), (d_model,),  # MLP down
+        ]  # fmt: skip
+    return shapes + [(d_model,), (d_model,)]
+
+
+SHAPES: dict[str, list[tuple[int, ...]]] = {
+    "1000 x 100": [(100,)] * 1000,
+    "16M in 100": [(160_000,)] * 100,
+    "16M in 4": [(4_000_000,)] * 4,
+    "transformer 23M": transformer_shapes(),
+}
+
+
+def machine_info(device: torch.device) -> dict[str, object]:
+    cpu_model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu_model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info: dict[str, object] = {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "triton_adadelta": triton_adadelta.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def make_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    def timed(fn: Callable[[], object]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    return timed
+
+
+def make_params(shapes: list[tuple[int, ...]], device: torch.device, seed: int) -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shapes:
+        param = torch.nn.Parameter(torch.randn(shape, generator=generator).to(device))
+        param.grad = torch.randn(shape, generator=generator).to(device)
+        params.append(param)
+    return params
+
+
+def quantiles(samples: list[float]) -> dict[str, float]:
+    q1, median, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else (samples[0],) * 3
+    return {"median": statistics.median(samples), "q1": q1, "q3": q3, "min": min(samples), "max": max(samples)}
+
+
+def bench_shape(
+    name: str,
+    shapes: list[tuple[int, ...]],
+    device: torch.device,
+    *,
+    warmup: int,
+    budget_s: float,
+    max_rounds: int,
+) -> dict[str, object]:
+    """Round-robin timing of the three optimizers and a copy, for one shape."""
+    timed = make_timer(device)
+    n_params = sum(torch.Size(shape).numel() for shape in shapes)
+    optimizers: dict[str, torch.optim.Optimizer] = {
+        "triton_adadelta": triton_adadelta.Adadelta(make_params(shapes, device, 0), lr=1.0),
+        "torch foreach": torch.optim.Adadelta(make_params(shapes, device, 0), lr=1.0, foreach=True),
+        "torch for-loop": torch.optim.Adadelta(make_params(shapes, device, 0), lr=1.0, foreach=False),
+    }
+    copy_source = torch.ones(COPY_BYTES // 4, device=device)
+    copy_target = torch.zeros_like(copy_source)
+    actions: dict[str, Callable[[], object]] = {label: opt.step for label, opt in optimizers.items()}
+    actions["copy"] = lambda: copy_target.copy_(copy_source)
+
+    for action in actions.values():
+        for _ in range(warmup):
+            action()
+    # As many rounds as fit the budget, judged from one timed round.
+    first_round = {label: timed(action) for label, action in actions.items()}
+    rounds = max(5, min(max_rounds, int(budget_s / sum(first_round.values()))))
+    samples: dict[str, list[float]] = {label: [] for label in actions}
+    labels = list(actions)
+    for round_index in range(rounds):
+        # Rotate the order so that no optimizer always runs right after the copy.
+        shift = round_index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            samples[label].append(timed(actions[label]))
+
+    copy_stats = quantiles(samples.pop("copy"))
+    bandwidth = 2 * COPY_BYTES / copy_stats["median"]  # bytes read + written per second
+    floor_s = FLOOR_BYTES_PER_PARAM * n_params / bandwidth
+    stats = {label: quantiles(values) for label, values in samples.items()}
+    torch_best = min(stats["torch foreach"]["median"], stats["torch for-loop"]["median"])
+    ours = stats["triton_adadelta"]["median"]
+    return {
+        "shape": name,
+        "n_tensors": len(shapes),
+        "n_params": n_params,
+        "rounds": rounds,
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "floor_ms": floor_s * 1e3,
+        "timings_ms": {label: {k: v * 1e3 for k, v in s.items()} for label, s in stats.items()},
+        "speedup_vs_torch_best": torch_best / ours,
+        "ours_x_floor": ours / floor_s,
+        "torch_best_x_floor": torch_best / floor_s,
+        "backends": optimizers["triton_adadelta"].backends(),  # type: ignore[attr-defined]
+    }
+
+
+def step_overhead(device: torch.device, n_params: int = 1000, size: int = 100, repeats: int = 200) -> dict[str, float]:
+    """Medians (us) of the parts of one step() on many small params, to find the Python cost."""
+    optimizer = triton_adadelta.Adadelta(make_params([(size,)] * n_params, device, 0), lr=1.0)
+    optimizer.step()
+    (buffer,) = optimizer.flat_buffers()
+    timed = make_timer(device)
+
+    def update() -> None:
+        cpu_path.adadelta_step_torch_(
+            buffer.param, buffer.grad, buffer.square_avg, buffer.acc_delta, buffer.steps,
+            lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0,
+        )  # fmt: skip
+
+    parts: dict[str, Callable[[], object]] = {
+        "step()": optimizer.step,
+        "_ensure_buffers (incl. is_stale)": optimizer._ensure_buffers,
+        "FlatBuffer.is_stale": buffer.is_stale,
+        "FlatBuffer.gather_grads": buffer.gather_grads,
+        "update (adadelta_step_torch_)": update,
+    }
+    samples: dict[str, list[float]] = {label: [] for label in parts}
+    for _ in range(repeats):
+        for label, part in parts.items():
+            samples[label].append(timed(part))
+    return {label: statistics.median(values) * 1e6 for label, values in samples.items()}
+
+
+def native_build_delay() -> dict[str, float | bool]:
+    """First-call delay of the native CPU loop: compile in a fresh cache, then load from it."""
+    code = (
+        "import time, torch; from triton_adadelta import cpu; start = time.perf_counter(); "
+        "library = cpu.native_library(); print(time.perf_counter() - start, library is not None)"
+    )
+    delays: dict[str, float | bool] = {}
+    with tempfile.TemporaryDirectory() as cache_dir:
+        env = dict(os.environ, TRITON_ADADELTA_CACHE_DIR=cache_dir, PYTHONPATH=str(REPO))
+        for label in ("cold_cache_s", "warm_cache_s"):
+            result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            seconds, available = result.stdout.split()
+            delays[label] = float(seconds)
+            delays["native_available"] = available == "True"
+    return delays
+
+
+def format_table(results: list[dict[str, object]]) -> str:
+    header = (
+        f"{'shape':<16} {'params':>9} {'ours ms':>16} {'foreach ms':>16} {'for-loop ms':>16} "
+        f"{'speed-up':>8} {'floor ms':>8} {'ours/floor':>10} {'torch/floor':>11} {'copy GB/s':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    for result in results:
+        timings = result["timings_ms"]
+        assert isinstance(timings, dict)
+
+        def cell(label: str) -> str:
+            stats = timings[label]
+            return f"{stats['median']:7.3f} [{stats['q1']:.2f}-{stats['q3']:.2f}]"
+
+        lines.append(
+            f"{result['shape']:<16} {result['n_params']:>9} {cell('triton_adadelta'):>16} "
+            f"{cell('torch foreach'):>16} {cell('torch for-loop'):>16} {result['speedup_vs_torch_best']:>7.1f}x "
+            f"{result['floor_ms']:>8.3f} {result['ours_x_floor']:>9.2f}x {result['torch_best_x_floor']:>10.2f}x "
+            f"{result['copy_bandwidth_GBps']:>9.1f}"
+        )
+    lines.append("times: median [q1-q3] over interleaved rounds; speed-up: torch's best median / ours")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, object]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["triton_adadelta", "torch foreach", "torch for-loop"]
+    figure, axis = plt.subplots(figsize=(9, 4.5))
+    width = 0.25
+    for i, label in enumerate(labels):
+        medians = [r["timings_ms"][label]["median"] for r in results]  # type: ignore[index]
+        errors = [
+            [r["timings_ms"][label]["median"] - r["timings_ms"][label]["q1"] for r in results],  # type: ignore[index]
+            [r["timings_ms"][label]["q3"] - r["timings_ms"][label]["median"] for r in results],  # type: ignore[index]
+        ]
+        positions = [j + (i - 1) * width for j in range(len(results))]
+        axis.bar(positions, medians, width, yerr=errors, label=label, capsize=2)
+    for j, result in enumerate(results):
+        floor = result["floor_ms"]
+        axis.hlines(floor, j - 1.5 * width, j + 1.5 * width, colors="black", linestyles="--",
+                    label="bytes floor (28 B/param at copy bandwidth)" if j == 0 else None)  # fmt: skip
+    axis.set_xticks(range(len(results)), [str(r["shape"]) for r in results])
+    axis.set_yscale("log")
+    axis.set_ylabel("step() time, ms (median, IQR bars)")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and warm-ups (about 1 minute)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=REPO / "perf" / "results")
+    parser.add_argument("--shapes", nargs="*", choices=list(SHAPES), default=list(SHAPES))
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    warmup, budget_s, max_rounds = (2, 8.0, 15) if args.quick else (5, 40.0, 60)
+    info = machine_info(device)
+    print(f"{info['cpu_model']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads), "
+          f"{info.get('gpu', 'no GPU')}; torch {info['torch']}, triton {info['triton']}")  # fmt: skip
+
+    build = native_build_delay() if device.type == "cpu" else {}
+    if build:
+        print(f"native CPU loop: available={build['native_available']}, first call in a fresh cache "
+              f"{build['cold_cache_s']:.2f} s (compile + self-check), from the cache {build['warm_cache_s']:.2f} s")  # fmt: skip
+
+    results = []
+    for name in args.shapes:
+        result = bench_shape(name, SHAPES[name], device, warmup=warmup, budget_s=budget_s, max_rounds=max_rounds)
+        results.append(result)
+        print(f"  {name}: {result['rounds']} rounds, ours {result['timings_ms']['triton_adadelta']['median']:.3f} ms")
+    table = format_table(results)
+    print(table)
+
+    overhead = step_overhead(device) if device.type == "cpu" else {}
+    if overhead:
+        print("\nstep() on 1000 params x 100 elements, median us per call:")
+        for label, micros in overhead.items():
+            print(f"  {label:<34} {micros:8.1f}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_step_{device.type}"
+    record = {
+        "machine": info,
+        "quick": args.quick,
+        "floor_bytes_per_param": FLOOR_BYTES_PER_PARAM,
+        "native_cpu_build": build,
+        "results": results,
+        "step_overhead_us_1000x100": overhead,
+        "table": table,
+    }
+    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2))
+    plot(results, args.out / f"{stem}.png", f"AdaDelta step(), fp32, {info.get('gpu', info['cpu_model'])}")
+    print(f"\nwrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
