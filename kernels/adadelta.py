@@ -40,14 +40,44 @@ import triton.language as tl
 
 # Block sizes and warp counts to tune over. A streaming kernel with no reuse wants
 # enough bytes in flight per SM; 1024..8192 elements at 4..8 warps spans the usual
-# best points for bandwidth-bound elementwise kernels on A100/H100 and MI300, and
-# every config compiles to 128-bit accesses without spills (tests/test_gpu_compile.py).
+# best points for bandwidth-bound elementwise kernels on A100/H100 and MI300.
+# `configs_for` keeps, per dtype and warp size, those that compile to 128-bit
+# accesses without spills (checked by perf/sweep.py --target, tests/test_gpu_compile.py).
 AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK_SIZE": block_size}, num_warps=num_warps)
     for block_size in (1024, 2048, 4096, 8192)
     for num_warps in (4, 8)
     if block_size // (32 * num_warps) <= 32  # at most 32 elements per thread
 ]
+
+_ELEMENT_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8}
+
+
+def configs_for(param_dtype: torch.dtype, warp_size: int) -> list[triton.Config]:
+    """The autotune configs that keep every access 128-bit and spill nothing.
+
+    Each thread must hold at least 16 bytes of the narrowest streamed buffer (the
+    param/grad dtype): bf16 at 1024 elements and 8 warps of 32 gets 4 elements per
+    thread, 64-bit accesses. fp64 on 64-wide wavefronts keeps at most 8 elements per
+    thread: 16 spilled 20 bytes on gfx942 (perf/sweep.py --target gfx942).
+    """
+    kept = []
+    for config in AUTOTUNE_CONFIGS:
+        per_thread = config.kwargs["BLOCK_SIZE"] // (warp_size * config.num_warps)
+        if per_thread * _ELEMENT_BYTES[param_dtype] < 16:
+            continue
+        if param_dtype == torch.float64 and warp_size == 64 and per_thread > 8:
+            continue
+        kept.append(config)
+    return kept
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotuner hook: time only the configs that suit this dtype and device."""
+    warp_size = triton.runtime.driver.active.get_current_target().warp_size
+    allowed = {(c.kwargs["BLOCK_SIZE"], c.num_warps) for c in configs_for(named_args["param_ptr"].dtype, warp_size)}
+    return [c for c in configs if (c.kwargs["BLOCK_SIZE"], c.num_warps) in allowed] or configs
+
 
 # Used when tuning is switched off, and by the interpreter (which has no driver to tune on).
 DEFAULT_BLOCK_SIZE = 4096
@@ -127,6 +157,7 @@ def _round_to_nearest(x, DTYPE: tl.constexpr):
     key=["size_bucket"],
     # Tuning runs the in-place kernel once per config: restore every buffer it writes.
     restore_value=["param_ptr", "square_avg_ptr", "acc_delta_ptr", "master_ptr", "step_ptr"],
+    prune_configs_by={"early_config_prune": _prune_configs},
     cache_results=True,
 )
 @triton.jit

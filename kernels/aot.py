@@ -33,6 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -87,6 +88,15 @@ DTYPE_MODES: dict[str, DtypeMode] = {
         DtypeMode("fp64", "fp64", "fp64", False, False, 56),
     )
 }
+
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def param_dtype(mode: DtypeMode | str) -> torch.dtype:
+    """The torch dtype of a mode's params (what :func:`configs_for` is keyed on)."""
+    mode = DTYPE_MODES[mode] if isinstance(mode, str) else mode
+    return _TORCH_DTYPES[mode.param]
+
 
 TARGETS: dict[str, GPUTarget] = {
     "sm_80": GPUTarget("cuda", 80, 32),

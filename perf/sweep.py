@@ -1,7 +1,7 @@
 """The autotune sweep of ``adadelta_kernel``: on a GPU, or compiled ahead of time without one.
 
 With a GPU (CUDA or ROCm), for a range of buffer sizes and every dtype mode:
-every config of ``AUTOTUNE_CONFIGS`` is timed with ``triton.testing.do_bench``,
+every config of ``configs_for(dtype, warp size)`` is timed with ``triton.testing.do_bench``,
 the written buffers restored before every run (the restore is timed alone and
 subtracted); ``torch.optim.Adadelta`` (foreach and for-loop) runs on the same size
 in the same run. Reported: GB/s at the mode's bytes floor and % of the measured
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from triton_adadelta.kernels import aot  # noqa: E402
-from triton_adadelta.kernels.adadelta import AUTOTUNE_CONFIGS, adadelta_kernel, size_bucket  # noqa: E402
+from triton_adadelta.kernels.adadelta import adadelta_kernel, configs_for, size_bucket  # noqa: E402
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
@@ -74,7 +74,8 @@ def config_label(config: triton.Config) -> str:
 def sweep_ahead_of_time(target: str, out: Path, modes: list[str]) -> dict[str, Any]:
     """Compile every config of every mode for ``target``; write the code; return the rows."""
     rows = []
-    jobs = [(mode, config) for mode in modes for config in AUTOTUNE_CONFIGS]
+    warp_size = aot.TARGETS[target].warp_size
+    jobs = [(mode, config) for mode in modes for config in configs_for(aot.param_dtype(mode), warp_size)]
     for mode, config in tqdm(jobs, desc=f"compiling for {target}", unit="kernel"):
         block_size, num_warps = config.kwargs["BLOCK_SIZE"], config.num_warps
         compiled, report = aot.compile_and_inspect(mode, block_size, num_warps, target)
@@ -200,12 +201,13 @@ def sweep_gpu(sizes: list[int], modes: list[str], device: torch.device) -> dict[
         buffers = Buffers(mode, n_elements, device)
         floor_bytes = mode.floor_bytes * n_elements
         timings = {}
-        for config in AUTOTUNE_CONFIGS:
+        configs = configs_for(aot.param_dtype(mode_name), triton.runtime.driver.active.get_current_target().warp_size)
+        for config in configs:
             block_size, num_warps = config.kwargs["BLOCK_SIZE"], config.num_warps
             timings[config_label(config)] = time_restored(lambda: buffers.launch(block_size, num_warps), buffers.restore)
         label, milliseconds = min(timings.items(), key=lambda item: item[1])
         bucket = str(size_bucket(n_elements))
-        winner = next(c for c in AUTOTUNE_CONFIGS if config_label(c) == label)
+        winner = next(c for c in configs if config_label(c) == label)
         best.setdefault(mode_name, {})[bucket] = {"BLOCK_SIZE": winner.kwargs["BLOCK_SIZE"], "num_warps": winner.num_warps}
         row: dict[str, Any] = {
             "mode": mode_name,

@@ -12,6 +12,7 @@ is zero in every buffer and an AdaDelta step keeps it zero.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -19,6 +20,11 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 ALIGN_BYTES = 16
+
+# Attribute readers for the per-step checks, applied with map() at C speed.
+_DATA_PTR = torch.Tensor.data_ptr
+_GRAD = operator.attrgetter("grad")
+_VERSION = operator.attrgetter("_version")
 
 # The storage each param was rebound to by a FlatBuffer: a param that lives inside a
 # larger storage is ours to rebind again only if that storage is one of ours.
@@ -155,6 +161,7 @@ class FlatBuffer:
             offset += -(-numel // align) * align
         self.n_elements = offset
         self.index = {id(segment.param): i for i, segment in enumerate(self.segments)}
+        self.params: list[torch.nn.Parameter] = [segment.param for segment in self.segments]
 
         # Allocation order keeps the peak at the steady state (params, grads, state):
         # each old param or grad storage is freed as soon as it is rebound, before
@@ -193,18 +200,19 @@ class FlatBuffer:
         self.steps = torch.zeros(len(params), dtype=torch.float32, device=self.device)
         # Whether a param has state yet: torch creates it at the param's first grad.
         self.initialized = [False] * len(params)
+        self.all_initialized = False
 
-    @property
-    def params(self) -> list[torch.nn.Parameter]:
-        return [segment.param for segment in self.segments]
 
     def is_stale(self) -> bool:
-        """Whether a param's data was replaced (``p.data = ...``, ``model.to(...)``)."""
-        for segment, data_ptr in zip(self.segments, self.data_ptrs):
-            param = segment.param
-            if param.data_ptr() != data_ptr or param.shape != segment.shape or param.dtype != segment.dtype:
-                return True
-        return False
+        """Whether a param's data was replaced (``p.data = ...``, ``model.to(...)``).
+
+        Every step asks, so it compares one list built by a C-level ``map`` (about
+        50 ns a param) rather than looping in Python. New data, a new dtype or a new
+        device always comes with a new data pointer. (A param reshaped onto the same
+        memory is not stale: the flat update stays right, and a grad of the new shape
+        is refused by :meth:`gather_grads` with a clear error.)
+        """
+        return list(map(_DATA_PTR, self.params)) != self.data_ptrs
 
     def gather_grads(self) -> list[tuple[int, int]]:
         """Bring the params' grads into the flat grad buffer.
@@ -221,11 +229,15 @@ class FlatBuffer:
                 whose shape, dtype or device does not match its param. Nothing is
                 changed when it raises.
         """
+        if self.master is not None:
+            self._sync_master()
+        grads = list(map(_GRAD, self.params))
+        # The common case, every grad still our view: one C-level comparison each.
+        if all(map(operator.is_, grads, self.grad_views)) and list(map(_DATA_PTR, grads)) == self.grad_ptrs:
+            return [(0, len(self.segments))]
         to_copy: list[int] = []
         runs: list[tuple[int, int]] = []
         run_start = -1
-        if self.master is not None:
-            self._sync_master()
         for i, segment in enumerate(self.segments):
             grad = segment.param.grad
             if grad is None:
@@ -253,6 +265,7 @@ class FlatBuffer:
             grad_view.copy_(segment.param.grad)
             segment.param.grad = grad_view
             self.grad_views[i] = grad_view
+            self.grad_ptrs[i] = grad_view.data_ptr()
         return runs
 
     def _sync_master(self) -> None:
@@ -262,8 +275,11 @@ class FlatBuffer:
         low-precision param; the master copy must follow it, or the next step would
         undo the write.
         """
+        versions = list(map(_VERSION, self.params))
+        if versions == self.versions:
+            return
         for i, segment in enumerate(self.segments):
-            version = segment.param._version
+            version = versions[i]
             if version != self.versions[i]:
                 self.master[segment.offset : segment.end].copy_(_real_flat(segment.param.data))
                 self.versions[i] = version
@@ -305,6 +321,7 @@ class FlatBuffer:
         if self.master is not None:
             self.master[segment.offset : segment.end].copy_(self.param[segment.offset : segment.end])
         self.initialized[i] = False
+        self.all_initialized = False
 
     def __iter__(self) -> Iterator[Segment]:
         return iter(self.segments)

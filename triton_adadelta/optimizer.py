@@ -173,7 +173,7 @@ class Adadelta(Optimizer):
             del self._group_buffers[len(self.param_groups) :]
             del self._group_param_ids[len(self.param_groups) :]
         for g, group in enumerate(self.param_groups):
-            param_ids = tuple(id(p) for p in group["params"])
+            param_ids = tuple(map(id, group["params"]))
             if g == len(self._group_buffers):
                 self._group_buffers.append(self._build_group(group, []))
                 self._group_param_ids.append(param_ids)

@@ -75,10 +75,12 @@ def apply_update_(
         found_inf = found_inf.to(device, non_blocking=True)
     initialized = []
     for first, stop in runs:
-        for i in range(first, stop):
-            if not buffer.initialized[i]:
-                buffer.initialized[i] = True
-                initialized.append(i)
+        if not buffer.all_initialized:
+            for i in range(first, stop):
+                if not buffer.initialized[i]:
+                    buffer.initialized[i] = True
+                    initialized.append(i)
+            buffer.all_initialized = all(buffer.initialized)
         start, end = buffer.run_range(first, stop)
         update(
             buffer.param[start:end],
