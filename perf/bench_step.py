@@ -22,10 +22,8 @@ Writes ``perf/results/bench_step_<device>.json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,12 +36,13 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("bench_step.py times the real backends: unset TRITON_INTERPRET")
 
 import torch  # noqa: E402
-import triton  # noqa: E402
+
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import triton_adadelta  # noqa: E402
+from machine import machine_info  # noqa: E402
 from triton_adadelta import cpu as cpu_path  # noqa: E402
 
 # Bytes one fp32 param moves in a fused step: read p g v u, write p v u.
@@ -73,31 +72,6 @@ SHAPES: dict[str, list[tuple[int, ...]]] = {
     "16M in 4": [(4_000_000,)] * 4,
     "transformer 23M": transformer_shapes(),
 }
-
-
-def machine_info(device: torch.device) -> dict[str, object]:
-    cpu_model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu_model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info: dict[str, object] = {
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "triton_adadelta": triton_adadelta.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def make_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
