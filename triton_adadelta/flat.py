@@ -312,6 +312,21 @@ class FlatBuffer:
             self.master[segment.offset : segment.end].copy_(_real_flat(state["master_param"].to(self.device)))
         self.initialized[i] = True
 
+    def carried_state(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Copies of every initialized param's state, by ``id(param)``, for a re-pack.
+
+        A param whose data was replaced drops its master copy: the new data wins.
+        """
+        carried = {}
+        for i, segment in enumerate(self.segments):
+            if not self.initialized[i]:
+                continue
+            state = {key: value.detach().clone() for key, value in self.param_state(i).items()}
+            if segment.param.data_ptr() != self.data_ptrs[i]:
+                state.pop("master_param", None)
+            carried[id(segment.param)] = state
+        return carried
+
     def reset_param_state(self, i: int) -> None:
         """Forget one param's state, as a param that never had a grad."""
         segment = self.segments[i]

@@ -140,14 +140,7 @@ class Adadelta(Optimizer):
         """Pack a group's params into flat buffers, carrying over existing state."""
         carried: dict[int, dict[str, torch.Tensor]] = {}
         for buffer in old_buffers:
-            for i, segment in enumerate(buffer.segments):
-                if not buffer.initialized[i]:
-                    continue
-                state = {k: v.detach().clone() for k, v in buffer.param_state(i).items()}
-                if segment.param.data_ptr() != buffer.data_ptrs[i]:
-                    # The param's data was replaced: its master copy must follow it.
-                    state.pop("master_param", None)
-                carried[id(segment.param)] = state
+            carried.update(buffer.carried_state())
         by_key: dict[tuple[torch.device, torch.dtype], list[torch.nn.Parameter]] = {}
         seen: set[int] = set()
         for param in group["params"]:

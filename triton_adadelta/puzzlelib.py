@@ -175,12 +175,9 @@ class AdaDelta:
             raise RuntimeError("call setupOn(module) before using the optimizer")
         if any(buffer.is_stale() for buffer in self._buffers):
             # e.g. `net.to(...)` or `p.data = ...`: pack the new data, keep the state.
-            carried = {
-                id(segment.param): {k: v.detach().clone() for k, v in buffer.param_state(i).items()}
-                for buffer in self._buffers
-                for i, segment in enumerate(buffer.segments)
-                if buffer.initialized[i]
-            }
+            carried = {}
+            for buffer in self._buffers:
+                carried.update(buffer.carried_state())
             self._buffers = self._pack(carried)
         return self._buffers
 
