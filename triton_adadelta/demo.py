@@ -50,6 +50,15 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     return losses, step_times
 
 
+def describe(backend: str) -> str:
+    """A reader's name for a backend of :func:`triton_adadelta.backend_for`."""
+    if backend == "torch":
+        from .cpu import native_library
+
+        return "CPU path, " + ("fused C loop" if native_library() is not None else "chunked torch ops")
+    return {"triton": "Triton kernel", "triton-interpreter": "Triton kernel through Triton's interpreter"}.get(backend, backend)
+
+
 def plot(losses: dict[str, list[float]], path: str) -> None:
     try:
         import matplotlib
@@ -93,9 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     our_losses, our_times = train(model, ours, x, y, args.steps, args.batch, seed=2)
     torch_losses, torch_times = train(reference, theirs, x, y, args.steps, args.batch, seed=2)
 
-    print(f"backend: {', '.join(ours.backends())} on {device}")
+    print(f"backend: {', '.join(describe(name) for name in ours.backends())} on {device}")
     print(f"{'step':>6} {'triton_adadelta':>16} {'torch.optim':>14}")
-    shown = sorted({0, *range(args.steps // 10 - 1, args.steps, max(1, args.steps // 10))})
+    every = max(1, args.steps // 10)
+    shown = sorted({0, args.steps - 1, *range(every - 1, args.steps, every)})
     for i in shown:
         print(f"{i + 1:>6} {our_losses[i]:>16.6f} {torch_losses[i]:>14.6f}")
     difference = max((a - b).abs().max().item() for a, b in zip(model.parameters(), reference.parameters()))
