@@ -1,0 +1,97 @@
+"""The numerics figures of README: accuracy against the fp64 oracle, and the bf16 regression.
+
+1. Error in fp32 ulps against the fp64 oracle (tests/oracle.py) of the Triton kernel
+   (through the interpreter) and of torch.optim.Adadelta, after 1 and 100 steps: the
+   computation of tests/test_accuracy.py.
+2. The bf16 linear regression of tests/test_mixed_precision.py: how far each bf16 mode's
+   final loss lands from the fp32 run's, for seeds 0-2.
+
+Usage::
+
+    python perf/numerics.py            # about a minute on 2 cores
+
+Writes ``perf/results/numerics.json`` (with the machine, versions and date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# The kernel runs through Triton's interpreter on CPU tensors: set before triton loads.
+os.environ["TRITON_INTERPRET"] = "1"
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from machine import machine_info  # noqa: E402
+from test_accuracy import KEYS, ulp_errors  # noqa: E402
+from test_mixed_precision import HYPER, regression_loss  # noqa: E402
+from triton_adadelta import Adadelta  # noqa: E402
+
+
+def accuracy() -> list[dict[str, object]]:
+    rows = []
+    for steps in (1, 100):
+        errors = ulp_errors(steps)
+        for key in KEYS:
+            row: dict[str, object] = {"steps": steps, "quantity": key}
+            for name in ("ours", "torch"):
+                row[f"{name}_max_ulp"] = float(errors[name][key].max())
+                row[f"{name}_p99_ulp"] = float(np.percentile(errors[name][key], 99))
+            rows.append(row)
+    return rows
+
+
+def bf16_regression(seeds: list[int]) -> list[dict[str, object]]:
+    modes = {
+        "torch bf16": (torch.bfloat16, lambda p: torch.optim.Adadelta(p, **HYPER)),
+        "ours bf16, fp32 state": (torch.bfloat16, lambda p: Adadelta(p, **HYPER)),
+        "ours + stochastic rounding": (torch.bfloat16, lambda p: Adadelta(p, stochastic_rounding=True, **HYPER)),
+        "ours + master weights": (torch.bfloat16, lambda p: Adadelta(p, master_weights=True, **HYPER)),
+    }
+    rows = []
+    for seed in seeds:
+        fp32 = regression_loss(torch.float32, lambda p: torch.optim.Adadelta(p, **HYPER), seed=seed)
+        row: dict[str, object] = {"seed": seed, "fp32_loss": fp32}
+        for name, (dtype, make) in modes.items():
+            row[name] = regression_loss(dtype, make, seed=seed) / fp32 - 1
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "perf" / "results")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    args = parser.parse_args(argv)
+
+    result = {"machine": machine_info(torch.device("cpu")), "accuracy": accuracy(), "bf16_regression": bf16_regression(args.seeds)}
+    print("error against the fp64 oracle, fp32 ulps (20000 elements, lr 1, rho 0.9, eps 1e-6, weight decay 0.01)")
+    print(f"{'after':>9} {'quantity':>11} {'ours max':>10} {'torch max':>10} {'ours p99':>9} {'torch p99':>9}")
+    for row in result["accuracy"]:
+        print(
+            f"{row['steps']:>3} steps {row['quantity']:>11} {row['ours_max_ulp']:>10.2f} {row['torch_max_ulp']:>10.2f} "
+            f"{row['ours_p99_ulp']:>9.3f} {row['torch_p99_ulp']:>9.3f}"
+        )
+    print("\nbf16 regression (512x64, 300 steps, lr 1, rho 0.9): final loss off the fp32 run's")
+    names = [name for name in result["bf16_regression"][0] if name not in ("seed", "fp32_loss")]
+    print(f"{'seed':>4} " + " ".join(f"{name:>27}" for name in names))
+    for row in result["bf16_regression"]:
+        print(f"{row['seed']:>4} " + " ".join(f"{row[name]:>+26.2%} " for name in names))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "numerics.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
