@@ -14,11 +14,9 @@ import torch
 from .cpu import adadelta_step_torch_
 from .flat import FlatBuffer
 from .kernels import adadelta_step_
-from .kernels.adadelta import interpreter_enabled
+from .kernels.adadelta import _LOW_PRECISION, interpreter_enabled
 
 __all__ = ["apply_update_", "backend_for"]
-
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def backend_for(device: torch.device) -> str:
