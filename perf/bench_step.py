@@ -1,6 +1,8 @@
 """Time whole ``step()`` calls of ``triton_adadelta.Adadelta`` against torch's Adadelta.
 
-Each shape is a list of fp32 params with fixed random grads. The three optimizers
+Each shape is a list of fp32 params with fixed random grads (the "zero_grad" shape
+instead gets new grad tensors every step, as after ``zero_grad()`` and a backward,
+and times ``step()`` + ``zero_grad()``). The three optimizers
 (ours, ``torch.optim.Adadelta(foreach=True)`` and ``(foreach=False)``) and a large
 ``torch`` copy, which measures this machine's copy bandwidth in the same run, are
 timed round-robin, one step each per round, in a rotating order, after warm-ups.
@@ -68,6 +70,7 @@ def transformer_shapes(d_model: int = 512, layers: int = 6, vocab: int = 8192) -
 
 SHAPES: dict[str, list[tuple[int, ...]]] = {
     "1000 x 100": [(100,)] * 1000,
+    "1000 x 100, zero_grad": [(100,)] * 1000,
     "16M in 100": [(160_000,)] * 100,
     "16M in 4": [(4_000_000,)] * 4,
     "transformer 23M": transformer_shapes(),
@@ -85,6 +88,14 @@ def make_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
         return time.perf_counter() - start
 
     return timed
+
+
+# Shapes timed as a training loop that calls zero_grad() (set_to_none=True, torch's
+# default) each step: backward then gives every param a new grad tensor. The timed
+# call is step() + zero_grad(), the optimizer's share of an iteration: torch frees
+# the grads in zero_grad(), ours copies them into the flat buffer in step(). The
+# new grads (a stand-in for backward) are made before the timer starts.
+FRESH_GRADS = {"1000 x 100, zero_grad"}
 
 
 def make_params(shapes: list[tuple[int, ...]], device: torch.device, seed: int) -> list[torch.nn.Parameter]:
@@ -110,6 +121,7 @@ def bench_shape(
     warmup: int,
     budget_s: float,
     max_rounds: int,
+    fresh_grads: bool = False,
 ) -> dict[str, object]:
     """Round-robin timing of the three optimizers and a copy, for one shape."""
     timed = make_timer(device)
@@ -121,14 +133,37 @@ def bench_shape(
     }
     copy_source = torch.ones(COPY_BYTES // 4, device=device)
     copy_target = torch.zeros_like(copy_source)
-    actions: dict[str, Callable[[], object]] = {label: opt.step for label, opt in optimizers.items()}
-    actions["copy"] = lambda: copy_target.copy_(copy_source)
+    # Each action is (untimed preparation or None, timed call).
+    actions: dict[str, tuple[Callable[[], object] | None, Callable[[], object]]] = {}
+    for label, optimizer in optimizers.items():
+        if fresh_grads:
+            params = optimizer.param_groups[0]["params"]
+            grads = [param.grad.detach().clone() for param in params]
 
-    for action in actions.values():
+            def backward(params: list[torch.Tensor] = params, grads: list[torch.Tensor] = grads) -> None:
+                for param, grad in zip(params, grads):
+                    param.grad = grad.clone()
+
+            def step_and_zero_grad(optimizer: torch.optim.Optimizer = optimizer) -> None:
+                optimizer.step()
+                optimizer.zero_grad()
+
+            actions[label] = (backward, step_and_zero_grad)
+        else:
+            actions[label] = (None, optimizer.step)
+    actions["copy"] = (None, lambda: copy_target.copy_(copy_source))
+
+    def run(label: str) -> float:
+        prepare, action = actions[label]
+        if prepare is not None:
+            prepare()
+        return timed(action)
+
+    for label in actions:
         for _ in range(warmup):
-            action()
+            run(label)
     # As many rounds as fit the budget, judged from one timed round.
-    first_round = {label: timed(action) for label, action in actions.items()}
+    first_round = {label: run(label) for label in actions}
     rounds = max(5, min(max_rounds, int(budget_s / sum(first_round.values()))))
     samples: dict[str, list[float]] = {label: [] for label in actions}
     labels = list(actions)
@@ -136,7 +171,7 @@ def bench_shape(
         # Rotate the order so that no optimizer always runs right after the copy.
         shift = round_index % len(labels)
         for label in labels[shift:] + labels[:shift]:
-            samples[label].append(timed(actions[label]))
+            samples[label].append(run(label))
 
     copy_stats = quantiles(samples.pop("copy"))
     bandwidth = 2 * COPY_BYTES / copy_stats["median"]  # bytes read + written per second
@@ -146,6 +181,7 @@ def bench_shape(
     ours = stats["triton_adadelta"]["median"]
     return {
         "shape": name,
+        "timed": "step() + zero_grad(), new grads each step" if fresh_grads else "step(), grads kept",
         "n_tensors": len(shapes),
         "n_params": n_params,
         "rounds": rounds,
@@ -205,7 +241,7 @@ def native_build_delay() -> dict[str, float | bool]:
 
 def format_table(results: list[dict[str, object]]) -> str:
     header = (
-        f"{'shape':<16} {'params':>9} {'ours ms':>16} {'foreach ms':>16} {'for-loop ms':>16} "
+        f"{'shape':<22} {'params':>9} {'ours ms':>16} {'foreach ms':>16} {'for-loop ms':>16} "
         f"{'speed-up':>8} {'floor ms':>8} {'ours/floor':>10} {'torch/floor':>11} {'copy GB/s':>9}"
     )
     lines = [header, "-" * len(header)]
@@ -218,12 +254,13 @@ def format_table(results: list[dict[str, object]]) -> str:
             return f"{stats['median']:7.3f} [{stats['q1']:.2f}-{stats['q3']:.2f}]"
 
         lines.append(
-            f"{result['shape']:<16} {result['n_params']:>9} {cell('triton_adadelta'):>16} "
+            f"{result['shape']:<22} {result['n_params']:>9} {cell('triton_adadelta'):>16} "
             f"{cell('torch foreach'):>16} {cell('torch for-loop'):>16} {result['speedup_vs_torch_best']:>7.1f}x "
             f"{result['floor_ms']:>8.3f} {result['ours_x_floor']:>9.2f}x {result['torch_best_x_floor']:>10.2f}x "
             f"{result['copy_bandwidth_GBps']:>9.1f}"
         )
     lines.append("times: median [q1-q3] over interleaved rounds; speed-up: torch's best median / ours")
+    lines.append("zero_grad rows: step() + zero_grad() timed together, a new grad tensor per param each step")
     return "\n".join(lines)
 
 
@@ -279,7 +316,10 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for name in args.shapes:
-        result = bench_shape(name, SHAPES[name], device, warmup=warmup, budget_s=budget_s, max_rounds=max_rounds)
+        result = bench_shape(
+            name, SHAPES[name], device, warmup=warmup, budget_s=budget_s, max_rounds=max_rounds,
+            fresh_grads=name in FRESH_GRADS,
+        )  # fmt: skip
         results.append(result)
         print(f"  {name}: {result['rounds']} rounds, ours {result['timings_ms']['triton_adadelta']['median']:.3f} ms")
     table = format_table(results)

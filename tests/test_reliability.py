@@ -12,6 +12,13 @@ from tolerances import TOLERANCES
 from triton_adadelta import Adadelta
 from triton_adadelta.checkpoint import load_checkpoint, save_checkpoint
 
+
+@pytest.fixture(autouse=True)
+def _each_change_check(change_check):
+    """Every test here runs with the compiled change watch and with the Python checks."""
+    return change_check
+
+
 KERNEL_TOLERANCE = {"rtol": TOLERANCES["torch_parity_kernel_rtol"].value, "atol": TOLERANCES["torch_parity_kernel_atol"].value}
 
 

@@ -25,16 +25,13 @@ Two implementations, chosen per call:
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from .native_build import build_cached, cpu_model
 
 # Elements per chunk of the chunked path: 64K fp32 elements is 256 KiB per buffer,
 # so the chunk's p, g, v, u and three scratch buffers stay within a 2 MiB L2.
@@ -209,50 +206,15 @@ _native_tried = False
 _torch_sqrt_checked: bool | None = None
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("TRITON_ADADELTA_CACHE_DIR")
-    if root:
-        return Path(root)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "triton_adadelta"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            # The flags line decides what -march=native may use.
-            return "".join(line for line in cpuinfo if line.startswith(("model name", "flags")))
-    except OSError:
-        return platform.processor()
-
-
 def _build_native_library() -> ctypes.CDLL | None:
     """Compile (or load from the cache) the fused loop; None if it cannot be built."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
+    # -march=native code is only valid on this kind of CPU: the cache is keyed on it.
+    path = build_cached("adadelta_cpu", _NATIVE_SOURCE, language="c", flags=[*_NATIVE_CFLAGS, "-lm"], key_extra=cpu_model())
+    if path is None:
         return None
-    # -march=native code is only valid on this kind of CPU: key the cache on it.
-    key = hashlib.sha256(
-        "\0".join([_NATIVE_SOURCE, " ".join(_NATIVE_CFLAGS), compiler, platform.machine(), _cpu_model()]).encode()
-    ).hexdigest()[:24]
-    path = _cache_dir() / f"adadelta_cpu_{key}.so"
     try:
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent) as build_dir:
-                source = Path(build_dir) / "adadelta_cpu.c"
-                source.write_text(_NATIVE_SOURCE)
-                built = Path(build_dir) / path.name
-                subprocess.run(
-                    [compiler, *_NATIVE_CFLAGS, str(source), "-o", str(built), "-lm"],
-                    check=True,
-                    capture_output=True,
-                    timeout=120,
-                )
-                # Atomic: a concurrent process sees no library or a whole one.
-                os.replace(built, path)
         library = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError):
+    except OSError:
         return None
     for suffix, scalar in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
         function = getattr(library, f"adadelta_step_{suffix}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from copy import deepcopy
 from itertools import chain
@@ -15,6 +16,10 @@ from .update import apply_update_, backend_for
 
 __all__ = ["Adadelta"]
 
+
+def _same_objects(current: list[Any], seen: list[Any]) -> bool:
+    """Whether two lists hold the same objects (by identity: tensors' == is elementwise)."""
+    return len(current) == len(seen) and all(map(operator.is_, current, seen))
 
 
 class Adadelta(Optimizer):
@@ -120,7 +125,8 @@ class Adadelta(Optimizer):
             "stochastic_rounding": stochastic_rounding,
         }
         self._group_buffers: list[list[FlatBuffer]] = []
-        self._group_param_ids: list[tuple[int, ...]] = []
+        # Each group's params when its buffers were built, to notice a changed list.
+        self._group_params: list[list[torch.Tensor]] = []
         super().__init__(params, defaults)
         for group in self.param_groups:
             for param in group["params"]:
@@ -133,7 +139,7 @@ class Adadelta(Optimizer):
             for name in ("foreach", "maximize", "differentiable", "capturable", "master_weights", "stochastic_rounding"):
                 group.setdefault(name, self.defaults.get(name, False) if name != "foreach" else None)
         self.__dict__.setdefault("_group_buffers", [])
-        self.__dict__.setdefault("_group_param_ids", [])
+        self.__dict__.setdefault("_group_params", [])
 
     # ----------------------------------------------------------------- buffers
     def _build_group(self, group: dict[str, Any], old_buffers: list[FlatBuffer]) -> list[FlatBuffer]:
@@ -164,15 +170,15 @@ class Adadelta(Optimizer):
         """Build the flat buffers, or rebuild those whose params changed under us."""
         if len(self._group_buffers) > len(self.param_groups):
             del self._group_buffers[len(self.param_groups) :]
-            del self._group_param_ids[len(self.param_groups) :]
+            del self._group_params[len(self.param_groups) :]
         for g, group in enumerate(self.param_groups):
-            param_ids = tuple(map(id, group["params"]))
+            params = group["params"]
             if g == len(self._group_buffers):
                 self._group_buffers.append(self._build_group(group, []))
-                self._group_param_ids.append(param_ids)
-            elif param_ids != self._group_param_ids[g] or any(b.is_stale() for b in self._group_buffers[g]):
+                self._group_params.append(list(params))
+            elif not _same_objects(params, self._group_params[g]) or any(b.is_stale() for b in self._group_buffers[g]):
                 self._group_buffers[g] = self._build_group(group, self._group_buffers[g])
-                self._group_param_ids[g] = param_ids
+                self._group_params[g] = list(params)
         return self._group_buffers
 
     def flat_buffers(self) -> list[FlatBuffer]:

@@ -1,0 +1,141 @@
+"""The compiled change watch: each change sets its bit, and it holds params safely."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+
+from conftest import require_watch_library
+from tolerances import parity_tolerance
+from triton_adadelta import Adadelta
+from triton_adadelta.watch import DATA, GRAD, VERSION, ParamWatch
+
+ALL = DATA | GRAD | VERSION
+
+
+@pytest.fixture
+def watched(monkeypatch):
+    monkeypatch.setenv("TRITON_ADADELTA_NATIVE_WATCH", "1")
+    library = require_watch_library()
+    params = [torch.nn.Parameter(torch.randn(5)) for _ in range(3)]
+    for param in params:
+        param.grad = torch.randn(5)
+    watch = ParamWatch(library, params, versions=True)
+    assert watch.snapshot()
+    return params, watch
+
+
+def test_nothing_changed_sets_no_bit(watched):
+    params, watch = watched
+    params[0].grad.add_(1)  # in-place writes to a grad are the common path
+    assert watch.changes(ALL) == 0
+
+
+def test_replaced_param_data_sets_data(watched):
+    params, watch = watched
+    params[1].data = torch.zeros(5)
+    assert watch.changes(ALL) == DATA
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda p: setattr(p, "grad", None),
+        lambda p: setattr(p, "grad", torch.zeros(5)),
+        lambda p: setattr(p.grad, "data", torch.zeros(5)),
+    ],
+    ids=["grad_set_to_none", "grad_replaced", "grad_data_replaced"],
+)
+def test_grad_changes_set_grad(watched, change):
+    params, watch = watched
+    change(params[2])
+    assert watch.changes(ALL) == GRAD
+    assert watch.changes(DATA) == 0, "only the bits asked for are checked"
+
+
+def test_a_grad_given_to_a_param_without_one_sets_grad(watched):
+    params, watch = watched
+    params[0].grad = None
+    assert watch.snapshot()
+    params[0].grad = torch.ones(5)
+    assert watch.changes(GRAD) == GRAD
+
+
+def test_in_place_write_sets_version(watched):
+    params, watch = watched
+    with torch.no_grad():
+        params[0].mul_(2)
+    assert watch.changes(ALL) == VERSION
+    assert watch.snapshot() and watch.changes(ALL) == 0
+
+
+def test_optimizer_builds_the_watch(cpu_path, monkeypatch):
+    monkeypatch.setenv("TRITON_ADADELTA_NATIVE_WATCH", "1")
+    require_watch_library()
+    param = torch.nn.Parameter(torch.randn(4))
+    param.grad = torch.randn(4)
+    optimizer = Adadelta([param])
+    optimizer.step()
+    (buffer,) = optimizer.flat_buffers()
+    assert buffer.watch is not None
+
+
+def test_swap_tensors_is_refused_while_watched_and_params_are_released_after(cpu_path, monkeypatch):
+    """The watch reads TensorImpls directly: none may be swapped away or freed under it."""
+    monkeypatch.setenv("TRITON_ADADELTA_NATIVE_WATCH", "1")
+    require_watch_library()
+    model = torch.nn.Linear(3, 2)
+    optimizer = Adadelta(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    assert optimizer.flat_buffers()[0].watch is not None
+    with pytest.raises(RuntimeError):
+        torch.utils.swap_tensors(model.weight, torch.nn.Parameter(torch.zeros(2, 3)))
+    # Dropping the optimizer lets go of the params: nothing keeps them alive after.
+    weight = weakref.ref(model.weight)
+    del optimizer, model
+    gc.collect()
+    assert weight() is None
+
+
+def test_fresh_grads_every_step_follow_torch(cpu_path, change_check):
+    """zero_grad() (set_to_none) before each backward: grads are new tensors every step,
+    some params get none, and one grad is non-contiguous (the Python path takes it)."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(6, 8), "b": torch.nn.Linear(8, 2), "unused": torch.nn.Linear(3, 3)})
+    reference = copy.deepcopy(model)
+    optimizer = Adadelta(model.parameters(), weight_decay=0.1)
+    torch_optimizer = torch.optim.Adadelta(reference.parameters(), weight_decay=0.1)
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    for step in range(4):
+        for m, o in ((model, optimizer), (reference, torch_optimizer)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m["b"](torch.tanh(m["a"](x))), y).backward()
+            if step == 2:
+                m["a"].weight.grad = m["a"].weight.grad.t().contiguous().t()  # same values, transposed strides
+            o.step()
+        for ours, theirs in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(ours, theirs, **parity_tolerance())
+        assert model["unused"].weight.grad is None and model["unused"].weight not in optimizer.state
+    # The grads are the flat buffer's views again after each step: the next backward
+    # (without zero_grad) accumulates in place.
+    (buffer,) = optimizer.flat_buffers()
+    assert model["a"].weight.grad.untyped_storage().data_ptr() == buffer.grad.untyped_storage().data_ptr()
+
+
+def test_a_bad_grad_among_fresh_ones_changes_no_grad_view(cpu_path, change_check):
+    model = torch.nn.Linear(4, 3)
+    optimizer = Adadelta(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    bias_view = model.bias.grad
+    saved = bias_view.clone()
+    model.bias.grad = torch.full((3,), 7.0)  # a plain fresh grad, which would be copied in
+    model.weight.grad = torch.eye(3, 4).to_sparse()  # refused
+    with pytest.raises(RuntimeError, match="sparse"):
+        optimizer.step()
+    assert torch.equal(bias_view, saved), "nothing is copied when a grad is refused"
