@@ -11,11 +11,14 @@ Two implementations, chosen per call:
   per machine with the system C compiler and cached on disk, then called through
   ``ctypes`` (which releases the GIL). It reads ``p g v u`` once and writes
   ``p v u`` once, the 28 B/param floor for fp32, and splits large buffers across
-  ``torch.get_num_threads()`` threads. Every operation rounds exactly as the
-  corresponding eager torch op does on this CPU (torch's ``add(alpha=)`` and
-  ``addcmul`` are fused multiply-adds, everything else rounds once per op), so the
-  result is bit-identical to ``torch.optim.Adadelta``. The first call in a fresh
-  cache compiles for about half a second; later processes load the cached library.
+  ``torch.get_num_threads()`` threads. Every operation rounds as the corresponding
+  eager torch op does on this CPU (torch's ``add(alpha=)`` and ``addcmul`` are fused
+  multiply-adds, everything else rounds once per op). Its sqrt is the correctly
+  rounded one, as in the Triton kernel; with ``TRITON_ADADELTA_CPU_SQRT=torch`` it
+  calls torch's own sqrt and is bit-identical to ``torch.optim.Adadelta``
+  (:func:`matches_torch_sqrt`). The first call in a fresh
+  cache compiles for about 3 s; later processes load the cached library
+  (:mod:`triton_adadelta.native_build`).
 * **chunked** (everything else: bf16/fp16 params, master weights, stochastic
   rounding, other devices, or no C compiler): torch ops walked over cache-sized
   chunks, so each chunk is read from memory once and the dozen ops of the update
