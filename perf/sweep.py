@@ -165,6 +165,11 @@ def time_torch_adadelta(mode: aot.DtypeMode, n_elements: int, device: torch.devi
     return do_bench(optimizer.step, return_mode="median")
 
 
+def device_warp_size() -> int:
+    """32 on NVIDIA GPUs, 64 on AMD CDNA (the configs are pruned by it)."""
+    return triton.runtime.driver.active.get_current_target().warp_size
+
+
 def sweep_gpu(sizes: list[int], modes: list[str], device: torch.device) -> dict[str, Any]:
     bandwidth = copy_bandwidth(device)
     print(f"device-to-device copy: {bandwidth / 1e9:.0f} GB/s")
@@ -176,7 +181,7 @@ def sweep_gpu(sizes: list[int], modes: list[str], device: torch.device) -> dict[
         buffers = Buffers(mode, n_elements, device)
         floor_bytes = mode.floor_bytes * n_elements
         timings = {}
-        configs = configs_for(aot.param_dtype(mode_name), triton.runtime.driver.active.get_current_target().warp_size)
+        configs = configs_for(aot.param_dtype(mode_name), device_warp_size())
         for config in configs:
             block_size, num_warps = config.kwargs["BLOCK_SIZE"], config.num_warps
             timings[config_label(config)] = time_restored(lambda: buffers.launch(block_size, num_warps), buffers.restore)
