@@ -1,8 +1,8 @@
 """Time whole ``step()`` calls of ``triton_adadelta.Adadelta`` against torch's Adadelta.
 
-Each shape is a list of fp32 params with fixed random grads (the "zero_grad" shape
-instead gets new grad tensors every step, as after ``zero_grad()`` and a backward,
-and times ``step()`` + ``zero_grad()``). The three optimizers
+Each shape is a list of fp32 params with fixed random grads; the "zero_grad" shapes
+time ``step()`` + ``zero_grad()`` of a training loop instead (see ``LOOPS``). The
+three optimizers
 (ours, ``torch.optim.Adadelta(foreach=True)`` and ``(foreach=False)``) and a large
 ``torch`` copy, which measures this machine's copy bandwidth in the same run, are
 timed round-robin, one step each per round, in a rotating order, after warm-ups.
@@ -71,6 +71,7 @@ def transformer_shapes(d_model: int = 512, layers: int = 6, vocab: int = 8192) -
 SHAPES: dict[str, list[tuple[int, ...]]] = {
     "1000 x 100": [(100,)] * 1000,
     "1000 x 100, zero_grad": [(100,)] * 1000,
+    "1000 x 100, zero_grad(False)": [(100,)] * 1000,
     "16M in 100": [(160_000,)] * 100,
     "16M in 4": [(4_000_000,)] * 4,
     "transformer 23M": transformer_shapes(),
@@ -90,12 +91,15 @@ def make_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return timed
 
 
-# Shapes timed as a training loop that calls zero_grad() (set_to_none=True, torch's
-# default) each step: backward then gives every param a new grad tensor. The timed
-# call is step() + zero_grad(), the optimizer's share of an iteration: torch frees
-# the grads in zero_grad(), ours copies them into the flat buffer in step(). The
-# new grads (a stand-in for backward) are made before the timer starts.
-FRESH_GRADS = {"1000 x 100, zero_grad"}
+# Shapes timed as a training loop, with zero_grad() each step. The timed call is
+# step() + zero_grad(), the optimizer's share of an iteration; what backward does is
+# simulated before the timer starts.
+# - "set_to_none" (torch's default zero_grad()): backward gives every param a new grad
+#   tensor; torch frees the old grads in zero_grad(), ours copies the new ones into
+#   the flat buffer in step() (and frees them there).
+# - "in_place" (zero_grad(set_to_none=False)): backward accumulates into the grads
+#   that are there (ours: views of the flat grad buffer).
+LOOPS = {"1000 x 100, zero_grad": "set_to_none", "1000 x 100, zero_grad(False)": "in_place"}
 
 
 def make_params(shapes: list[tuple[int, ...]], device: torch.device, seed: int) -> list[torch.nn.Parameter]:
@@ -121,7 +125,7 @@ def bench_shape(
     warmup: int,
     budget_s: float,
     max_rounds: int,
-    fresh_grads: bool = False,
+    loop: str | None = None,
 ) -> dict[str, object]:
     """Round-robin timing of the three optimizers and a copy, for one shape."""
     timed = make_timer(device)
@@ -136,21 +140,24 @@ def bench_shape(
     # Each action is (untimed preparation or None, timed call).
     actions: dict[str, tuple[Callable[[], object] | None, Callable[[], object]]] = {}
     for label, optimizer in optimizers.items():
-        if fresh_grads:
-            params = optimizer.param_groups[0]["params"]
-            grads = [param.grad.detach().clone() for param in params]
-
-            def backward(params: list[torch.Tensor] = params, grads: list[torch.Tensor] = grads) -> None:
-                for param, grad in zip(params, grads):
-                    param.grad = grad.clone()
-
-            def step_and_zero_grad(optimizer: torch.optim.Optimizer = optimizer) -> None:
-                optimizer.step()
-                optimizer.zero_grad()
-
-            actions[label] = (backward, step_and_zero_grad)
-        else:
+        if loop is None:
             actions[label] = (None, optimizer.step)
+            continue
+        params = optimizer.param_groups[0]["params"]
+        grads = [param.grad.detach().clone() for param in params]
+
+        def backward(params: list[torch.Tensor] = params, grads: list[torch.Tensor] = grads) -> None:
+            for param, grad in zip(params, grads):
+                if loop == "set_to_none":
+                    param.grad = grad.clone()
+                else:
+                    param.grad.add_(grad)
+
+        def step_and_zero_grad(optimizer: torch.optim.Optimizer = optimizer) -> None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=loop == "set_to_none")
+
+        actions[label] = (backward, step_and_zero_grad)
     actions["copy"] = (None, lambda: copy_target.copy_(copy_source))
 
     def run(label: str) -> float:
@@ -181,7 +188,8 @@ def bench_shape(
     ours = stats["triton_adadelta"]["median"]
     return {
         "shape": name,
-        "timed": "step() + zero_grad(), new grads each step" if fresh_grads else "step(), grads kept",
+        "timed": {None: "step(), grads kept", "set_to_none": "step() + zero_grad(), new grads each step",
+                  "in_place": "step() + zero_grad(set_to_none=False)"}[loop],  # fmt: skip
         "n_tensors": len(shapes),
         "n_params": n_params,
         "rounds": rounds,
@@ -241,7 +249,7 @@ def native_build_delay() -> dict[str, float | bool]:
 
 def format_table(results: list[dict[str, object]]) -> str:
     header = (
-        f"{'shape':<22} {'params':>9} {'ours ms':>16} {'foreach ms':>16} {'for-loop ms':>16} "
+        f"{'shape':<28} {'params':>9} {'ours ms':>16} {'foreach ms':>16} {'for-loop ms':>16} "
         f"{'speed-up':>8} {'floor ms':>8} {'ours/floor':>10} {'torch/floor':>11} {'copy GB/s':>9}"
     )
     lines = [header, "-" * len(header)]
@@ -254,13 +262,13 @@ def format_table(results: list[dict[str, object]]) -> str:
             return f"{stats['median']:7.3f} [{stats['q1']:.2f}-{stats['q3']:.2f}]"
 
         lines.append(
-            f"{result['shape']:<22} {result['n_params']:>9} {cell('triton_adadelta'):>16} "
+            f"{result['shape']:<28} {result['n_params']:>9} {cell('triton_adadelta'):>16} "
             f"{cell('torch foreach'):>16} {cell('torch for-loop'):>16} {result['speedup_vs_torch_best']:>7.1f}x "
             f"{result['floor_ms']:>8.3f} {result['ours_x_floor']:>9.2f}x {result['torch_best_x_floor']:>10.2f}x "
             f"{result['copy_bandwidth_GBps']:>9.1f}"
         )
     lines.append("times: median [q1-q3] over interleaved rounds; speed-up: torch's best median / ours")
-    lines.append("zero_grad rows: step() + zero_grad() timed together, a new grad tensor per param each step")
+    lines.append("zero_grad rows: step() + zero_grad() timed together (zero_grad: a new grad tensor per param each step)")
     return "\n".join(lines)
 
 
@@ -318,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.shapes:
         result = bench_shape(
             name, SHAPES[name], device, warmup=warmup, budget_s=budget_s, max_rounds=max_rounds,
-            fresh_grads=name in FRESH_GRADS,
+            loop=LOOPS.get(name),
         )  # fmt: skip
         results.append(result)
         print(f"  {name}: {result['rounds']} rounds, ours {result['timings_ms']['triton_adadelta']['median']:.3f} ms")

@@ -139,3 +139,31 @@ def test_a_bad_grad_among_fresh_ones_changes_no_grad_view(cpu_path, change_check
     with pytest.raises(RuntimeError, match="sparse"):
         optimizer.step()
     assert torch.equal(bias_view, saved), "nothing is copied when a grad is refused"
+
+
+def test_zero_grad_without_set_to_none_zeroes_every_grad_as_torch_does(cpu_path, change_check):
+    """One fill zeroes the grads that are views; a user's own grad tensor is zeroed too."""
+    model = torch.nn.Linear(4, 3)
+    optimizer = Adadelta(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    mine = torch.ones(3)
+    model.bias.grad = mine
+    optimizer.zero_grad(set_to_none=False)
+    assert model.bias.grad is mine and torch.count_nonzero(mine) == 0
+    assert torch.count_nonzero(model.weight.grad) == 0
+
+
+def test_zero_grad_without_set_to_none_drops_a_grads_autograd_history(cpu_path, change_check):
+    model = torch.nn.Linear(4, 3)
+    optimizer = Adadelta(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    model.weight.grad.requires_grad_(True)  # the grad is still the flat buffer's view
+    optimizer.zero_grad(set_to_none=False)
+    assert not model.weight.grad.requires_grad, "torch's zero_grad turns requires_grad off"

@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .watch import DATA, GRAD, UNKNOWN, VERSION, param_watch
+from .watch import DATA, GRAD, GRAD_REQUIRES_GRAD, UNKNOWN, VERSION, param_watch
 
 ALIGN_BYTES = 16
 
@@ -269,6 +269,16 @@ class FlatBuffer:
             self.watch = None  # a param it cannot read: check from Python from now on
         self._runs = runs
         return runs
+
+    def grads_are_views(self) -> bool:
+        """Whether every grad is still its view of the flat grad buffer (or None), as at
+        the last gather, with no autograd history: zeroing the flat buffer then zeroes
+        every grad. False where it is not known (no compiled watch)."""
+        return (
+            self.watch is not None
+            and self._runs is not None
+            and self.watch.changes(GRAD | GRAD_REQUIRES_GRAD) == 0
+        )
 
     def _gather_grads_compiled(self) -> list[tuple[int, int]] | None:
         """Fresh grads (after ``zero_grad()`` and a backward) copied in one C++ pass.

@@ -239,13 +239,17 @@ class Adadelta(Optimizer):
             set_to_none (bool): set grads to None instead of zeroing them
                 (default: True). A param whose grad is None is skipped by ``step``.
         """
-        if set_to_none or not self._group_buffers:
+        buffers_cover_groups = len(self._group_buffers) == len(self.param_groups) and all(
+            _same_objects(group["params"], seen) for group, seen in zip(self.param_groups, self._group_params)
+        )
+        if set_to_none or not buffers_cover_groups:
             super().zero_grad(set_to_none)
             return
         for buffer in chain.from_iterable(self._group_buffers):
             buffer.grad.zero_()
-        for group in self.param_groups:
-            for param in group["params"]:
+            if buffer.grads_are_views():
+                continue  # the fill zeroed every grad
+            for param in buffer.params:
                 if param.grad is not None and param.grad.grad_fn is not None:
                     param.grad.detach_()
                 if param.grad is not None:

@@ -31,13 +31,14 @@ import torch
 
 from .native_build import build_cached
 
-__all__ = ["ParamWatch", "param_watch", "DATA", "GRAD", "VERSION", "UNKNOWN"]
+__all__ = ["ParamWatch", "param_watch", "DATA", "GRAD", "GRAD_REQUIRES_GRAD", "VERSION", "UNKNOWN"]
 
 # What changed since the snapshot (bits of ParamWatch.changes()).
 DATA = 1  # a param's data pointer: its data was replaced
 GRAD = 2  # a param's grad is another tensor (or None, or not None), or its data moved
 VERSION = 4  # a param's version counter: it was written in place
 UNKNOWN = 8  # a param the loop could not read (no storage, an inference tensor): ask Python
+GRAD_REQUIRES_GRAD = 16  # (asked with GRAD) a grad requires grad: it has autograd history
 
 _WATCH_SOURCE = r"""
 #include <ATen/core/Tensor.h>
@@ -47,7 +48,7 @@ _WATCH_SOURCE = r"""
 
 namespace {
 
-constexpr int DATA = 1, GRAD = 2, VERSION = 4, UNKNOWN = 8;
+constexpr int DATA = 1, GRAD = 2, VERSION = 4, UNKNOWN = 8, GRAD_REQUIRES_GRAD = 16;
 
 // One param at the snapshot.
 struct Seen {
@@ -105,6 +106,8 @@ int watch_changes(int64_t n, c10::TensorImpl *const *params, const Seen *seen, i
                 const c10::TensorImpl *grad = grad_of(param);
                 if (grad != seen[i].grad || (grad != nullptr && grad->data() != seen[i].grad_data))
                     changed |= GRAD;
+                if ((what & GRAD_REQUIRES_GRAD) && grad != nullptr && grad->requires_grad())
+                    changed |= GRAD_REQUIRES_GRAD;
             }
             if ((what & VERSION) && param->version_counter().current_version() != seen[i].version)
                 changed |= VERSION;
@@ -260,7 +263,7 @@ class ParamWatch:
         return self._library.watch_snapshot(self._n, self._params, self._seen, self._versions) == 0
 
     def changes(self, what: int) -> int:
-        """Which of the ``what`` bits (DATA, GRAD, VERSION) changed since the snapshot."""
+        """Which of the ``what`` bits (DATA, GRAD, GRAD_REQUIRES_GRAD, VERSION) are set."""
         return self._library.watch_changes(self._n, self._params, self._seen, what)
 
     def __reduce__(self) -> object:
