@@ -333,14 +333,24 @@ class FlatBuffer:
                 run_start = i
         if run_start >= 0:
             runs.append((run_start, len(self.segments)))
-        for i in to_copy:
-            segment = self.segments[i]
-            grad_view = _shaped_view(self.grad, segment)
-            grad_view.copy_(segment.param.grad)
-            segment.param.grad = grad_view
-            self.grad_views[i] = grad_view
-            self.grad_ptrs[i] = grad_view.data_ptr()
+        if to_copy:
+            # One batched copy (on a GPU, a few launches rather than one per grad).
+            views = [self._intact_grad_view(i) for i in to_copy]
+            torch._foreach_copy_(views, [self.segments[i].param.grad for i in to_copy])
+            for i, grad_view in zip(to_copy, views):
+                self.segments[i].param.grad = grad_view
+                self.grad_views[i] = grad_view
+                self.grad_ptrs[i] = grad_view.data_ptr()
         return runs
+
+    def _intact_grad_view(self, i: int) -> torch.Tensor:
+        """Segment ``i``'s view of the flat grad buffer: the one made before, unless its
+        ``.data`` was replaced since (``p.grad.data = ...`` while it was the grad)."""
+        view = self.grad_views[i]
+        segment = self.segments[i]
+        if view.data_ptr() == self.grad_ptrs[i] and view.shape == segment.shape and view.dtype == segment.dtype:
+            return view
+        return _shaped_view(self.grad, segment)
 
     def _sync_master(self) -> None:
         """Copy into the master any param written in place from outside.
