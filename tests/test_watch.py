@@ -167,3 +167,56 @@ def test_zero_grad_without_set_to_none_drops_a_grads_autograd_history(cpu_path, 
     model.weight.grad.requires_grad_(True)  # the grad is still the flat buffer's view
     optimizer.zero_grad(set_to_none=False)
     assert not model.weight.grad.requires_grad, "torch's zero_grad turns requires_grad off"
+
+
+def test_a_zero_tensor_grad_is_taken_like_torch(cpu_path, change_check):
+    """torch's efficient zero tensors have no data pointer: copied by torch, not memmove."""
+    param, reference = torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(10))
+    reference.data.copy_(param.data)
+    optimizer, torch_optimizer = Adadelta([param]), torch.optim.Adadelta([reference])
+    for p, o in ((param, optimizer), (reference, torch_optimizer)):
+        p.grad = torch.ones(10)
+        o.step()
+        o.zero_grad()
+        p.grad = torch._efficientzerotensor((10,))
+        o.step()
+    torch.testing.assert_close(param, reference, **parity_tolerance())
+
+
+def test_a_grad_that_is_another_params_view_is_read_before_it_is_overwritten(cpu_path, change_check):
+    params = [torch.nn.Parameter(torch.zeros(4)) for _ in range(2)]
+    references = [torch.nn.Parameter(torch.zeros(4)) for _ in range(2)]
+    optimizer, torch_optimizer = Adadelta(params), torch.optim.Adadelta(references)
+    for (a, b), o in ((params, optimizer), (references, torch_optimizer)):
+        a.grad, b.grad = torch.ones(4), torch.full((4,), 2.0)
+        o.step()
+        b.grad = a.grad  # ours: a's view of the flat grad buffer
+        a.grad = torch.full((4,), 5.0)  # copied into that view at the next step
+        o.step()
+    for ours, theirs in zip(params, references):
+        torch.testing.assert_close(ours, theirs, **parity_tolerance())
+
+
+def test_a_sparse_grad_at_the_first_step_gets_torchs_error(cpu_path, change_check):
+    param = torch.nn.Parameter(torch.randn(3, 3))
+    param.grad = torch.eye(3).to_sparse()
+    with pytest.raises(RuntimeError, match="Adadelta does not support sparse gradients"):
+        Adadelta([param]).step()
+
+
+def test_the_watch_keeps_the_grad_views_it_reads_alive(cpu_path, monkeypatch):
+    """A failed gather may replace some views: the watch must not read freed ones."""
+    monkeypatch.setenv("TRITON_ADADELTA_NATIVE_WATCH", "1")
+    require_watch_library()
+    a, b = torch.nn.Parameter(torch.randn(2, 3)), torch.nn.Parameter(torch.randn(2, 3))
+    a.grad, b.grad = torch.ones(2, 3), torch.ones(2, 3)
+    optimizer = Adadelta([a, b])
+    optimizer.step()
+    (buffer,) = optimizer.flat_buffers()
+    a.grad.data = torch.full((2, 3), 2.0)  # a's view is replaced at the next gather
+    b.grad = torch.ones(2, 3)
+    b.data = b.data.view(6)  # same memory, new shape: b's grad cannot be re-pointed
+    with pytest.raises(RuntimeError):
+        optimizer.step()
+    kept = {view._cdata for view in buffer.watch._view_refs}
+    assert all(address in kept for address in buffer.watch._views)

@@ -193,9 +193,15 @@ class FlatBuffer:
         for segment in self.segments:
             param = segment.param
             grad_view = _shaped_view(self.grad, segment)
-            if param.grad is not None:
-                grad_view.copy_(param.grad)
+            grad = param.grad
+            # A grad that does not fit (sparse, another shape, dtype or device) stays
+            # where it is, for gather_grads to refuse with a clear error.
+            if grad is not None and not grad.is_sparse and (grad.shape, grad.dtype, grad.device) == (
+                segment.shape, segment.dtype, self.device
+            ):
+                grad_view.copy_(grad)
                 param.grad = grad_view
+            del grad  # the old grad's storage is freed now, not at the next param
             self.grad_views.append(grad_view)
             self.grad_ptrs.append(grad_view.data_ptr())
 
@@ -336,7 +342,15 @@ class FlatBuffer:
         if to_copy:
             # One batched copy (on a GPU, a few launches rather than one per grad).
             views = [self._intact_grad_view(i) for i in to_copy]
-            torch._foreach_copy_(views, [self.segments[i].param.grad for i in to_copy])
+            flat_start = self.grad.data_ptr()
+            flat_end = flat_start + self.grad.numel() * self.grad.element_size()
+            # A grad inside the flat grad buffer (another param's view) would be read
+            # after an earlier copy overwrote it: copy from a clone.
+            sources = [
+                grad.clone() if flat_start <= grad.data_ptr() < flat_end else grad
+                for grad in (self.segments[i].param.grad for i in to_copy)
+            ]
+            torch._foreach_copy_(views, sources)
             for i, grad_view in zip(to_copy, views):
                 self.segments[i].param.grad = grad_view
                 self.grad_views[i] = grad_view

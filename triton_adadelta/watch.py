@@ -45,6 +45,7 @@ _WATCH_SOURCE = r"""
 #include <c10/util/intrusive_ptr.h>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -122,13 +123,14 @@ int watch_changes(int64_t n, c10::TensorImpl *const *params, const Seen *seen, i
 // Bring each param's grad into the flat grad buffer, for a CPU buffer whose grads
 // are fresh tensors (after zero_grad(set_to_none=True) and a backward). views[i] is
 // the flat buffer's view for param i, at view_data[i]. status[i]: 0 no grad, 1 the
-// view already, 2 a plain grad (CPU, strided, contiguous, the view's dtype and
-// shape, no conj or neg bit), copied into the view. The caller re-points the
-// grads of status 2 at their views. Returns how many were copied, or -1, having
-// copied nothing, when a grad needs the Python path (to be refused with a clear
-// error, or copied by torch).
+// view already, 2 a plain grad (CPU, dense, strided, contiguous, the view's dtype
+// and shape, no conj or neg bit, real data outside the flat grad buffer), copied
+// into the view. The caller re-points the grads of status 2 at their views.
+// Returns how many were copied, or -1, having copied nothing, when a grad needs the
+// Python path (to be refused with a clear error, or copied by torch).
 int64_t watch_gather(int64_t n, c10::TensorImpl *const *params, c10::TensorImpl *const *views,
                      const int64_t *view_data, int8_t *status) {
+    std::vector<const void *> sources(n, nullptr);
     int64_t copied = 0;
     try {
         for (int64_t i = 0; i < n; ++i) {
@@ -144,20 +146,26 @@ int64_t watch_gather(int64_t n, c10::TensorImpl *const *params, c10::TensorImpl 
                 continue;
             }
             const bool plain = grad->layout() == c10::kStrided && !grad->is_python_dispatch()
+                && !grad->_is_zerotensor() && grad->has_storage()
                 && grad->device_type() == c10::DeviceType::CPU && view->device_type() == c10::DeviceType::CPU
                 && grad->dtype() == view->dtype() && grad->sizes().equals(view->sizes())
                 && grad->is_contiguous() && !grad->is_conj() && !grad->is_neg();
             if (!plain) return -1;
+            // A grad inside the flat grad buffer (another param's view) could be
+            // overwritten by an earlier copy: torch's path clones it first.
+            if (grad->storage().unsafeGetStorageImpl() == view->storage().unsafeGetStorageImpl()) return -1;
+            sources[i] = grad->data();
+            if (sources[i] == nullptr && grad->numel() > 0) return -1;
             status[i] = 2;
             ++copied;
         }
-        for (int64_t i = 0; i < n; ++i) {
-            if (status[i] != 2) continue;
-            const c10::TensorImpl *grad = grad_of(params[i]);
-            std::memmove(reinterpret_cast<void *>(view_data[i]), grad->data(), grad->numel() * grad->itemsize());
-        }
     } catch (...) {
         return -1;
+    }
+    // Only plain memory moves from here on: nothing can fail halfway.
+    for (int64_t i = 0; i < n; ++i) {
+        if (status[i] == 2 && sources[i] != nullptr)
+            std::memmove(reinterpret_cast<void *>(view_data[i]), sources[i], views[i]->numel() * views[i]->itemsize());
     }
     return copied;
 }
@@ -183,9 +191,8 @@ def _flags() -> list[str]:
 
 def _build() -> ctypes.PyDLL | None:
     # The headers fix TensorImpl's layout: the cache is keyed on the torch build.
-    path = build_cached(
-        "adadelta_watch", _WATCH_SOURCE, language="c++", flags=_flags(), key_extra=torch.__version__ + torch.__file__
-    )
+    key = " ".join([torch.__version__, str(torch.version.git_version), torch.__file__])
+    path = build_cached("adadelta_watch", _WATCH_SOURCE, language="c++", flags=_flags(), key_extra=key)
     if path is None:
         return None
     try:
@@ -234,6 +241,7 @@ class ParamWatch:
         self._params = (ctypes.c_void_p * self._n)(*(param._cdata for param in params))
         self._seen = (ctypes.c_int64 * (_SEEN_WORDS * self._n))()
         self._versions = int(versions)
+        self._view_refs: tuple[torch.Tensor, ...] = ()
         self._views = (ctypes.c_void_p * self._n)()
         self._view_data = (ctypes.c_int64 * self._n)()
         self._status = (ctypes.c_int8 * self._n)()
@@ -243,8 +251,10 @@ class ParamWatch:
     def set_views(self, views: Sequence[torch.Tensor], view_data: Sequence[int]) -> None:
         """The flat grad buffer's view of each param, and where each view's data is.
 
-        The caller keeps the views alive; :meth:`gather` checks each view's data.
+        The watch keeps the views alive (their TensorImpls are read); :meth:`gather`
+        checks each view's data.
         """
+        self._view_refs = tuple(views)
         self._views[:] = [view._cdata for view in views]
         self._view_data[:] = view_data
 
