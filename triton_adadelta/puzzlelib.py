@@ -201,6 +201,8 @@ class AdaDelta:
         """
         for buffer in self._live_buffers():
             buffer.grad.zero_()
+            if buffer.grads_are_views():
+                continue  # the fill zeroed every grad
             for i, segment in enumerate(buffer.segments):
                 param = segment.param
                 if param.grad is not None and param.grad is not buffer.grad_views[i]:
