@@ -124,10 +124,19 @@ def test_fresh_grads_every_step_follow_torch(cpu_path, change_check):
         for ours, theirs in zip(model.parameters(), reference.parameters()):
             torch.testing.assert_close(ours, theirs, **parity_tolerance())
         assert model["unused"].weight.grad is None and model["unused"].weight not in optimizer.state
-    # The grads are the flat buffer's views again after each step: the next backward
-    # (without zero_grad) accumulates in place.
+    # After zero_grad() the new grads are copied in and left where backward put them
+    # (zero_grad() drops them next); a step after a backward without zero_grad()
+    # re-points them at the flat buffer, so later backwards accumulate in place.
     (buffer,) = optimizer.flat_buffers()
-    assert model["a"].weight.grad.untyped_storage().data_ptr() == buffer.grad.untyped_storage().data_ptr()
+    in_flat_buffer = lambda: model["a"].weight.grad.untyped_storage().data_ptr() == buffer.grad.untyped_storage().data_ptr()  # noqa: E731
+    assert not in_flat_buffer()
+    for _ in range(2):
+        for m, o in ((model, optimizer), (reference, torch_optimizer)):
+            torch.nn.functional.mse_loss(m["b"](torch.tanh(m["a"](x))), y).backward()
+            o.step()
+        for ours, theirs in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(ours, theirs, **parity_tolerance())
+        assert in_flat_buffer()
 
 
 def test_a_bad_grad_among_fresh_ones_changes_no_grad_view(cpu_path, change_check):

@@ -220,6 +220,9 @@ class FlatBuffer:
         if self.watch is not None:
             self.watch.set_views(self.grad_views, self.grad_ptrs)
         self._runs: list[tuple[int, int]] | None = None
+        # Set by the optimizer's zero_grad(set_to_none=True): the next grads are new
+        # tensors made by backward, copied in but not re-pointed (see gather_grads).
+        self.grads_dropped = False
 
     def __getstate__(self) -> dict[str, object]:
         # A copy watches from Python: the compiled watch holds this buffer's params.
@@ -246,8 +249,12 @@ class FlatBuffer:
     def gather_grads(self) -> list[tuple[int, int]]:
         """Bring the params' grads into the flat grad buffer.
 
-        Grads that are views already cost nothing; any other grad (a fresh one after
-        ``zero_grad()``, or one the user assigned) is copied in and re-pointed.
+        Grads that are views already cost nothing. Any other grad is copied in and
+        re-pointed at its view, so that backward accumulates in place from then on;
+        except right after the optimizer's ``zero_grad(set_to_none=True)``
+        (:attr:`grads_dropped`), when the grads are new tensors from backward that the
+        next ``zero_grad()`` drops again: they stay where they are, since re-pointing
+        (and later dropping) a grad costs more than copying it.
 
         Returns:
             Runs ``(first, stop)`` of consecutive segments whose param has a grad.
@@ -258,22 +265,25 @@ class FlatBuffer:
                 whose shape, dtype or device does not match its param. Nothing is
                 changed when it raises.
         """
-        # The common case: nothing changed since the last gather (the compiled watch
-        # asks every param in one pass), so its runs still hold.
+        # The common case: every grad is its view (or None) and nothing changed since
+        # the last gather (the compiled watch asks every param in one pass).
         if self.watch is not None and self._runs is not None:
             if self.watch.changes(GRAD | VERSION if self.master is not None else GRAD) == 0:
                 return self._runs
         self._runs = None
         if self.master is not None:
             self._sync_master()
-        runs = self._gather_grads_compiled() if self.watch is not None else None
-        if runs is None:
-            runs = self._gather_grads()
+        gathered = self._gather_grads_compiled() if self.watch is not None else None
+        if gathered is None:
+            gathered = self._gather_grads()
             if self.watch is not None:
                 self.watch.set_views(self.grad_views, self.grad_ptrs)
+        runs, all_views = gathered
+        self.grads_dropped = False
         if self.watch is not None and not self.watch.snapshot():
             self.watch = None  # a param it cannot read: check from Python from now on
-        self._runs = runs
+        # Grads left in place may change in place: copy them again at every step.
+        self._runs = runs if all_views else None
         return runs
 
     def grads_are_views(self) -> bool:
@@ -286,20 +296,24 @@ class FlatBuffer:
             and self.watch.changes(GRAD | GRAD_REQUIRES_GRAD) == 0
         )
 
-    def _gather_grads_compiled(self) -> list[tuple[int, int]] | None:
-        """Fresh grads (after ``zero_grad()`` and a backward) copied in one C++ pass.
+    def _gather_grads_compiled(self) -> tuple[list[tuple[int, int]], bool] | None:
+        """New CPU grads (after ``zero_grad()`` and a backward) copied in one C++ pass.
 
-        Returns None, having changed nothing, where a grad needs :meth:`_gather_grads`.
+        Returns:
+            The runs, and whether every grad is now its view (or None); None, having
+            changed nothing, where a grad needs :meth:`_gather_grads`.
         """
         copied, status = self.watch.gather()
         if copied < 0:
             return None
-        if copied:
+        all_views = not copied
+        if copied and not self.grads_dropped:
             params, views = self.params, self.grad_views
             for i in compress(range(len(status)), map(_COPIED.__eq__, status)):
                 params[i].grad = views[i]
+            all_views = True
         if status.count(_NO_GRAD) == 0:
-            return [(0, len(self.segments))]
+            return [(0, len(self.segments))], all_views
         runs: list[tuple[int, int]] = []
         for i, code in enumerate(status):
             if code == _NO_GRAD:
@@ -308,13 +322,15 @@ class FlatBuffer:
                 runs[-1] = (runs[-1][0], i + 1)
             else:
                 runs.append((i, i + 1))
-        return runs
+        return runs, all_views
 
-    def _gather_grads(self) -> list[tuple[int, int]]:
+    def _gather_grads(self) -> tuple[list[tuple[int, int]], bool]:
+        """The Python path of :meth:`gather_grads`: the runs, and whether every grad is
+        now its view (or None)."""
         grads = list(map(_GRAD, self.params))
         # Every grad still our view: one C-level comparison each.
         if all(map(operator.is_, grads, self.grad_views)) and list(map(_DATA_PTR, grads)) == self.grad_ptrs:
-            return [(0, len(self.segments))]
+            return [(0, len(self.segments))], True
         to_copy: list[int] = []
         runs: list[tuple[int, int]] = []
         run_start = -1
@@ -352,10 +368,12 @@ class FlatBuffer:
             ]
             torch._foreach_copy_(views, sources)
             for i, grad_view in zip(to_copy, views):
-                self.segments[i].param.grad = grad_view
                 self.grad_views[i] = grad_view
                 self.grad_ptrs[i] = grad_view.data_ptr()
-        return runs
+                if not self.grads_dropped:
+                    self.segments[i].param.grad = grad_view
+            return runs, not self.grads_dropped
+        return runs, True
 
     def _intact_grad_view(self, i: int) -> torch.Tensor:
         """Segment ``i``'s view of the flat grad buffer: the one made before, unless its

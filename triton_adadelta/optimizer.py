@@ -244,6 +244,9 @@ class Adadelta(Optimizer):
         )
         if set_to_none or not buffers_cover_groups:
             super().zero_grad(set_to_none)
+            if set_to_none:
+                for buffer in chain.from_iterable(self._group_buffers):
+                    buffer.grads_dropped = True
             return
         for buffer in chain.from_iterable(self._group_buffers):
             buffer.grad.zero_()

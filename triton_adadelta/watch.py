@@ -125,7 +125,7 @@ int watch_changes(int64_t n, c10::TensorImpl *const *params, const Seen *seen, i
 // the flat buffer's view for param i, at view_data[i]. status[i]: 0 no grad, 1 the
 // view already, 2 a plain grad (CPU, dense, strided, contiguous, the view's dtype
 // and shape, no conj or neg bit, real data outside the flat grad buffer), copied
-// into the view. The caller re-points the grads of status 2 at their views.
+// into the view. The caller may re-point the grads of status 2 at their views.
 // Returns how many were copied, or -1, having copied nothing, when a grad needs the
 // Python path (to be refused with a clear error, or copied by torch).
 int64_t watch_gather(int64_t n, c10::TensorImpl *const *params, c10::TensorImpl *const *views,
