@@ -125,18 +125,21 @@ def test_fresh_grads_every_step_follow_torch(cpu_path, change_check):
             torch.testing.assert_close(ours, theirs, **parity_tolerance())
         assert model["unused"].weight.grad is None and model["unused"].weight not in optimizer.state
     # After zero_grad() the new grads are copied in and left where backward put them
-    # (zero_grad() drops them next); a step after a backward without zero_grad()
-    # re-points them at the flat buffer, so later backwards accumulate in place.
+    # (zero_grad() drops them next). Later steps without zero_grad() go on reading
+    # them (backward accumulates into them); a grad the user assigns is re-pointed.
     (buffer,) = optimizer.flat_buffers()
     in_flat_buffer = lambda: model["a"].weight.grad.untyped_storage().data_ptr() == buffer.grad.untyped_storage().data_ptr()  # noqa: E731
-    assert not in_flat_buffer()
-    for _ in range(2):
+    assigned = False
+    for assign in (False, False, True, False):
         for m, o in ((model, optimizer), (reference, torch_optimizer)):
+            if assign:
+                m["a"].weight.grad = torch.full_like(m["a"].weight, 0.01)
             torch.nn.functional.mse_loss(m["b"](torch.tanh(m["a"](x))), y).backward()
             o.step()
         for ours, theirs in zip(model.parameters(), reference.parameters()):
             torch.testing.assert_close(ours, theirs, **parity_tolerance())
-        assert in_flat_buffer()
+        assigned = assigned or assign
+        assert in_flat_buffer() == assigned
 
 
 def test_a_bad_grad_among_fresh_ones_changes_no_grad_view(cpu_path, change_check):
@@ -267,3 +270,27 @@ def test_noticing_costs_a_small_fraction_of_the_update(cpu_path, monkeypatch):
 
     noticing, updating = median_seconds(notice), median_seconds(update)
     assert noticing < 0.5 * updating, f"noticing {noticing * 1e6:.0f} us, update {updating * 1e6:.0f} us"
+
+
+def test_a_grad_left_in_place_stays_the_users_and_is_read_at_every_step(cpu_path, change_check):
+    """After zero_grad() the new grad stays p.grad; a later step does not re-point it,
+    so an edit through a reference taken after a step still counts, as in torch."""
+
+    def run(optimizer_class) -> torch.Tensor:
+        torch.manual_seed(0)
+        param = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+        optimizer = optimizer_class([param])
+        weights = torch.tensor([1.0, -2.0, 3.0, 0.5], dtype=torch.float64)
+        (param * weights).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        (param * weights).sum().backward()
+        optimizer.step()
+        held = param.grad
+        optimizer.step()
+        held.add_(10.0)
+        assert param.grad is held
+        optimizer.step()
+        return param.detach()
+
+    torch.testing.assert_close(run(Adadelta), run(torch.optim.Adadelta), rtol=1e-12, atol=1e-14)

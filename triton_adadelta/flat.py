@@ -32,6 +32,7 @@ _VERSION = operator.attrgetter("_version")
 # Statuses of ParamWatch.gather().
 _NO_GRAD = 0
 _COPIED = 2
+_COPIED_AGAIN = 3
 
 # The storage each param was rebound to by a FlatBuffer: a param that lives inside a
 # larger storage is ours to rebind again only if that storage is one of ours.
@@ -223,6 +224,9 @@ class FlatBuffer:
         # Set by the optimizer's zero_grad(set_to_none=True): the next grads are new
         # tensors made by backward, copied in but not re-pointed (see gather_grads).
         self.grads_dropped = False
+        # id() of each grad left in place at the last gather (0: none), for the
+        # Python path; the compiled watch compares with its snapshot instead.
+        self._left_grad_ids = [0] * len(params)
 
     def __getstate__(self) -> dict[str, object]:
         # A copy watches from Python: the compiled watch holds this buffer's params.
@@ -249,12 +253,14 @@ class FlatBuffer:
     def gather_grads(self) -> list[tuple[int, int]]:
         """Bring the params' grads into the flat grad buffer.
 
-        Grads that are views already cost nothing. Any other grad is copied in and
-        re-pointed at its view, so that backward accumulates in place from then on;
-        except right after the optimizer's ``zero_grad(set_to_none=True)``
-        (:attr:`grads_dropped`), when the grads are new tensors from backward that the
-        next ``zero_grad()`` drops again: they stay where they are, since re-pointing
-        (and later dropping) a grad costs more than copying it.
+        Grads that are views already cost nothing. Any other grad is copied in. A grad
+        new since the last step is re-pointed at its view, so that backward
+        accumulates in place from then on; except right after the optimizer's
+        ``zero_grad(set_to_none=True)`` (:attr:`grads_dropped`), when the grads are new
+        tensors from backward that the next ``zero_grad()`` drops again: they stay
+        where they are, since re-pointing (and later dropping) a grad costs more than
+        copying it. A grad left in place is never re-pointed later (the user may hold
+        it, as torch lets them): it is copied in again at every step.
 
         Returns:
             Runs ``(first, stop)`` of consecutive segments whose param has a grad.
@@ -311,7 +317,7 @@ class FlatBuffer:
             params, views = self.params, self.grad_views
             for i in compress(range(len(status)), map(_COPIED.__eq__, status)):
                 params[i].grad = views[i]
-            all_views = True
+            all_views = _COPIED_AGAIN not in status
         if status.count(_NO_GRAD) == 0:
             return [(0, len(self.segments))], all_views
         runs: list[tuple[int, int]] = []
@@ -367,12 +373,18 @@ class FlatBuffer:
                 for grad in (self.segments[i].param.grad for i in to_copy)
             ]
             torch._foreach_copy_(views, sources)
+            all_views = True
             for i, grad_view in zip(to_copy, views):
                 self.grad_views[i] = grad_view
                 self.grad_ptrs[i] = grad_view.data_ptr()
-                if not self.grads_dropped:
+                grad = self.segments[i].param.grad
+                if self.grads_dropped or id(grad) == self._left_grad_ids[i]:
+                    self._left_grad_ids[i] = id(grad)
+                    all_views = False
+                else:
                     self.segments[i].param.grad = grad_view
-            return runs, not self.grads_dropped
+                    self._left_grad_ids[i] = 0
+            return runs, all_views
         return runs, True
 
     def _intact_grad_view(self, i: int) -> torch.Tensor:

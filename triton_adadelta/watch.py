@@ -125,10 +125,11 @@ int watch_changes(int64_t n, c10::TensorImpl *const *params, const Seen *seen, i
 // the flat buffer's view for param i, at view_data[i]. status[i]: 0 no grad, 1 the
 // view already, 2 a plain grad (CPU, dense, strided, contiguous, the view's dtype
 // and shape, no conj or neg bit, real data outside the flat grad buffer), copied
-// into the view. The caller may re-point the grads of status 2 at their views.
+// into the view; 3 the same, for a grad that was already there at the snapshot (the
+// last gather) and was left in place then. The caller may re-point status 2 grads.
 // Returns how many were copied, or -1, having copied nothing, when a grad needs the
 // Python path (to be refused with a clear error, or copied by torch).
-int64_t watch_gather(int64_t n, c10::TensorImpl *const *params, c10::TensorImpl *const *views,
+int64_t watch_gather(int64_t n, c10::TensorImpl *const *params, const Seen *seen, c10::TensorImpl *const *views,
                      const int64_t *view_data, int8_t *status) {
     std::vector<const void *> sources(n, nullptr);
     int64_t copied = 0;
@@ -156,7 +157,7 @@ int64_t watch_gather(int64_t n, c10::TensorImpl *const *params, c10::TensorImpl 
             if (grad->storage().unsafeGetStorageImpl() == view->storage().unsafeGetStorageImpl()) return -1;
             sources[i] = grad->data();
             if (sources[i] == nullptr && grad->numel() > 0) return -1;
-            status[i] = 2;
+            status[i] = grad == seen[i].grad ? 3 : 2;
             ++copied;
         }
     } catch (...) {
@@ -164,7 +165,7 @@ int64_t watch_gather(int64_t n, c10::TensorImpl *const *params, c10::TensorImpl 
     }
     // Only plain memory moves from here on: nothing can fail halfway.
     for (int64_t i = 0; i < n; ++i) {
-        if (status[i] == 2 && sources[i] != nullptr)
+        if (status[i] >= 2 && sources[i] != nullptr)
             std::memmove(reinterpret_cast<void *>(view_data[i]), sources[i], views[i]->numel() * views[i]->itemsize());
     }
     return copied;
@@ -206,7 +207,7 @@ def _build() -> ctypes.PyDLL | None:
     library.watch_snapshot.argtypes = [int64, pointers, pointers, ctypes.c_int]
     library.watch_changes.argtypes = [int64, pointers, pointers, ctypes.c_int]
     library.watch_snapshot.restype = library.watch_changes.restype = ctypes.c_int
-    library.watch_gather.argtypes = [int64, pointers, pointers, pointers, pointers]
+    library.watch_gather.argtypes = [int64, pointers, pointers, pointers, pointers, pointers]
     library.watch_gather.restype = int64
     return library
 
@@ -263,9 +264,12 @@ class ParamWatch:
 
         Returns:
             How many grads were copied (-1: none, a grad needs the Python path), and
-            each param's status: 0 no grad, 1 already the view, 2 copied into it.
+            each param's status: 0 no grad, 1 already the view, 2 copied into it, 3
+            copied into it and the same grad as at the last snapshot.
         """
-        copied = self._library.watch_gather(self._n, self._params, self._views, self._view_data, self._status)
+        copied = self._library.watch_gather(
+            self._n, self._params, self._seen, self._views, self._view_data, self._status
+        )
         return copied, bytes(self._status)
 
     def snapshot(self) -> bool:
