@@ -216,3 +216,18 @@ def test_complex_params_update_real_and_imaginary_parts_as_torch(backend):
     torch.testing.assert_close(optimizer.state[param]["square_avg"], torch_optimizer.state[reference]["square_avg"], rtol=2e-5, atol=1e-6)
     # state_dict interop with torch for complex params.
     copy.deepcopy(torch_optimizer).load_state_dict(optimizer.state_dict())
+
+
+def test_a_model_with_complex_and_real_params_saves_with_torch_save(backend, tmp_path):
+    """Complex params get buffers of their own: torch.save refuses one storage viewed
+    as both real and complex tensors, in the model's state_dict and in ours."""
+    complex_param = torch.nn.Parameter(torch.randn(3, 2, dtype=torch.complex64))
+    real_param = torch.nn.Parameter(torch.randn(5))
+    optimizer = Adadelta([complex_param, real_param])
+    complex_param.grad, real_param.grad = torch.randn(3, 2, dtype=torch.complex64), torch.randn(5)
+    optimizer.step()
+    assert len(optimizer.flat_buffers()) == 2
+    torch.save({"params": [complex_param, real_param], "optimizer": optimizer.state_dict()}, tmp_path / "checkpoint.pt")
+    loaded = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert torch.equal(loaded["params"][0], complex_param.detach())
+    assert torch.equal(loaded["optimizer"]["state"][0]["square_avg"], optimizer.state[complex_param]["square_avg"])

@@ -80,7 +80,13 @@ def real_dtype_of(dtype: torch.dtype) -> torch.dtype:
 
 
 def buffer_key(param: torch.Tensor) -> tuple[torch.device, torch.dtype]:
-    return param.device, real_dtype_of(param.dtype)
+    """Params with the same key share a flat buffer.
+
+    Complex params get buffers of their own (stored as real and imaginary parts):
+    one storage viewed both as real and as complex tensors cannot be saved by
+    ``torch.save``, in a model's state_dict or in the optimizer's.
+    """
+    return param.device, param.dtype
 
 
 @dataclass
@@ -155,10 +161,11 @@ class FlatBuffer:
     def __init__(self, params: list[torch.nn.Parameter], *, master_weights: bool = False) -> None:
         if not params:
             raise ValueError("a FlatBuffer needs at least one param")
-        self.device, self.dtype = buffer_key(params[0])
+        key = buffer_key(params[0])
+        self.device, self.dtype = key[0], real_dtype_of(key[1])
         for param in params:
             check_packable(param)
-            if buffer_key(param) != (self.device, self.dtype):
+            if buffer_key(param) != key:
                 raise ValueError("all params of a FlatBuffer must share device and dtype")
         align = max(1, ALIGN_BYTES // torch.empty((), dtype=self.dtype).element_size())
         self.segments: list[Segment] = []
