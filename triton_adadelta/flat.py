@@ -385,7 +385,10 @@ class FlatBuffer:
                 self.grad_views[i] = grad_view
                 self.grad_ptrs[i] = grad_view.data_ptr()
                 grad = self.segments[i].param.grad
-                if self.grads_dropped or id(grad) == self._left_grad_ids[i]:
+                left_before = id(grad) == self._left_grad_ids[i] or (
+                    self.watch is not None and grad._cdata == self.watch.seen_grad(i)
+                )
+                if self.grads_dropped or left_before:
                     self._left_grad_ids[i] = id(grad)
                     all_views = False
                 else:

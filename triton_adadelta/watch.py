@@ -272,6 +272,10 @@ class ParamWatch:
         )
         return copied, bytes(self._status)
 
+    def seen_grad(self, i: int) -> int:
+        """The address of param ``i``'s grad ``TensorImpl`` at the snapshot (0: None)."""
+        return self._seen[_SEEN_WORDS * i + 1]
+
     def snapshot(self) -> bool:
         """Record the params as they are now; False if one could not be read."""
         return self._library.watch_snapshot(self._n, self._params, self._seen, self._versions) == 0
