@@ -7,8 +7,8 @@ Python costs about 60 ns per attribute per param: 250 us a step on 1,000 params.
 A :class:`ParamWatch` asks the params' ``TensorImpl`` objects directly instead, in a
 C++ loop that reads a few words per param and compares them with a snapshot.
 
-The library is compiled on first use against the installed torch's headers (1.8 s
-here, measured by ``perf/bench_step.py``), then cached on disk for that torch build. Where it cannot be built (no C++
+The library is compiled on first use against the installed torch's headers (under
+2 s here, measured by ``perf/bench_step.py``), then cached on disk for that torch build. Where it cannot be built (no C++
 compiler, no headers) or ``TRITON_ADADELTA_NATIVE_WATCH=0``, :func:`param_watch`
 returns None and the flat buffer asks from Python, with the same answers.
 
