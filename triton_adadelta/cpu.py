@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .native_build import build_cached, cpu_model
+from .native_build import cpu_model, load_cached
 
 # Elements per chunk of the chunked path: 64K fp32 elements is 256 KiB per buffer,
 # so the chunk's p, g, v, u and three scratch buffers stay within a 2 MiB L2.
@@ -212,12 +212,11 @@ _torch_sqrt_checked: bool | None = None
 def _build_native_library() -> ctypes.CDLL | None:
     """Compile (or load from the cache) the fused loop; None if it cannot be built."""
     # -march=native code is only valid on this kind of CPU: the cache is keyed on it.
-    path = build_cached("adadelta_cpu", _NATIVE_SOURCE, language="c", flags=[*_NATIVE_CFLAGS, "-lm"], key_extra=cpu_model())
-    if path is None:
-        return None
-    try:
-        library = ctypes.CDLL(str(path))
-    except OSError:
+    library = load_cached(
+        "adadelta_cpu", _NATIVE_SOURCE, language="c", flags=[*_NATIVE_CFLAGS, "-lm"], key_extra=cpu_model(),
+        loader=ctypes.CDLL,
+    )  # fmt: skip
+    if library is None:
         return None
     for suffix, scalar in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
         function = getattr(library, f"adadelta_step_{suffix}")

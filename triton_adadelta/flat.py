@@ -119,6 +119,31 @@ def _real_flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1)
 
 
+def _runs_with_grads(has_grad: list[bool]) -> list[tuple[int, int]]:
+    """Runs ``(first, stop)`` of consecutive segments whose param has a grad."""
+    runs: list[tuple[int, int]] = []
+    for i, present in enumerate(has_grad):
+        if not present:
+            continue
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _grad_mismatch(grad: torch.Tensor, segment: Segment, device: torch.device) -> Exception | None:
+    """Why ``grad`` cannot be copied into ``segment``'s view (None: it can)."""
+    if grad.is_sparse:
+        return RuntimeError("Adadelta does not support sparse gradients")
+    if grad.shape != segment.shape or grad.dtype != segment.dtype or grad.device != device:
+        return ValueError(
+            f"grad of shape {tuple(grad.shape)}, {grad.dtype} on {grad.device} does not match "
+            f"its param of shape {tuple(segment.shape)}, {segment.dtype} on {device}"
+        )
+    return None
+
+
 STATE_KEYS = ("step", "square_avg", "acc_delta")
 
 
@@ -204,9 +229,7 @@ class FlatBuffer:
             grad = param.grad
             # A grad that does not fit (sparse, another shape, dtype or device) stays
             # where it is, for gather_grads to refuse with a clear error.
-            if grad is not None and not grad.is_sparse and (grad.shape, grad.dtype, grad.device) == (
-                segment.shape, segment.dtype, self.device
-            ):
+            if grad is not None and _grad_mismatch(grad, segment, self.device) is None:
                 grad_view.copy_(grad)
                 param.grad = grad_view
             del grad  # the old grad's storage is freed now, not at the next param
@@ -249,7 +272,7 @@ class FlatBuffer:
         is refused by :meth:`gather_grads` with a clear error.)
 
         With the compiled watch (:mod:`triton_adadelta.watch`), one C++ loop reads
-        the data pointers instead (about 3 ns a param).
+        the data pointers instead (5 us for 1000 params in ``perf/bench_step.py``).
         """
         if self.watch is not None:
             changed = self.watch.changes(DATA)
@@ -327,15 +350,7 @@ class FlatBuffer:
             all_views = _COPIED_AGAIN not in status
         if status.count(_NO_GRAD) == 0:
             return [(0, len(self.segments))], all_views
-        runs: list[tuple[int, int]] = []
-        for i, code in enumerate(status):
-            if code == _NO_GRAD:
-                continue
-            if runs and runs[-1][1] == i:
-                runs[-1] = (runs[-1][0], i + 1)
-            else:
-                runs.append((i, i + 1))
-        return runs, all_views
+        return _runs_with_grads([code != _NO_GRAD for code in status]), all_views
 
     def _gather_grads(self) -> tuple[list[tuple[int, int]], bool]:
         """The Python path of :meth:`gather_grads`: the runs, and whether every grad is
@@ -345,29 +360,14 @@ class FlatBuffer:
         if all(map(operator.is_, grads, self.grad_views)) and list(map(_DATA_PTR, grads)) == self.grad_ptrs:
             return [(0, len(self.segments))], True
         to_copy: list[int] = []
-        runs: list[tuple[int, int]] = []
-        run_start = -1
-        for i, segment in enumerate(self.segments):
-            grad = segment.param.grad
-            if grad is None:
-                if run_start >= 0:
-                    runs.append((run_start, i))
-                    run_start = -1
-                continue
+        for i, (segment, grad) in enumerate(zip(self.segments, grads)):
             # Our view, unless it was replaced or its `.data` was.
-            if grad is not self.grad_views[i] or grad.data_ptr() != self.grad_ptrs[i]:
-                if grad.is_sparse:
-                    raise RuntimeError("Adadelta does not support sparse gradients")
-                if grad.shape != segment.shape or grad.dtype != segment.dtype or grad.device != self.device:
-                    raise ValueError(
-                        f"grad of shape {tuple(grad.shape)}, {grad.dtype} on {grad.device} does not match "
-                        f"its param of shape {tuple(segment.shape)}, {segment.dtype} on {self.device}"
-                    )
+            if grad is not None and (grad is not self.grad_views[i] or grad.data_ptr() != self.grad_ptrs[i]):
+                mismatch = _grad_mismatch(grad, segment, self.device)
+                if mismatch is not None:
+                    raise mismatch
                 to_copy.append(i)
-            if run_start < 0:
-                run_start = i
-        if run_start >= 0:
-            runs.append((run_start, len(self.segments)))
+        runs = _runs_with_grads([grad is not None for grad in grads])
         if to_copy:
             # One batched copy (on a GPU, a few launches rather than one per grad).
             views = [self._intact_grad_view(i) for i in to_copy]
@@ -377,14 +377,14 @@ class FlatBuffer:
             # after an earlier copy overwrote it: copy from a clone.
             sources = [
                 grad.clone() if flat_start <= grad.data_ptr() < flat_end else grad
-                for grad in (self.segments[i].param.grad for i in to_copy)
+                for grad in (grads[i] for i in to_copy)
             ]
             torch._foreach_copy_(views, sources)
             all_views = True
             for i, grad_view in zip(to_copy, views):
                 self.grad_views[i] = grad_view
                 self.grad_ptrs[i] = grad_view.data_ptr()
-                grad = self.segments[i].param.grad
+                grad = grads[i]
                 left_before = id(grad) == self._left_grad_ids[i] or (
                     self.watch is not None and grad._cdata == self.watch.seen_grad(i)
                 )

@@ -10,6 +10,7 @@ to Python.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
@@ -17,8 +18,11 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable, TypeVar
 
-__all__ = ["build_cached", "cache_dir", "find_compiler"]
+Library = TypeVar("Library", bound=ctypes.CDLL)
+
+__all__ = ["build_cached", "cache_dir", "find_compiler", "load_cached"]
 
 
 def cache_dir() -> Path:
@@ -83,3 +87,23 @@ def build_cached(name: str, source: str, *, language: str, flags: list[str], key
     except (OSError, subprocess.SubprocessError):
         return None
     return path
+
+
+def load_cached(
+    name: str,
+    source: str,
+    *,
+    language: str,
+    flags: list[str],
+    key_extra: str = "",
+    loader: Callable[[str], Library],
+) -> Library | None:
+    """:func:`build_cached`, then load the library with ``loader`` (``ctypes.CDLL`` or
+    ``ctypes.PyDLL``); None where it cannot be built or loaded."""
+    path = build_cached(name, source, language=language, flags=flags, key_extra=key_extra)
+    if path is None:
+        return None
+    try:
+        return loader(str(path))
+    except OSError:
+        return None

@@ -239,14 +239,16 @@ class Adadelta(Optimizer):
             set_to_none (bool): set grads to None instead of zeroing them
                 (default: True). A param whose grad is None is skipped by ``step``.
         """
+        if set_to_none:
+            super().zero_grad(set_to_none)
+            for buffer in chain.from_iterable(self._group_buffers):
+                buffer.grads_dropped = True
+            return
         buffers_cover_groups = len(self._group_buffers) == len(self.param_groups) and all(
             _same_objects(group["params"], seen) for group, seen in zip(self.param_groups, self._group_params)
         )
-        if set_to_none or not buffers_cover_groups:
+        if not buffers_cover_groups:
             super().zero_grad(set_to_none)
-            if set_to_none:
-                for buffer in chain.from_iterable(self._group_buffers):
-                    buffer.grads_dropped = True
             return
         for buffer in chain.from_iterable(self._group_buffers):
             buffer.grad.zero_()

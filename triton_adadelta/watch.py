@@ -8,9 +8,10 @@ A :class:`ParamWatch` asks the params' ``TensorImpl`` objects directly instead, 
 C++ loop that reads a few words per param and compares them with a snapshot.
 
 The library is compiled on first use against the installed torch's headers (under
-2 s here, measured by ``perf/bench_step.py``), then cached on disk for that torch build. Where it cannot be built (no C++
-compiler, no headers) or ``TRITON_ADADELTA_NATIVE_WATCH=0``, :func:`param_watch`
-returns None and the flat buffer asks from Python, with the same answers.
+2 s here, measured by ``perf/bench_step.py``), then cached on disk for that torch
+build. Where it cannot be built (no C++ compiler, no headers) or
+``TRITON_ADADELTA_NATIVE_WATCH=0``, :func:`param_watch` returns None and the flat
+buffer asks from Python, with the same answers.
 
 Lifetime: the watch holds a reference to each param's ``TensorImpl``, so the
 pointers it reads stay valid. ``p.data = ...`` keeps the ``TensorImpl`` (it is the
@@ -29,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from .native_build import build_cached
+from .native_build import load_cached
 
 __all__ = ["ParamWatch", "param_watch", "DATA", "GRAD", "GRAD_REQUIRES_GRAD", "VERSION", "UNKNOWN"]
 
@@ -193,13 +194,11 @@ def _flags() -> list[str]:
 def _build() -> ctypes.PyDLL | None:
     # The headers fix TensorImpl's layout: the cache is keyed on the torch build.
     key = " ".join([torch.__version__, str(torch.version.git_version), torch.__file__])
-    path = build_cached("adadelta_watch", _WATCH_SOURCE, language="c++", flags=_flags(), key_extra=key)
-    if path is None:
-        return None
-    try:
-        # PyDLL keeps the GIL: releasing a reference may release a Python object.
-        library = ctypes.PyDLL(str(path))
-    except OSError:
+    # PyDLL keeps the GIL: releasing a reference may release a Python object.
+    library = load_cached(
+        "adadelta_watch", _WATCH_SOURCE, language="c++", flags=_flags(), key_extra=key, loader=ctypes.PyDLL
+    )
+    if library is None:
         return None
     pointers, int64 = ctypes.c_void_p, ctypes.c_int64
     library.watch_hold.argtypes = library.watch_release.argtypes = [int64, pointers]
