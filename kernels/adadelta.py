@@ -1,4 +1,4 @@
-"""The fused AdaDelta update: one pass over a flat buffer.
+"""The fused AdaDelta update: one launch over a table of param segments.
 
 With ``g`` the gradient, ``v`` the running average of squared gradients
 (``square_avg``) and ``u`` the running average of squared updates (``acc_delta``),
@@ -12,11 +12,21 @@ one step is, in this order::
     u = rho * u + (1 - rho) * d * d
     p = p - lr * d
 
+The params and grads stay where the model put them: the kernel reads their
+addresses from a :class:`SegmentTable`, one column per *piece* (the 16-byte-aligned
+bulk of a param, or its short tail), and finds ``v``, ``u`` (and the fp32 master
+copy) at the piece's offset in the optimizer's flat state. A block never spans two
+pieces. Each piece names its param group's row of a small hyper-parameter table,
+so params of several groups share one launch.
+
 Each element of ``p``, ``g``, ``v`` and ``u`` is loaded once and ``p``, ``v``, ``u``
-are stored once; the math runs in fp32 registers (fp64 for fp64 params). The
-square root and the division are the correctly rounded ones (``sqrt_rn``,
-``div_rn``), and FMA contraction is switched off at launch, so every operation is
-rounded once: the compiled kernel and Triton's interpreter give the same bits.
+are stored once; the math runs in fp32 registers (fp64 for fp64 params). Pieces
+whose param and grad are 16-byte aligned and whose length is a whole number of
+16-byte vectors take a branch with alignment hints, which compiles to 128-bit
+accesses; the others take the same code without hints. The square root and the
+division are the correctly rounded ones (``sqrt_rn``, ``div_rn``), and FMA
+contraction is switched off at launch, so every operation is rounded once: the
+compiled kernel and Triton's interpreter give the same bits.
 
 Dtype modes (the optimizer, not this kernel, decides how state is stored):
 
@@ -24,19 +34,47 @@ Dtype modes (the optimizer, not this kernel, decides how state is stored):
 * ``master``: an fp32 master copy is read and written instead of the param, and the
   param gets the master rounded to nearest;
 * ``stochastic_rounding``: the low-precision param store rounds up or down with
-  probability proportional to the distance, so it is unbiased.
+  probability proportional to the distance, so it is unbiased. The noise is drawn
+  from the element's index in the flat state, so no two params share a stream.
 
-When ``found_inf`` is given and non-zero nothing is written and the step counts do
-not advance, decided on the device with no host sync.
+When ``found_inf`` is given and non-zero nothing is written, decided on the device
+with no host sync. Step counts are not the kernel's business: the optimizer
+advances them with one small op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+
+__all__ = [
+    "AUTOTUNE_CONFIGS",
+    "SegmentTable",
+    "adadelta_kernel",
+    "adadelta_step_",
+    "configs_for",
+    "size_bucket",
+]
+
+# Rows of a segment table: one int64 column per piece.
+PARAM_ROW = 0  # address of the piece's first param element
+GRAD_ROW = 1  # address of the piece's first grad element
+STATE_ROW = 2  # offset of the piece in the flat state, in elements
+NUMEL_ROW = 3  # elements in the piece
+GROUP_ROW = 4  # row of the hyper-parameter table
+ALIGNED_ROW = 5  # 1: param and grad 16-byte aligned and numel a whole number of 16-byte vectors
+N_TABLE_ROWS = 6
+
+# Columns of the hyper-parameter table (the state's dtype, one row per param group).
+LR, RHO, ONE_MINUS_RHO, EPS, WEIGHT_DECAY, MAXIMIZE, LR_IS_TENSOR = range(7)
+N_HPARAMS = 8
 
 # Block sizes and warp counts to tune over. A streaming kernel with no reuse wants
 # enough bytes in flight per SM; 1024..8192 elements at 4..8 warps spans the usual
@@ -49,6 +87,10 @@ AUTOTUNE_CONFIGS = [
     for num_warps in (4, 8)
     if block_size // (32 * num_warps) <= 32  # at most 32 elements per thread
 ]
+BLOCK_SIZES = sorted({config.kwargs["BLOCK_SIZE"] for config in AUTOTUNE_CONFIGS})
+# The block map of BLOCK_SIZE starts at map_starts[BLOCK_SIZE // MIN_BLOCK_SIZE].
+MIN_BLOCK_SIZE = BLOCK_SIZES[0]
+_MAP_SLOTS = BLOCK_SIZES[-1] // MIN_BLOCK_SIZE + 1
 
 _ELEMENT_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8}
 
@@ -58,24 +100,29 @@ def configs_for(param_dtype: torch.dtype, warp_size: int) -> list[triton.Config]
 
     Each thread must hold at least 16 bytes of the narrowest streamed buffer (the
     param/grad dtype): bf16 at 1024 elements and 8 warps of 32 gets 4 elements per
-    thread, 64-bit accesses. fp64 on 64-wide wavefronts keeps at most 8 elements per
-    thread: 16 spilled 20 bytes on gfx942 (perf/sweep.py --target gfx942).
+    thread, 64-bit accesses. fp64 keeps at most 8 elements per thread: 16 spilled
+    20 bytes on gfx942 and 32 spilled on sm_90 (perf/sweep.py --target, ptxas -v).
     """
     kept = []
     for config in AUTOTUNE_CONFIGS:
         per_thread = config.kwargs["BLOCK_SIZE"] // (warp_size * config.num_warps)
         if per_thread * _ELEMENT_BYTES[param_dtype] < 16:
             continue
-        if param_dtype == torch.float64 and warp_size == 64 and per_thread > 8:
+        if param_dtype == torch.float64 and per_thread > 8:
             continue
         kept.append(config)
     return kept
 
 
-def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float64: tl.float64}
+_TORCH_DTYPES = {str(value): key for key, value in _TL_DTYPES.items()}
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
     """Autotuner hook: time only the configs that suit this dtype and device."""
     warp_size = triton.runtime.driver.active.get_current_target().warp_size
-    allowed = {(c.kwargs["BLOCK_SIZE"], c.num_warps) for c in configs_for(named_args["param_ptr"].dtype, warp_size)}
+    param_dtype = _TORCH_DTYPES[str(kwargs["PARAM_DTYPE"])]
+    allowed = {(c.kwargs["BLOCK_SIZE"], c.num_warps) for c in configs_for(param_dtype, warp_size)}
     return [c for c in configs if (c.kwargs["BLOCK_SIZE"], c.num_warps) in allowed] or configs
 
 
@@ -83,8 +130,18 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 DEFAULT_BLOCK_SIZE = 4096
 DEFAULT_NUM_WARPS = 8
 
-_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def state_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``square_avg``/``acc_delta`` (and of the math): fp32, or fp64 for fp64 params."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def vector_elements(param_dtype: torch.dtype) -> int:
+    """Elements of the param dtype in one 16-byte vector: a piece's alignment unit."""
+    return 16 // _ELEMENT_BYTES[param_dtype]
 
 
 def size_bucket(n_elements: int) -> int:
@@ -102,6 +159,90 @@ def tuning_enabled() -> bool:
 
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(eq=False)
+class SegmentTable:
+    """The pieces of params that one launch updates, and how to find them.
+
+    Args:
+        pieces: int64 ``[N_TABLE_ROWS, n_pieces]`` on the state's device (rows
+            ``PARAM_ROW`` .. ``ALIGNED_ROW``), in increasing state offset.
+        numels: the ``NUMEL_ROW`` on the host (for the grid and the block maps).
+        param_dtype: dtype of every param and grad of the table.
+        written: the tensors the launch writes through their addresses (the params,
+            or their contiguous stand-ins); kept alive, and restored while tuning.
+        read: the tensors it only reads (the grads, or contiguous copies); kept alive.
+            Pieces come in pairs: piece ``2k`` is the bulk and ``2k + 1`` the tail of
+            ``written[k]``/``read[k]`` (the tail starts at element ``numels[2k]``).
+        cache: shared by the tables of the same pieces (their block map is the same).
+    """
+
+    pieces: torch.Tensor
+    numels: torch.Tensor
+    param_dtype: torch.dtype
+    written: list[torch.Tensor]
+    read: list[torch.Tensor]
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_pieces(self) -> int:
+        return self.pieces.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.pieces.device
+
+    def n_elements(self) -> int:
+        return int(self.numels.sum())
+
+    def block_map(self) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
+        """The ``(piece, block in piece)`` of every program, for every block size.
+
+        Returns:
+            The int32 pairs of all block sizes one after another, an int64 tensor of
+            where each block size's map starts (at ``BLOCK_SIZE // MIN_BLOCK_SIZE``),
+            and the number of programs of each block size. Built once per table.
+        """
+        if "block_map" not in self.cache:
+            maps, starts, counts = [], [0] * _MAP_SLOTS, {}
+            first = 0
+            for block_size in BLOCK_SIZES:
+                blocks = (self.numels + block_size - 1) // block_size
+                piece = torch.repeat_interleave(torch.arange(len(blocks)), blocks)
+                block_start = torch.repeat_interleave(torch.cumsum(blocks, 0) - blocks, blocks)
+                block = torch.arange(len(piece)) - block_start
+                maps.append(torch.stack([piece, block], 1).reshape(-1).to(torch.int32))
+                starts[block_size // MIN_BLOCK_SIZE] = first
+                counts[block_size] = len(piece)
+                first += len(piece)
+            self.cache["block_map"] = (
+                torch.cat(maps).to(self.device),
+                torch.tensor(starts, dtype=torch.int64).to(self.device),
+                counts,
+            )
+        return self.cache["block_map"]
+
+
+# The tensors a tuning launch writes through table addresses: they are not kernel
+# arguments, so the autotuner cannot name them in `restore_value`.
+_tuning = threading.local()
+
+
+def _save_written(kwargs: dict[str, Any], reset_only: bool = False) -> None:
+    """Autotuner pre-hook: copy every buffer a trial writes (never zero one)."""
+    if reset_only:
+        return
+    buffers = [kwargs[name] for name in ("square_avg_ptr", "acc_delta_ptr", "master_ptr") if kwargs[name] is not None]
+    buffers += getattr(_tuning, "written", [])
+    _tuning.saved = [(buffer, buffer.clone()) for buffer in buffers]
+
+
+def _restore_written(kwargs: dict[str, Any], exception: BaseException | None) -> None:
+    """Autotuner post-hook: put every written buffer back, so each trial starts alike."""
+    for buffer, saved in getattr(_tuning, "saved", []):
+        buffer.copy_(saved)
+    _tuning.saved = []
 
 
 @triton.jit
@@ -152,92 +293,44 @@ def _round_to_nearest(x, DTYPE: tl.constexpr):
         return x.to(DTYPE)
 
 
-@triton.autotune(
-    configs=AUTOTUNE_CONFIGS,
-    key=["size_bucket"],
-    # Tuning runs the in-place kernel once per config: restore every buffer it writes.
-    restore_value=["param_ptr", "square_avg_ptr", "acc_delta_ptr", "master_ptr", "step_ptr"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-    cache_results=True,
-)
 @triton.jit
-def adadelta_kernel(
+def _update_block(
+    # pointers: the piece's param and grad, and its place in the flat state
     param_ptr,
     grad_ptr,
     square_avg_ptr,
     acc_delta_ptr,
     master_ptr,
-    step_ptr,
-    lr_ptr,
-    hparams_ptr,
-    grad_scale_ptr,
-    found_inf_ptr,
-    n_elements,
-    n_steps,
-    size_bucket,
+    # where: element offsets within the piece, and the mask
+    offs,
+    mask,
+    state_offs,
+    # hyper-parameters (compute dtype scalars)
     lr,
     rho,
     one_minus_rho,
     eps,
     weight_decay,
+    maximize,
+    grad_scale,
     seed,
-    MAXIMIZE: tl.constexpr,
+    # meta-parameters
     HAS_MASTER: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr,
-    LR_IS_TENSOR: tl.constexpr,
-    HPARAMS_IN_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    # int64 so that a buffer past 2**31 elements addresses correctly.
-    offs = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    # A GradScaler that found inf/NaN skips the step on the device: with no
-    # elements left in range every load and store is masked off.
-    n_active = n_elements
-    step_increment = 1.0
-    if HAS_FOUND_INF:
-        found_inf = tl.load(found_inf_ptr).to(tl.float32)
-        n_active = tl.where(found_inf == 0.0, n_elements, 0)
-        step_increment = tl.where(found_inf == 0.0, 1.0, 0.0)
-    mask = offs < n_active
-
-    if pid == 0:
-        # The step counts of the params in this buffer; the update does not use them.
-        for start in range(0, n_steps, BLOCK_SIZE):
-            step_offs = start + tl.arange(0, BLOCK_SIZE)
-            step_mask = step_offs < n_steps
-            steps = tl.load(step_ptr + step_offs, mask=step_mask)
-            tl.store(step_ptr + step_offs, steps + step_increment, mask=step_mask)
-
-    if HPARAMS_IN_TENSOR:
-        # fp64 params: hyper-parameters at fp64 precision (scalar args are fp32).
-        rho = tl.load(hparams_ptr + 0)
-        one_minus_rho = tl.load(hparams_ptr + 1)
-        eps = tl.load(hparams_ptr + 2)
-        weight_decay = tl.load(hparams_ptr + 3)
-        lr = tl.load(hparams_ptr + 4)
-    if LR_IS_TENSOR:
-        lr = tl.load(lr_ptr)
-    lr = tl.cast(lr, COMPUTE_DTYPE)
-    rho = tl.cast(rho, COMPUTE_DTYPE)
-    one_minus_rho = tl.cast(one_minus_rho, COMPUTE_DTYPE)
-    eps = tl.cast(eps, COMPUTE_DTYPE)
-    weight_decay = tl.cast(weight_decay, COMPUTE_DTYPE)
-
     if HAS_MASTER:
-        param = tl.load(master_ptr + offs, mask=mask).to(COMPUTE_DTYPE)
+        param = tl.load(master_ptr + state_offs, mask=mask).to(COMPUTE_DTYPE)
     else:
         param = _widen(tl.load(param_ptr + offs, mask=mask), COMPUTE_DTYPE)
     grad = _widen(tl.load(grad_ptr + offs, mask=mask), COMPUTE_DTYPE)
-    square_avg = tl.load(square_avg_ptr + offs, mask=mask).to(COMPUTE_DTYPE)
-    acc_delta = tl.load(acc_delta_ptr + offs, mask=mask).to(COMPUTE_DTYPE)
+    square_avg = tl.load(square_avg_ptr + state_offs, mask=mask).to(COMPUTE_DTYPE)
+    acc_delta = tl.load(acc_delta_ptr + state_offs, mask=mask).to(COMPUTE_DTYPE)
 
     if HAS_GRAD_SCALE:
-        grad = _div(grad, tl.load(grad_scale_ptr).to(COMPUTE_DTYPE))
-    if MAXIMIZE:
+        grad = _div(grad, grad_scale)
+    if maximize != 0:
         grad = -grad
     # Explicit FMAs where a product meets a sum: one rounding instead of two, the
     # same on a GPU and in the interpreter (which implements fma exactly).
@@ -250,10 +343,10 @@ def adadelta_kernel(
     acc_delta = tl.fma(one_minus_rho * delta, delta, acc_delta * rho)
     param = tl.fma(delta, -lr, param)
 
-    tl.store(square_avg_ptr + offs, square_avg.to(square_avg_ptr.dtype.element_ty), mask=mask)
-    tl.store(acc_delta_ptr + offs, acc_delta.to(acc_delta_ptr.dtype.element_ty), mask=mask)
+    tl.store(square_avg_ptr + state_offs, square_avg.to(square_avg_ptr.dtype.element_ty), mask=mask)
+    tl.store(acc_delta_ptr + state_offs, acc_delta.to(acc_delta_ptr.dtype.element_ty), mask=mask)
     if HAS_MASTER:
-        tl.store(master_ptr + offs, param.to(master_ptr.dtype.element_ty), mask=mask)
+        tl.store(master_ptr + state_offs, param.to(master_ptr.dtype.element_ty), mask=mask)
     if STOCHASTIC_ROUNDING:
         low_ty: tl.constexpr = param_ptr.dtype.element_ty
         nearest = _round_to_nearest(param, low_ty)
@@ -266,47 +359,179 @@ def adadelta_kernel(
         # P(other) = distance to nearest / gap, so the expected store is `param`.
         # (Exact values give fraction 0, or NaN for a NaN gap: both keep nearest.)
         fraction = _div(param - nearest_value, _widen(other, tl.float32) - nearest_value)
-        rounded = tl.where(tl.rand(seed, offs) < fraction, other, nearest)
+        # Noise by the element's index in the flat state: one stream per element.
+        rounded = tl.where(tl.rand(seed, state_offs) < fraction, other, nearest)
         tl.store(param_ptr + offs, rounded, mask=mask)
     else:
         tl.store(param_ptr + offs, _round_to_nearest(param, param_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(
+    configs=AUTOTUNE_CONFIGS,
+    key=["size_bucket"],
+    # Tuning runs the in-place kernel once per config. What it writes is the state
+    # (arguments) and the params (reached through the table): the hooks copy both
+    # before each trial and put them back after it. Nothing is ever zeroed.
+    pre_hook=_save_written,
+    post_hook=_restore_written,
+    prune_configs_by={"early_config_prune": _prune_configs},
+    cache_results=True,
+)
+@triton.jit
+def adadelta_kernel(
+    # segment table
+    table_ptr,
+    block_map_ptr,
+    map_starts_ptr,
+    # state (flat, the optimizer's own)
+    square_avg_ptr,
+    acc_delta_ptr,
+    master_ptr,
+    # hyper-parameters
+    hparams_ptr,
+    grad_scale_ptr,
+    found_inf_ptr,
+    seed,
+    # sizes
+    n_pieces,
+    size_bucket,
+    # meta-parameters
+    PARAM_DTYPE: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    STOCHASTIC_ROUNDING: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    N_HPARAMS: tl.constexpr,
+    VECTOR: tl.constexpr,
+    MIN_BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # Which piece this program updates, and which block of it.
+    entry = block_map_ptr + 2 * (tl.load(map_starts_ptr + BLOCK_SIZE // MIN_BLOCK_SIZE) + pid)
+    piece = tl.load(entry).to(tl.int64)
+    block = tl.load(entry + 1).to(tl.int64)
+    param_addr = tl.load(table_ptr + 0 * n_pieces + piece)
+    grad_addr = tl.load(table_ptr + 1 * n_pieces + piece)
+    state_offset = tl.load(table_ptr + 2 * n_pieces + piece)
+    numel = tl.load(table_ptr + 3 * n_pieces + piece)
+    group = tl.load(table_ptr + 4 * n_pieces + piece)
+    aligned = tl.load(table_ptr + 5 * n_pieces + piece)
+    # int64 throughout, so that a buffer past 2**31 elements addresses correctly.
+    offs = block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    if HAS_FOUND_INF:
+        # A GradScaler that found inf/NaN skips the step on the device: with no
+        # elements left in range every load and store is masked off.
+        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
+
+    compute_ty: tl.constexpr = square_avg_ptr.dtype.element_ty
+    row = hparams_ptr + group * N_HPARAMS
+    lr = tl.load(row + 0)
+    rho = tl.load(row + 1)
+    one_minus_rho = tl.load(row + 2)
+    eps = tl.load(row + 3)
+    weight_decay = tl.load(row + 4)
+    maximize = tl.load(row + 5)
+    grad_scale = tl.full((), 1.0, compute_ty)
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr).to(compute_ty)
+    param_ptr = param_addr.to(tl.pointer_type(PARAM_DTYPE))
+    grad_ptr = grad_addr.to(tl.pointer_type(PARAM_DTYPE))
+
+    if aligned != 0:
+        # The promises the table keeps for this piece: 16-byte aligned param and
+        # grad, a state offset and a length in whole vectors. They give 128-bit accesses.
+        state_offset = tl.multiple_of(state_offset, VECTOR)
+        numel = tl.multiple_of(numel, VECTOR)
+        _update_block(
+            tl.multiple_of(param_ptr, 16), tl.multiple_of(grad_ptr, 16), square_avg_ptr, acc_delta_ptr, master_ptr,
+            offs, offs < numel, state_offset + offs,
+            lr, rho, one_minus_rho, eps, weight_decay, maximize, grad_scale, seed,
+            HAS_MASTER, STOCHASTIC_ROUNDING, HAS_GRAD_SCALE, compute_ty,
+        )  # fmt: skip
+    else:
+        _update_block(
+            param_ptr, grad_ptr, square_avg_ptr, acc_delta_ptr, master_ptr,
+            offs, offs < numel, state_offset + offs,
+            lr, rho, one_minus_rho, eps, weight_decay, maximize, grad_scale, seed,
+            HAS_MASTER, STOCHASTIC_ROUNDING, HAS_GRAD_SCALE, compute_ty,
+        )  # fmt: skip
+
 
 def _check_scalar_tensor(name: str, value: torch.Tensor, device: torch.device) -> None:
     if value.numel() != 1:
         raise ValueError(f"{name} must have one element, got {value.numel()}")
     if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but the param buffer is on {device}")
+        raise ValueError(f"{name} is on {value.device} but the state is on {device}")
+
+
+def check_launch(
+    table: SegmentTable,
+    square_avg: torch.Tensor,
+    acc_delta: torch.Tensor,
+    hparams: torch.Tensor,
+    master: torch.Tensor | None,
+    stochastic_rounding: bool,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    """Check that a table, its state and its hyper-parameters fit together (both backends).
+
+    Raises:
+        ValueError: naming what does not fit.
+    """
+    device = square_avg.device
+    param_dtype = table.param_dtype
+    if param_dtype not in PARAM_DTYPES:
+        raise ValueError(f"param dtype {param_dtype} is not supported; use one of {PARAM_DTYPES}")
+    state_dtype = state_dtype_for(param_dtype)
+    buffers = {"square_avg": square_avg, "acc_delta": acc_delta}
+    if master is not None:
+        buffers["master"] = master
+    for name, buffer in buffers.items():
+        if buffer.device != device:
+            raise ValueError(f"{name} is on {buffer.device} but square_avg is on {device}")
+        if buffer.dim() != 1 or not buffer.is_contiguous():
+            raise ValueError(f"{name} must be a 1-D contiguous buffer, got shape {tuple(buffer.shape)}")
+        if buffer.numel() != square_avg.numel():
+            raise ValueError(f"{name} has {buffer.numel()} elements but square_avg has {square_avg.numel()}")
+        if buffer.dtype != (torch.float32 if name == "master" else state_dtype):
+            raise ValueError(f"{name} must not be {buffer.dtype} for {param_dtype} params")
+    if master is not None and param_dtype not in LOW_PRECISION:
+        raise ValueError(f"master weights are for bf16/fp16 params, not {param_dtype}")
+    if stochastic_rounding and (param_dtype not in LOW_PRECISION or master is not None):
+        raise ValueError("stochastic_rounding is for bf16/fp16 params without master weights")
+    if table.pieces.device != device or table.pieces.dtype != torch.int64 or table.pieces.shape[0] != N_TABLE_ROWS:
+        raise ValueError(f"the segment table must be int64 [{N_TABLE_ROWS}, n_pieces] on {device}")
+    if hparams.device != device or hparams.dtype != state_dtype or hparams.dim() != 2 or hparams.shape[1] != N_HPARAMS:
+        raise ValueError(f"hparams must be {state_dtype} [n_groups, {N_HPARAMS}] on {device}")
+    for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if value is not None:
+            _check_scalar_tensor(name, value, device)
 
 
 def adadelta_step_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
+    table: SegmentTable,
     square_avg: torch.Tensor,
     acc_delta: torch.Tensor,
-    step: torch.Tensor,
     *,
-    lr: float | torch.Tensor,
-    rho: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
+    hparams: torch.Tensor,
     master: torch.Tensor | None = None,
     stochastic_rounding: bool = False,
     seed: int = 0,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
 ) -> None:
-    """Apply one AdaDelta step in place to flat buffers, in one kernel launch.
+    """Apply one AdaDelta step in place to every piece of ``table``, in one kernel launch.
 
     Args:
-        param: 1-D contiguous params (fp32, bf16, fp16 or fp64); updated in place.
-        grad: gradient, same dtype and size as ``param``.
-        square_avg, acc_delta: the state, fp32 (fp64 for fp64 params); updated in place.
-        step: 1-D fp32 step counts of the params in the buffer, each advanced by one.
-        lr: learning rate, a float or a 1-element tensor on the buffer's device.
-        rho, eps, weight_decay, maximize: as in ``torch.optim.Adadelta``.
-        master: optional fp32 master copy of low-precision params, updated in place;
-            ``param`` then receives the master rounded to nearest.
+        table: the pieces: addresses of params and grads, state offsets, lengths,
+            hyper-parameter rows and alignment (:class:`SegmentTable`).
+        square_avg, acc_delta: the flat state, fp32 (fp64 for fp64 params); updated in place.
+        hparams: ``[n_groups, N_HPARAMS]`` in the state's dtype: lr, rho, 1 - rho,
+            eps, weight decay and maximize (0/1) of each param group.
+        master: optional flat fp32 master copy of low-precision params, updated in
+            place; the params then receive the master rounded to nearest.
         stochastic_rounding: round low-precision param stores stochastically.
         seed: seed of the stochastic rounding.
         grad_scale: optional 1-element tensor the gradient is divided by.
@@ -315,72 +540,54 @@ def adadelta_step_(
     Raises:
         ValueError: if the buffers do not fit together or the device cannot run Triton.
     """
-    device = param.device
-    buffers = {"param": param, "grad": grad, "square_avg": square_avg, "acc_delta": acc_delta}
-    if master is not None:
-        buffers["master"] = master
-    for name, buffer in buffers.items():
-        if buffer.device != device:
-            raise ValueError(f"{name} is on {buffer.device} but param is on {device}")
-        if buffer.dim() != 1 or not buffer.is_contiguous():
-            raise ValueError(f"{name} must be a 1-D contiguous buffer, got shape {tuple(buffer.shape)}")
-        if buffer.numel() != param.numel():
-            raise ValueError(f"{name} has {buffer.numel()} elements but param has {param.numel()}")
+    check_launch(table, square_avg, acc_delta, hparams, master, stochastic_rounding, grad_scale, found_inf)
+    device = square_avg.device
     if device.type == "cpu" and not interpreter_enabled():
         raise ValueError("CPU buffers run the Triton kernel only with TRITON_INTERPRET=1")
-    if param.dtype not in _PARAM_DTYPES:
-        raise ValueError(f"param dtype {param.dtype} is not supported; use one of {_PARAM_DTYPES}")
-    if grad.dtype != param.dtype:
-        raise ValueError(f"grad dtype {grad.dtype} does not match param dtype {param.dtype}")
-    state_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-    for name in ("square_avg", "acc_delta"):
-        if buffers[name].dtype != state_dtype:
-            raise ValueError(f"{name} must be {state_dtype} for {param.dtype} params, got {buffers[name].dtype}")
-    if master is not None:
-        if param.dtype not in _LOW_PRECISION:
-            raise ValueError(f"master weights are for bf16/fp16 params, not {param.dtype}")
-        if master.dtype != torch.float32:
-            raise ValueError(f"master must be float32, got {master.dtype}")
-    if stochastic_rounding and (param.dtype not in _LOW_PRECISION or master is not None):
-        raise ValueError("stochastic_rounding is for bf16/fp16 params without master weights")
-    if step.dim() != 1 or step.dtype != torch.float32 or step.device != device:
-        raise ValueError(f"step must be a 1-D float32 tensor on {device}")
-    lr_is_tensor = isinstance(lr, torch.Tensor)
-    for name, value in (("lr", lr), ("grad_scale", grad_scale), ("found_inf", found_inf)):
-        if isinstance(value, torch.Tensor):
-            _check_scalar_tensor(name, value, device)
-
-    n_elements = param.numel()
-    hparams_in_tensor = param.dtype == torch.float64
-    hparams = None
-    if hparams_in_tensor:
-        lr_value = 0.0 if lr_is_tensor else float(lr)
-        hparams = torch.tensor([rho, 1.0 - rho, eps, weight_decay, lr_value], dtype=torch.float64, device=device)
-    args = (
-        param, grad, square_avg, acc_delta, master, step,
-        lr if lr_is_tensor else None, hparams, grad_scale, found_inf,
-        n_elements, step.numel(), size_bucket(n_elements),
-        0.0 if lr_is_tensor else float(lr), float(rho), 1.0 - float(rho), float(eps), float(weight_decay), seed,
-    )
-    constexprs = dict(
-        MAXIMIZE=bool(maximize),
+    if table.n_pieces == 0:
+        return
+    block_map, map_starts, programs = table.block_map()
+    args = dict(
+        table_ptr=table.pieces,
+        block_map_ptr=block_map,
+        map_starts_ptr=map_starts,
+        square_avg_ptr=square_avg,
+        acc_delta_ptr=acc_delta,
+        master_ptr=master,
+        hparams_ptr=hparams,
+        grad_scale_ptr=grad_scale,
+        found_inf_ptr=found_inf,
+        seed=seed,
+        n_pieces=table.n_pieces,
+        size_bucket=size_bucket(table.n_elements()),
+        PARAM_DTYPE=_TL_DTYPES[table.param_dtype],
         HAS_MASTER=master is not None,
         STOCHASTIC_ROUNDING=bool(stochastic_rounding),
-        LR_IS_TENSOR=lr_is_tensor,
-        HPARAMS_IN_TENSOR=hparams_in_tensor,
         HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
-        COMPUTE_DTYPE=tl.float64 if hparams_in_tensor else tl.float32,
+        N_HPARAMS=N_HPARAMS,
+        VECTOR=vector_elements(table.param_dtype),
+        MIN_BLOCK_SIZE=MIN_BLOCK_SIZE,
         # Each operation rounded once, as the interpreter does (see the module docstring).
         enable_fp_fusion=False,
     )
 
-    def grid(meta: dict) -> tuple[int]:
-        # At least one program: it advances the step counts even of an empty buffer.
-        return (max(1, triton.cdiv(n_elements, meta["BLOCK_SIZE"])),)
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (programs[meta["BLOCK_SIZE"]],)
 
     if tuning_enabled() and not interpreter_enabled():
-        adadelta_kernel[grid](*args, **constexprs)
+        _tuning.written = table.written
+        try:
+            with _device_guard(device):
+                adadelta_kernel[grid](**args)
+        finally:
+            _tuning.written = []
     else:
         # The autotuner needs a GPU driver to time configs: use the heuristic config.
-        adadelta_kernel.fn[grid](*args, **constexprs, BLOCK_SIZE=DEFAULT_BLOCK_SIZE, num_warps=DEFAULT_NUM_WARPS)
+        with _device_guard(device):
+            adadelta_kernel.fn[grid](**args, BLOCK_SIZE=DEFAULT_BLOCK_SIZE, num_warps=DEFAULT_NUM_WARPS)
+
+
+def _device_guard(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Launch on the buffers' device, whichever device is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -1,115 +1,81 @@
-"""Flat buffers: pack params into one contiguous buffer and map views back.
+"""Flat state: the optimizer's own buffers, and the segment table of each step.
 
-A :class:`FlatBuffer` holds the params of one (param group, device, dtype) as one
-1-D tensor. Each param's ``.data`` is rebound to a view of it, so the model keeps
-working and no second copy exists. Grads live in a matching flat grad buffer as
-views, and the AdaDelta state is kept as flat buffers beside them, so one kernel
-launch updates every param of the buffer.
+A :class:`FlatState` holds the AdaDelta state (``square_avg``, ``acc_delta`` and,
+with master weights, the fp32 master copy) of the params of one (device, dtype,
+mode) as flat buffers, one segment per param. Params and grads are never touched
+here: they stay where the model, autograd, DDP or ZeRO put them. Each step,
+:meth:`FlatState.plan` reads their addresses into a
+:class:`~triton_adadelta.kernels.adadelta.SegmentTable`, cached while the addresses
+stay the same, so that one launch updates every param that has a grad.
 
-Segments start on a 16-byte boundary (128-bit accesses); the padding between them
-is zero in every buffer and an AdaDelta step keeps it zero.
+Segments start on a 16-byte vector of the param dtype (so the state's are 16-byte
+aligned too); the padding between them is zero and no update touches it.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-from itertools import compress
-from typing import Iterator
+from dataclasses import dataclass, field
+from itertools import repeat
+from typing import Any
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
-from .watch import DATA, GRAD, GRAD_REQUIRES_GRAD, UNKNOWN, VERSION, param_watch
+from .kernels.adadelta import (
+    ALIGNED_ROW,
+    GRAD_ROW,
+    GROUP_ROW,
+    LOW_PRECISION,
+    LR,
+    N_HPARAMS,
+    N_TABLE_ROWS,
+    NUMEL_ROW,
+    PARAM_ROW,
+    STATE_ROW,
+    SegmentTable,
+    state_dtype_for,
+    vector_elements,
+)
 
-ALIGN_BYTES = 16
+__all__ = ["FlatState", "StepPlan", "check_param_state", "hparams_table", "state_key", "table_for_tensors"]
 
 # Attribute readers for the per-step checks, applied with map() at C speed.
 _DATA_PTR = torch.Tensor.data_ptr
+_IS_CONTIGUOUS = torch.Tensor.is_contiguous
 _GRAD = operator.attrgetter("grad")
 _VERSION = operator.attrgetter("_version")
+_DTYPE = operator.attrgetter("dtype")
+_NUMEL = torch.Tensor.numel
 
-# Statuses of ParamWatch.gather().
-_NO_GRAD = 0
-_COPIED = 2
-_COPIED_AGAIN = 3
-
-# The storage each param was rebound to by a FlatBuffer: a param that lives inside a
-# larger storage is ours to rebind again only if that storage is one of ours.
-_BOUND_STORAGE: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def check_packable(param: torch.Tensor) -> None:
-    """Refuse a param that cannot be rebound as a view of a flat buffer.
-
-    Raises:
-        TypeError: for a tensor subclass such as ``DTensor`` (FSDP2's ``fully_shard``,
-            tensor parallelism). FSDP2 all-gathers each param from its own padded
-            copy of the local shard, so a shard rebound into a flat buffer would
-            never reach the forward pass: the update would be silently lost.
-        ValueError: for a param that is a view into a larger storage someone else
-            owns (``ZeroRedundancyOptimizer(parameters_as_bucket_view=True)``, FSDP1
-            flat params, a Parameter made from a slice). Rebinding would detach it
-            from that storage, and its owner would go on reading stale values.
-    """
-    data = param.data
-    if type(data) is not torch.Tensor:
-        raise TypeError(
-            f"triton_adadelta packs plain tensors into flat buffers and cannot rebind a "
-            f"{type(data).__name__} param (FSDP2 fully_shard and tensor parallelism give DTensor "
-            "params, whose local shards FSDP2 keeps in its own buffers); use torch.optim.Adadelta there"
-        )
-    storage = data.untyped_storage()
-    if storage.nbytes() > data.numel() * data.element_size() and _BOUND_STORAGE.get(param) != storage.data_ptr():
-        raise ValueError(
-            f"a param of shape {tuple(data.shape)} is a view into a larger storage that something else owns "
-            "(e.g. ZeroRedundancyOptimizer(parameters_as_bucket_view=True), FSDP1, or a Parameter made from a "
-            "slice); rebinding it into a flat buffer would detach it from that storage. Give each param its "
-            "own storage (for ZeroRedundancyOptimizer: parameters_as_bucket_view=False, the default)"
-        )
-
-
-def state_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
-    """The dtype of ``square_avg``/``acc_delta``: fp32, or fp64 for fp64 params."""
-    return torch.float64 if param_dtype == torch.float64 else torch.float32
+STATE_KEYS = ("step", "square_avg", "acc_delta")
 
 
 def real_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    """Complex params are stored as their real and imaginary parts, as torch does."""
+    """Complex params are updated as their real and imaginary parts, as torch does."""
     return torch.empty((), dtype=dtype).real.dtype if dtype.is_complex else dtype
 
 
-def buffer_key(param: torch.Tensor) -> tuple[torch.device, torch.dtype]:
-    """Params with the same key share a flat buffer.
+def state_key(param: torch.Tensor, group: dict[str, Any]) -> tuple[torch.device, torch.dtype, bool, bool]:
+    """Params with the same key share a :class:`FlatState` and a launch.
 
-    Complex params get buffers of their own (stored as real and imaginary parts):
-    one storage viewed both as real and as complex tensors cannot be saved by
-    ``torch.save``, in a model's state_dict or in the optimizer's.
+    The key is (device, dtype, master weights, stochastic rounding): the two modes
+    apply to bf16/fp16 params only. Complex params have states of their own.
     """
-    return param.device, param.dtype
+    low_precision = param.dtype in LOW_PRECISION
+    return (
+        param.device,
+        param.dtype,
+        bool(group["master_weights"]) and low_precision,
+        bool(group["stochastic_rounding"]) and low_precision,
+    )
 
 
-@dataclass
-class Segment:
-    """Where one param lives in its flat buffer (offsets in real elements)."""
-
-    param: torch.nn.Parameter
-    offset: int
-    numel: int
-    shape: torch.Size
-    dtype: torch.dtype
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.numel
-
-
-def _shaped_view(flat: torch.Tensor, segment: Segment) -> torch.Tensor:
-    """The segment of ``flat`` viewed with the param's shape (and complex dtype)."""
-    piece = flat[segment.offset : segment.end]
-    if segment.dtype.is_complex:
-        return torch.view_as_complex(piece.view(*segment.shape, 2))
-    return piece.view(segment.shape)
+def _shaped_view(flat: torch.Tensor, offset: int, numel: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A segment of ``flat`` viewed with a param's shape (and complex dtype)."""
+    piece = flat[offset : offset + numel]
+    if dtype.is_complex:
+        return torch.view_as_complex(piece.view(*shape, 2))
+    return piece.view(shape)
 
 
 def _real_flat(tensor: torch.Tensor) -> torch.Tensor:
@@ -117,34 +83,6 @@ def _real_flat(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.is_complex():
         tensor = torch.view_as_real(tensor)
     return tensor.reshape(-1)
-
-
-def _runs_with_grads(has_grad: list[bool]) -> list[tuple[int, int]]:
-    """Runs ``(first, stop)`` of consecutive segments whose param has a grad."""
-    runs: list[tuple[int, int]] = []
-    for i, present in enumerate(has_grad):
-        if not present:
-            continue
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
-
-
-def _grad_mismatch(grad: torch.Tensor, segment: Segment, device: torch.device) -> Exception | None:
-    """Why ``grad`` cannot be copied into ``segment``'s view (None: it can)."""
-    if grad.is_sparse:
-        return RuntimeError("Adadelta does not support sparse gradients")
-    if grad.shape != segment.shape or grad.dtype != segment.dtype or grad.device != device:
-        return ValueError(
-            f"grad of shape {tuple(grad.shape)}, {grad.dtype} on {grad.device} does not match "
-            f"its param of shape {tuple(segment.shape)}, {segment.dtype} on {device}"
-        )
-    return None
-
-
-STATE_KEYS = ("step", "square_avg", "acc_delta")
 
 
 def check_param_state(key: object, param: torch.Tensor, value: object) -> None:
@@ -175,306 +113,435 @@ def check_param_state(key: object, param: torch.Tensor, value: object) -> None:
         raise ValueError(f"state 'step' of param {key} must be a scalar")
 
 
-class FlatBuffer:
-    """Params of one group, device and dtype, packed with their grads and state.
+def grad_mismatch(grad: torch.Tensor, param: torch.Tensor) -> Exception | None:
+    """Why ``grad`` cannot update ``param`` (None: it can)."""
+    if grad.is_sparse:
+        return RuntimeError("Adadelta does not support sparse gradients")
+    if grad.layout != torch.strided:
+        return ValueError(f"grad of layout {grad.layout} is not supported; use a strided (dense) grad")
+    if grad.shape != param.shape or grad.dtype != param.dtype or grad.device != param.device:
+        return ValueError(
+            f"grad of shape {tuple(grad.shape)}, {grad.dtype} on {grad.device} does not match "
+            f"its param of shape {tuple(param.shape)}, {param.dtype} on {param.device}"
+        )
+    return None
+
+
+def hparams_table(
+    groups: tuple[tuple[float | None, float, float, float, bool], ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The hyper-parameter table: a row per group of ``(lr, rho, eps, weight_decay, maximize)``.
+
+    ``lr`` None stands for a tensor lr, copied into the ``LR`` column on the device
+    at each step. Python floats are rounded to ``dtype`` once, as ATen rounds a
+    scalar; ``1 - rho`` is formed in double first, as torch does.
+    """
+    rows = [
+        [lr or 0.0, rho, 1.0 - rho, eps, weight_decay, float(maximize), float(lr is None), 0.0]
+        for lr, rho, eps, weight_decay, maximize in groups
+    ]
+    return torch.tensor(rows, dtype=dtype).reshape(-1, N_HPARAMS).to(device)
+
+
+class Relayout(Exception):
+    """A param moved to another device or dtype: the optimizer must lay its state out again."""
+
+
+@dataclass
+class _Pieces:
+    """The parts of a table that depend only on which segments have a grad."""
+
+    segments: list[int]
+    static: torch.Tensor  # int64 [N_TABLE_ROWS, 2 * len(segments)], address rows empty
+    bulk_bytes: torch.Tensor  # int64 [len(segments)]: where each tail piece starts
+    numels: torch.Tensor  # int64 [2 * len(segments)], on the host
+    steps_index: torch.Tensor | None  # segments on the state's device (None: all)
+    cache: dict[str, Any] = field(default_factory=dict)  # shared by its tables: the block map
+
+
+def _static_pieces(
+    segments: list[int],
+    offsets: torch.Tensor,
+    numels: torch.Tensor,
+    groups: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+    n_segments: int,
+) -> _Pieces:
+    """Split each segment into its 16-byte-vector bulk and its short tail (two pieces)."""
+    index = torch.tensor(segments, dtype=torch.int64)
+    numel = numels[index]
+    vector = vector_elements(dtype)
+    bulk = numel - numel % vector
+    static = torch.zeros(N_TABLE_ROWS, 2 * len(segments), dtype=torch.int64)
+    static[STATE_ROW, 0::2] = offsets[index]
+    static[STATE_ROW, 1::2] = offsets[index] + bulk
+    static[NUMEL_ROW, 0::2] = bulk
+    static[NUMEL_ROW, 1::2] = numel - bulk
+    static[GROUP_ROW, 0::2] = groups[index]
+    static[GROUP_ROW, 1::2] = groups[index]
+    all_segments = len(segments) == n_segments
+    return _Pieces(
+        segments=segments,
+        static=static,
+        bulk_bytes=bulk * torch.empty((), dtype=dtype).element_size(),
+        numels=static[NUMEL_ROW].clone(),
+        steps_index=None if all_segments else index.to(device),
+    )
+
+
+def _make_table(
+    pieces: _Pieces,
+    param_ptrs: list[int],
+    grad_ptrs: list[int],
+    written: list[torch.Tensor],
+    read: list[torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> SegmentTable:
+    """Fill the address rows of ``pieces`` (one entry per segment with a grad)."""
+    table = pieces.static.clone()
+    param = torch.tensor(param_ptrs, dtype=torch.int64)
+    grad = torch.tensor(grad_ptrs, dtype=torch.int64)
+    table[PARAM_ROW, 0::2] = param
+    table[PARAM_ROW, 1::2] = param + pieces.bulk_bytes
+    table[GRAD_ROW, 0::2] = grad
+    table[GRAD_ROW, 1::2] = grad + pieces.bulk_bytes
+    # The bulk takes the hinted (128-bit) branch when param and grad are 16-byte
+    # aligned; the tail, shorter than a vector, never does.
+    table[ALIGNED_ROW, 0::2] = ((param | grad) % 16 == 0).to(torch.int64)
+    return SegmentTable(
+        pieces=table.to(device),
+        numels=pieces.numels,
+        param_dtype=dtype,
+        written=written,
+        read=read,
+        cache=pieces.cache,
+    )
+
+
+def table_for_tensors(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    *,
+    offsets: list[int] | None = None,
+    groups: list[int] | None = None,
+) -> tuple[SegmentTable, int]:
+    """A segment table over contiguous ``params`` and ``grads`` (for tests and benchmarks).
 
     Args:
-        params: the params, each at most once (tied weights are one param).
-        master_weights: keep an fp32 master copy (for bf16/fp16 params).
+        params, grads: contiguous tensors of one device and real dtype, pairwise the same size.
+        offsets: each param's offset in the flat state (default: packed, vector-aligned).
+        groups: each param's row of the hyper-parameter table (default: 0).
+
+    Returns:
+        The table, and the number of flat state elements it needs.
+    """
+    dtype, device = params[0].dtype, params[0].device
+    numels = [param.numel() for param in params]
+    if offsets is None:
+        vector = vector_elements(dtype)
+        offsets, end = [], 0
+        for numel in numels:
+            offsets.append(end)
+            end += -(-numel // vector) * vector
+    n_state = max((offset + numel for offset, numel in zip(offsets, numels)), default=0)
+    pieces = _static_pieces(
+        list(range(len(params))),
+        torch.tensor(offsets, dtype=torch.int64),
+        torch.tensor(numels, dtype=torch.int64),
+        torch.tensor(groups or [0] * len(params), dtype=torch.int64),
+        dtype,
+        device,
+        len(params),
+    )
+    table = _make_table(
+        pieces, [p.data_ptr() for p in params], [g.data_ptr() for g in grads], list(params), list(grads), dtype, device
+    )
+    return table, n_state
+
+
+@dataclass
+class StepPlan:
+    """What one step of a :class:`FlatState` launches, valid while nothing moves.
+
+    Args:
+        table: the pieces of the params that have a grad.
+        segments: those params' segment indices.
+        steps_index: the same indices on the state's device (None: every segment).
+        refresh: ``(stand-in, source)`` pairs copied before the launch: contiguous
+            stand-ins of non-contiguous params and grads.
+        write_back: ``(param, stand-in)`` pairs copied after the launch.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], *, master_weights: bool = False) -> None:
+    table: SegmentTable
+    segments: list[int]
+    steps_index: torch.Tensor | None
+    refresh: list[tuple[torch.Tensor, torch.Tensor]]
+    write_back: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class FlatState:
+    """The AdaDelta state of the params of one (device, dtype, mode), in flat buffers.
+
+    Args:
+        params: the params, each once, with their state (``self.state[p]`` of the
+            optimizer, possibly empty) and param group index.
+        master_weights: keep an fp32 master copy (bf16/fp16 params).
+        stochastic_rounding: round the param stores stochastically (bf16/fp16 params).
+    """
+
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        groups: list[int],
+        *,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+    ) -> None:
         if not params:
-            raise ValueError("a FlatBuffer needs at least one param")
-        key = buffer_key(params[0])
-        self.device, self.dtype = key[0], real_dtype_of(key[1])
-        for param in params:
-            check_packable(param)
-            if buffer_key(param) != key:
-                raise ValueError("all params of a FlatBuffer must share device and dtype")
-        align = max(1, ALIGN_BYTES // torch.empty((), dtype=self.dtype).element_size())
-        self.segments: list[Segment] = []
-        offset = 0
-        for param in params:
-            numel = param.numel() * (2 if param.is_complex() else 1)
-            self.segments.append(Segment(param, offset, numel, param.shape, param.dtype))
-            offset += -(-numel // align) * align
-        self.n_elements = offset
-        self.index = {id(segment.param): i for i, segment in enumerate(self.segments)}
-        self.params: list[torch.nn.Parameter] = [segment.param for segment in self.segments]
-
-        # Allocation order keeps the peak at the steady state (params, grads, state):
-        # each old param or grad storage is freed as soon as it is rebound, before
-        # the next flat buffer is allocated.
-        make = lambda dtype: torch.zeros(self.n_elements, dtype=dtype, device=self.device)  # noqa: E731
-        self.param = make(self.dtype)
-        self.data_ptrs: list[int] = []
-        self.versions: list[int] = []
-        for segment in self.segments:
-            param = segment.param
-            self.param[segment.offset : segment.end].copy_(_real_flat(param.data))
-            param.data = _shaped_view(self.param, segment)
-            _BOUND_STORAGE[param] = self.param.untyped_storage().data_ptr()
-            self.data_ptrs.append(param.data_ptr())
-            # In-place writes through the param (not through the flat buffer) bump
-            # this; with master weights they must reach the master copy.
-            self.versions.append(param._version)
-
-        self.grad = make(self.dtype)
-        self.grad_views: list[torch.Tensor] = []
-        self.grad_ptrs: list[int] = []
-        for segment in self.segments:
-            param = segment.param
-            grad_view = _shaped_view(self.grad, segment)
-            grad = param.grad
-            # A grad that does not fit (sparse, another shape, dtype or device) stays
-            # where it is, for gather_grads to refuse with a clear error.
-            if grad is not None and _grad_mismatch(grad, segment, self.device) is None:
-                grad_view.copy_(grad)
-                param.grad = grad_view
-            del grad  # the old grad's storage is freed now, not at the next param
-            self.grad_views.append(grad_view)
-            self.grad_ptrs.append(grad_view.data_ptr())
+            raise ValueError("a FlatState needs at least one param")
+        self.device, self.param_dtype = params[0].device, params[0].dtype
+        self.dtype = real_dtype_of(self.param_dtype)
+        self.params = list(params)
+        self.groups = list(groups)
+        self.shapes = [param.shape for param in params]
+        self.numels = [param.numel() * (2 if param.is_complex() else 1) for param in params]
+        vector = vector_elements(self.dtype)
+        self.offsets: list[int] = []
+        end = 0
+        for numel in self.numels:
+            self.offsets.append(end)
+            end += -(-numel // vector) * vector
+        self.n_elements = end
+        self.index = {id(param): i for i, param in enumerate(params)}
+        self.stochastic_rounding = stochastic_rounding
 
         state_dtype = state_dtype_for(self.dtype)
-        self.square_avg = make(state_dtype)
-        self.acc_delta = make(state_dtype)
-        self.master = self.param.float() if master_weights else None
-        # Per-param step counts (torch keeps one per param); advanced by the update.
+        self.square_avg = torch.zeros(self.n_elements, dtype=state_dtype, device=self.device)
+        self.acc_delta = torch.zeros(self.n_elements, dtype=state_dtype, device=self.device)
+        self.master: torch.Tensor | None = None
+        if master_weights:
+            self.master = torch.zeros(self.n_elements, dtype=torch.float32, device=self.device)
+            for i in range(len(params)):
+                self._copy_param_to_master(i)
+        # Per-param step counts (torch keeps one per param), advanced by each step.
         self.steps = torch.zeros(len(params), dtype=torch.float32, device=self.device)
         # Whether a param has state yet: torch creates it at the param's first grad.
         self.initialized = [False] * len(params)
-        self.all_initialized = False
-        # The compiled change check (None: the checks below run in Python), and the
-        # runs of the last full gather, valid while the watch sees no change.
-        self.watch = param_watch(self.params, versions=self.master is not None)
-        if self.watch is not None:
-            self.watch.set_views(self.grad_views, self.grad_ptrs)
-        self._runs: list[tuple[int, int]] | None = None
-        # Set by the optimizer's zero_grad(set_to_none=True): the next grads are new
-        # tensors made by backward, copied in but not re-pointed (see gather_grads).
-        self.grads_dropped = False
-        # id() of each grad left in place at the last gather (0: none), for the
-        # Python path; the compiled watch compares with its snapshot instead.
-        self._left_grad_ids = [0] * len(params)
 
-    def __getstate__(self) -> dict[str, object]:
-        # A copy watches from Python: the compiled watch holds this buffer's params.
-        return {**self.__dict__, "watch": None, "_runs": None}
+        self._offsets_t = torch.tensor(self.offsets, dtype=torch.int64)
+        self._numels_t = torch.tensor(self.numels, dtype=torch.int64)
+        self._groups_t = torch.tensor(self.groups, dtype=torch.int64)
+        self._reset_caches()
 
-    def is_stale(self) -> bool:
-        """Whether a param's data was replaced (``p.data = ...``, ``model.to(...)``).
+    def _reset_caches(self) -> None:
+        # What the last plan was made from: any change makes a new plan.
+        self._plan: StepPlan | None = None
+        self._seen_grads: list[torch.Tensor | None] = []
+        self._seen_ptrs: tuple[list[int], list[int], list[bool]] | None = None
+        self._pieces: dict[tuple[int, ...], _Pieces] = {}
+        self._hparams: torch.Tensor | None = None
+        self._hparams_key: Any = None
+        # The params' version counters as of the master copy (None: no master).
+        self._versions = list(map(_VERSION, self.params)) if self.master is not None else None
+        self._param_ptrs = list(map(_DATA_PTR, self.params))
 
-        Every step asks, so it compares one list built by a C-level ``map`` (about
-        50 ns a param) rather than looping in Python. New data, a new dtype or a new
-        device always comes with a new data pointer. (A param reshaped onto the same
-        memory is not stale: the flat update stays right, and a grad of the new shape
-        is refused by :meth:`gather_grads` with a clear error.)
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (deepcopy, pickle) has other addresses: it plans afresh.
+        state = dict(self.__dict__)
+        for name in ("_plan", "_seen_grads", "_seen_ptrs", "_pieces", "_hparams", "_hparams_key"):
+            state.pop(name, None)
+        return state
 
-        With the compiled watch (:mod:`triton_adadelta.watch`), one C++ loop reads
-        the data pointers instead (5 us for 1000 params in ``perf/bench_step.py``).
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_caches()
+
+    # ------------------------------------------------------------------ state views
+    def param_state(self, i: int) -> dict[str, torch.Tensor]:
+        """torch's per-param state of segment ``i``, as live views of the flat state."""
+        view = lambda flat: _shaped_view(flat, self.offsets[i], self.numels[i], self.shapes[i], self.param_dtype)  # noqa: E731
+        state = {"step": self.steps[i], "square_avg": view(self.square_avg), "acc_delta": view(self.acc_delta)}
+        if self.master is not None:
+            state["master_param"] = view(self.master)
+        return state
+
+    def load_param_state(self, i: int, state: dict[str, torch.Tensor], *, with_master: bool = True) -> None:
+        """Copy one param's state in (shapes checked by the caller); fp32 is never downcast."""
+        start, end = self.offsets[i], self.offsets[i] + self.numels[i]
+        self.steps[i].copy_(torch.as_tensor(state["step"], dtype=torch.float32))
+        for name in ("square_avg", "acc_delta"):
+            getattr(self, name)[start:end].copy_(_real_flat(state[name].detach().to(self.device)))
+        if self.master is not None and with_master and "master_param" in state:
+            self.master[start:end].copy_(_real_flat(state["master_param"].detach().to(self.device)))
+        self.initialized[i] = True
+
+    def reset_param_state(self, i: int) -> None:
+        """Forget one param's state, as a param that never had a grad."""
+        start, end = self.offsets[i], self.offsets[i] + self.numels[i]
+        self.steps[i].zero_()
+        self.square_avg[start:end].zero_()
+        self.acc_delta[start:end].zero_()
+        if self.master is not None:
+            self._copy_param_to_master(i)
+        self.initialized[i] = False
+
+    def moved(self, i: int) -> bool:
+        """Whether param ``i``'s data was replaced since this state last saw it."""
+        return self.params[i].data_ptr() != self._param_ptrs[i]
+
+    def _copy_param_to_master(self, i: int) -> None:
+        start, end = self.offsets[i], self.offsets[i] + self.numels[i]
+        self.master[start:end].copy_(_real_flat(self.params[i].detach()))
+
+    # --------------------------------------------------------------- each step
+    def hparams(self, param_groups: list[dict[str, Any]]) -> torch.Tensor:
+        """The hyper-parameter table of the groups, on the device (rebuilt when one changes).
+
+        A tensor ``lr`` is copied in at every step, on the device: no host read.
         """
-        if self.watch is not None:
-            changed = self.watch.changes(DATA)
-            if not changed & UNKNOWN:
-                return bool(changed)
-        return list(map(_DATA_PTR, self.params)) != self.data_ptrs
+        key = tuple(
+            (
+                None if isinstance(group["lr"], torch.Tensor) else group["lr"],
+                group["rho"],
+                group["eps"],
+                group["weight_decay"],
+                bool(group["maximize"]),
+            )
+            for group in param_groups
+        )
+        if key != self._hparams_key or self._hparams is None:
+            self._hparams = hparams_table(key, self.square_avg.dtype, self.device)
+            self._hparams_key = key
+        for row, group in enumerate(param_groups):
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):
+                self._hparams[row, LR].copy_(lr.reshape(()), non_blocking=True)
+        return self._hparams
 
-    def gather_grads(self) -> list[tuple[int, int]]:
-        """Bring the params' grads into the flat grad buffer.
+    def plan(self) -> StepPlan | None:
+        """The table of this step: every param that has a grad, checked.
 
-        Grads that are views already cost nothing. Any other grad is copied in. A grad
-        new since the last step is re-pointed at its view, so that backward
-        accumulates in place from then on; except right after the optimizer's
-        ``zero_grad(set_to_none=True)`` (:attr:`grads_dropped`), when the grads are new
-        tensors from backward that the next ``zero_grad()`` drops again: they stay
-        where they are, since re-pointing (and later dropping) a grad costs more than
-        copying it. A grad left in place is never re-pointed later (the user may hold
-        it, as torch lets them): it is copied in again at every step.
+        Reads each param's grad and the data pointers of params and grads; when they
+        are the objects and addresses of the last step, the last table is reused and
+        nothing is uploaded.
 
         Returns:
-            Runs ``(first, stop)`` of consecutive segments whose param has a grad.
-            Params whose grad is None are skipped, as torch skips them.
+            The plan, or None when no param has a grad.
 
         Raises:
             RuntimeError: for a sparse grad (torch's message); ValueError for a grad
-                whose shape, dtype or device does not match its param. Nothing is
-                changed when it raises.
+                whose shape, dtype or device does not match its param, or a param
+                whose shape no longer fits its state. Nothing is changed when it raises.
+            Relayout: a param moved to another device or dtype.
         """
-        # The common case: every grad is its view (or None) and nothing changed since
-        # the last gather (the compiled watch asks every param in one pass).
-        if self.watch is not None and self._runs is not None:
-            if self.watch.changes(GRAD | VERSION if self.master is not None else GRAD) == 0:
-                return self._runs
-        self._runs = None
-        if self.master is not None:
-            self._sync_master()
-        gathered = self._gather_grads_compiled() if self.watch is not None else None
-        if gathered is None:
-            gathered = self._gather_grads()
-            if self.watch is not None:
-                self.watch.set_views(self.grad_views, self.grad_ptrs)
-        runs, all_views = gathered
-        self.grads_dropped = False
-        if self.watch is not None and not self.watch.snapshot():
-            self.watch = None  # a param it cannot read: check from Python from now on
-        # Grads left in place may change in place: copy them again at every step.
-        self._runs = runs if all_views else None
-        return runs
+        params = self.params
+        grads = list(map(_GRAD, params))
+        param_ptrs = list(map(_DATA_PTR, params))
+        contiguous = list(map(_IS_CONTIGUOUS, params))
+        if param_ptrs != self._param_ptrs or not all(contiguous):
+            self._check_params(param_ptrs)
+        same_grads = len(grads) == len(self._seen_grads) and all(map(operator.is_, grads, self._seen_grads))
+        if not same_grads:
+            self._check_grads(grads)
+        grad_ptrs = [0 if grad is None else grad.data_ptr() for grad in grads]
+        seen = (param_ptrs, grad_ptrs, contiguous)
+        if same_grads and seen == self._seen_ptrs:
+            return self._plan
+        segments = [i for i, grad in enumerate(grads) if grad is not None]
+        self._plan = self._make_plan(segments, grads, contiguous) if segments else None
+        self._seen_grads = grads
+        self._seen_ptrs = seen
+        return self._plan
 
-    def grads_are_views(self) -> bool:
-        """Whether every grad is still its view of the flat grad buffer (or None), as at
-        the last gather, with no autograd history: zeroing the flat buffer then zeroes
-        every grad. False where it is not known (no compiled watch)."""
-        return (
-            self.watch is not None
-            and self._runs is not None
-            and self.watch.changes(GRAD | GRAD_REQUIRES_GRAD) == 0
-        )
+    def _check_params(self, param_ptrs: list[int]) -> None:
+        """A param whose data was replaced (``p.data = ...``, ``model.to(...)``) still fits."""
+        for i, param in enumerate(self.params):
+            if param.device != self.device or param.dtype != self.param_dtype:
+                raise Relayout()
+            if param.shape != self.shapes[i]:
+                raise ValueError(
+                    f"a param of shape {tuple(self.shapes[i])} now has shape {tuple(param.shape)}, which its "
+                    "optimizer state no longer fits; build a new optimizer (torch's would fail at this step too)"
+                )
+            if param_ptrs[i] != self._param_ptrs[i] and self.master is not None:
+                # New data wins over the master copy.
+                self._copy_param_to_master(i)
+                self._versions[i] = param._version
+        self._param_ptrs = param_ptrs
 
-    def _gather_grads_compiled(self) -> tuple[list[tuple[int, int]], bool] | None:
-        """New CPU grads (after ``zero_grad()`` and a backward) copied in one C++ pass.
-
-        Returns:
-            The runs, and whether every grad is now its view (or None); None, having
-            changed nothing, where a grad needs :meth:`_gather_grads`.
-        """
-        copied, status = self.watch.gather()
-        if copied < 0:
-            return None
-        all_views = not copied
-        if copied and not self.grads_dropped:
-            params, views = self.params, self.grad_views
-            for i in compress(range(len(status)), map(_COPIED.__eq__, status)):
-                params[i].grad = views[i]
-            all_views = _COPIED_AGAIN not in status
-        if status.count(_NO_GRAD) == 0:
-            return [(0, len(self.segments))], all_views
-        return _runs_with_grads([code != _NO_GRAD for code in status]), all_views
-
-    def _gather_grads(self) -> tuple[list[tuple[int, int]], bool]:
-        """The Python path of :meth:`gather_grads`: the runs, and whether every grad is
-        now its view (or None)."""
-        grads = list(map(_GRAD, self.params))
-        # Every grad still our view: one C-level comparison each.
-        if all(map(operator.is_, grads, self.grad_views)) and list(map(_DATA_PTR, grads)) == self.grad_ptrs:
-            return [(0, len(self.segments))], True
-        to_copy: list[int] = []
-        for i, (segment, grad) in enumerate(zip(self.segments, grads)):
-            # Our view, unless it was replaced or its `.data` was.
-            if grad is not None and (grad is not self.grad_views[i] or grad.data_ptr() != self.grad_ptrs[i]):
-                mismatch = _grad_mismatch(grad, segment, self.device)
+    def _check_grads(self, grads: list[torch.Tensor | None]) -> None:
+        """Every grad can update its param: one C-level pass per property, then details."""
+        present = [grad for grad in grads if grad is not None]
+        if not present:
+            return
+        dtypes_ok = all(map(operator.is_, map(_DTYPE, present), repeat(self.param_dtype)))
+        numels_ok = list(map(_NUMEL, present)) == [p.numel() for p, g in zip(self.params, grads) if g is not None]
+        if dtypes_ok and numels_ok and not any(grad.is_sparse or grad.device != self.device for grad in present):
+            return
+        for param, grad in zip(self.params, grads):
+            if grad is not None:
+                mismatch = grad_mismatch(grad, param)
                 if mismatch is not None:
                     raise mismatch
-                to_copy.append(i)
-        runs = _runs_with_grads([grad is not None for grad in grads])
-        if to_copy:
-            # One batched copy (on a GPU, a few launches rather than one per grad).
-            views = [self._intact_grad_view(i) for i in to_copy]
-            flat_start = self.grad.data_ptr()
-            flat_end = flat_start + self.grad.numel() * self.grad.element_size()
-            # A grad inside the flat grad buffer (another param's view) would be read
-            # after an earlier copy overwrote it: copy from a clone.
-            sources = [
-                grad.clone() if flat_start <= grad.data_ptr() < flat_end else grad
-                for grad in (grads[i] for i in to_copy)
-            ]
-            torch._foreach_copy_(views, sources)
-            all_views = True
-            for i, grad_view in zip(to_copy, views):
-                self.grad_views[i] = grad_view
-                self.grad_ptrs[i] = grad_view.data_ptr()
-                grad = grads[i]
-                left_before = id(grad) == self._left_grad_ids[i] or (
-                    self.watch is not None and grad._cdata == self.watch.seen_grad(i)
-                )
-                if self.grads_dropped or left_before:
-                    self._left_grad_ids[i] = id(grad)
-                    all_views = False
-                else:
-                    self.segments[i].param.grad = grad_view
-                    self._left_grad_ids[i] = 0
-            return runs, all_views
-        return runs, True
 
-    def _intact_grad_view(self, i: int) -> torch.Tensor:
-        """Segment ``i``'s view of the flat grad buffer: the one made before, unless its
-        ``.data`` was replaced since (``p.grad.data = ...`` while it was the grad)."""
-        view = self.grad_views[i]
-        segment = self.segments[i]
-        if view.data_ptr() == self.grad_ptrs[i] and view.shape == segment.shape and view.dtype == segment.dtype:
-            return view
-        return _shaped_view(self.grad, segment)
+    def _make_plan(self, segments: list[int], grads: list[torch.Tensor | None], contiguous: list[bool]) -> StepPlan:
+        key = tuple(segments) if len(segments) != len(self.params) else ()
+        pieces = self._pieces.get(key)
+        if pieces is None:
+            pieces = _static_pieces(
+                segments, self._offsets_t, self._numels_t, self._groups_t, self.dtype, self.device, len(self.params)
+            )
+            self._pieces[key] = pieces
+        written: list[torch.Tensor] = []
+        read: list[torch.Tensor] = []
+        refresh: list[tuple[torch.Tensor, torch.Tensor]] = []
+        write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for i in segments:
+            param, grad = self.params[i].detach(), grads[i]
+            if not contiguous[i]:
+                # The state is laid out in the param's logical (row-major) order, as
+                # torch's: a non-contiguous param is updated through a contiguous stand-in.
+                stand_in = param.contiguous()
+                refresh.append((stand_in, param))
+                write_back.append((param, stand_in))
+                param = stand_in
+            if not grad.is_contiguous():
+                stand_in = grad.contiguous()
+                refresh.append((stand_in, grad))
+                grad = stand_in
+            written.append(param)
+            read.append(grad)
+        table = _make_table(
+            pieces,
+            list(map(_DATA_PTR, written)),
+            list(map(_DATA_PTR, read)),
+            written,
+            read,
+            self.dtype,
+            self.device,
+        )
+        return StepPlan(table, segments, pieces.steps_index, refresh, write_back)
 
-    def _sync_master(self) -> None:
+    def sync_master(self) -> None:
         """Copy into the master any param written in place from outside.
 
         ``model.load_state_dict``, an init function or ``p.mul_()`` write the
         low-precision param; the master copy must follow it, or the next step would
-        undo the write.
+        undo the write. The optimizer's own writes do not bump the version counter.
         """
-        versions = list(map(_VERSION, self.params))
-        if versions == self.versions:
+        if self._versions is None:
             return
-        for i, segment in enumerate(self.segments):
-            version = versions[i]
-            if version != self.versions[i]:
-                self.master[segment.offset : segment.end].copy_(_real_flat(segment.param.data))
-                self.versions[i] = version
+        versions = list(map(_VERSION, self.params))
+        if versions == self._versions:
+            return
+        for i, version in enumerate(versions):
+            if version != self._versions[i]:
+                self._copy_param_to_master(i)
+        self._versions = versions
 
-    def run_range(self, first: int, stop: int) -> tuple[int, int]:
-        """Element range of segments ``first..stop-1``, with the padding after them."""
-        end = self.segments[stop].offset if stop < len(self.segments) else self.n_elements
-        return self.segments[first].offset, end
-
-    def param_state(self, i: int) -> dict[str, torch.Tensor]:
-        """torch's per-param state of segment ``i``, as live views of the flat state."""
-        segment = self.segments[i]
-        state = {
-            "step": self.steps[i],
-            "square_avg": _shaped_view(self.square_avg, segment),
-            "acc_delta": _shaped_view(self.acc_delta, segment),
-        }
-        if self.master is not None:
-            state["master_param"] = _shaped_view(self.master, segment)
-        return state
-
-    def load_param_state(self, i: int, state: dict[str, torch.Tensor]) -> None:
-        """Copy one param's state in (shapes checked by the caller); fp32 is never downcast."""
-        segment = self.segments[i]
-        self.steps[i].copy_(torch.as_tensor(state["step"], dtype=torch.float32))
-        for name in ("square_avg", "acc_delta"):
-            flat = getattr(self, name)
-            flat[segment.offset : segment.end].copy_(_real_flat(state[name].to(self.device)))
-        if self.master is not None and "master_param" in state:
-            self.master[segment.offset : segment.end].copy_(_real_flat(state["master_param"].to(self.device)))
-        self.initialized[i] = True
-
-    def carried_state(self) -> dict[int, dict[str, torch.Tensor]]:
-        """Copies of every initialized param's state, by ``id(param)``, for a re-pack.
-
-        A param whose data was replaced drops its master copy: the new data wins.
-        """
-        carried = {}
-        for i, segment in enumerate(self.segments):
-            if not self.initialized[i]:
-                continue
-            state = {key: value.detach().clone() for key, value in self.param_state(i).items()}
-            if segment.param.data_ptr() != self.data_ptrs[i]:
-                state.pop("master_param", None)
-            carried[id(segment.param)] = state
-        return carried
-
-    def reset_param_state(self, i: int) -> None:
-        """Forget one param's state, as a param that never had a grad."""
-        segment = self.segments[i]
-        self.steps[i].zero_()
-        self.square_avg[segment.offset : segment.end].zero_()
-        self.acc_delta[segment.offset : segment.end].zero_()
-        if self.master is not None:
-            self.master[segment.offset : segment.end].copy_(self.param[segment.offset : segment.end])
-        self.initialized[i] = False
-        self.all_initialized = False
-
-    def __iter__(self) -> Iterator[Segment]:
-        return iter(self.segments)
+    def note_written(self, plan: StepPlan) -> None:
+        """Record the version counters after the step's own write-backs."""
+        if self._versions is not None and plan.write_back:
+            self._versions = list(map(_VERSION, self.params))

@@ -11,8 +11,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from .flat import FlatBuffer, buffer_key, check_packable, check_param_state
-from .update import apply_update_, backend_for
+from .flat import FlatState, Relayout, StepPlan, check_param_state, state_key
+from .update import implementation, update_
 
 __all__ = ["Adadelta"]
 
@@ -45,10 +45,14 @@ class Adadelta(Optimizer):
             &\hspace{5mm}\theta_t \leftarrow \theta_{t-1} - \gamma \Delta x_t \\
        \end{aligned}
 
-    The params of each (param group, device, dtype) are packed into one flat buffer
-    and rebound as views of it; grads and the state live in matching flat buffers,
-    and one kernel launch updates the whole buffer. A param whose grad is None is
-    skipped, exactly as torch skips it.
+    Params and grads stay where the model put them: the optimizer never assigns
+    ``p.data``, never writes a grad and keeps no view of either between steps. Its
+    own state (``square_avg``, ``acc_delta`` and, with ``master_weights``, an fp32
+    master copy) lives in flat buffers, one per (device, param dtype, mode), with a
+    16-byte-aligned segment per param. Each step reads the addresses of the params
+    and grads into a segment table (reused while they do not move) and updates every
+    param of every group that has a grad in one kernel launch per flat buffer. A
+    param whose grad is None is skipped, exactly as torch skips it.
 
     Args:
         params (iterable): params or named params to optimize, or dicts defining
@@ -124,70 +128,117 @@ class Adadelta(Optimizer):
             "master_weights": master_weights,
             "stochastic_rounding": stochastic_rounding,
         }
-        self._group_buffers: list[list[FlatBuffer]] = []
-        # Each group's params when its buffers were built, to notice a changed list.
-        self._group_params: list[list[torch.Tensor]] = []
+        # The flat states, and each group's params when they were laid out.
+        self._flat_states: list[FlatState] = []
+        self._laid_out: list[list[torch.Tensor]] | None = None
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            for param in group["params"]:
-                # Refuse DTensor (FSDP2) params here, not at the first step.
-                check_packable(param)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (see :meth:`torch.optim.Optimizer.add_param_group`).
+
+        Raises:
+            ValueError: for a param listed twice (torch only warns: here it would be
+                updated twice), or one already in another group (torch's error).
+            TypeError: for a tensor subclass param such as ``DTensor`` (FSDP2).
+        """
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # torch refuses a set, with its own message
+            param_group["params"] = params = list(params)
+        tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+        if len({id(p) for p in tensors}) != len(tensors):
+            raise ValueError(
+                "a param group lists a parameter more than once; give each parameter once "
+                "(tied weights are one parameter: model.parameters() lists them once)"
+            )
+        for param in tensors:
+            if isinstance(param, torch.Tensor) and type(param.data) is not torch.Tensor:
+                raise TypeError(
+                    f"triton_adadelta updates plain tensors, not a {type(param.data).__name__} param "
+                    "(FSDP2 fully_shard and tensor parallelism give DTensor params: support is issue #8); "
+                    "use torch.optim.Adadelta there"
+                )
+        super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             for name in ("foreach", "maximize", "differentiable", "capturable", "master_weights", "stochastic_rounding"):
                 group.setdefault(name, self.defaults.get(name, False) if name != "foreach" else None)
-        self.__dict__.setdefault("_group_buffers", [])
-        self.__dict__.setdefault("_group_params", [])
+        # A copy (deepcopy, pickle) carries `state`, views of the flat states, and lays
+        # them out anew at its first step.
+        self.__dict__.setdefault("_flat_states", [])
+        self.__dict__.setdefault("_laid_out", None)
 
-    # ----------------------------------------------------------------- buffers
-    def _build_group(self, group: dict[str, Any], old_buffers: list[FlatBuffer]) -> list[FlatBuffer]:
-        """Pack a group's params into flat buffers, carrying over existing state."""
-        carried: dict[int, dict[str, torch.Tensor]] = {}
-        for buffer in old_buffers:
-            carried.update(buffer.carried_state())
-        by_key: dict[tuple[torch.device, torch.dtype], list[torch.nn.Parameter]] = {}
-        seen: set[int] = set()
-        for param in group["params"]:
-            if id(param) in seen:  # tied weights are one param
-                continue
-            seen.add(id(param))
-            by_key.setdefault(buffer_key(param), []).append(param)
-        buffers = []
-        for (_, dtype), params in by_key.items():
-            master = bool(group["master_weights"]) and dtype in (torch.bfloat16, torch.float16)
-            buffer = FlatBuffer(params, master_weights=master)
-            for i, segment in enumerate(buffer.segments):
-                self.state.pop(segment.param, None)
-                if id(segment.param) in carried:
-                    buffer.load_param_state(i, carried[id(segment.param)])
-                    self.state[segment.param] = buffer.param_state(i)
-            buffers.append(buffer)
-        return buffers
+    # ------------------------------------------------------------- flat states
+    def _lay_out(self) -> list[FlatState]:
+        """Build the flat states of every group, carrying each param's state over.
 
-    def _ensure_buffers(self) -> list[list[FlatBuffer]]:
-        """Build the flat buffers, or rebuild those whose params changed under us."""
-        if len(self._group_buffers) > len(self.param_groups):
-            del self._group_buffers[len(self.param_groups) :]
-            del self._group_params[len(self.param_groups) :]
+        ``self.state`` is what is carried: views of the previous flat states, or the
+        tensors a copy or ``load_state_dict`` left there.
+        """
+        old = {id(param): (flat, i) for flat in self._flat_states for i, param in enumerate(flat.params)}
+        by_key: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[int]]] = {}
         for g, group in enumerate(self.param_groups):
-            params = group["params"]
-            if g == len(self._group_buffers):
-                self._group_buffers.append(self._build_group(group, []))
-                self._group_params.append(list(params))
-            elif not _same_objects(params, self._group_params[g]) or any(b.is_stale() for b in self._group_buffers[g]):
-                self._group_buffers[g] = self._build_group(group, self._group_buffers[g])
-                self._group_params[g] = list(params)
-        return self._group_buffers
+            for param in group["params"]:
+                params, groups = by_key.setdefault(state_key(param, group), ([], []))
+                params.append(param)
+                groups.append(g)
+        states = []
+        for (_, _, master, stochastic), (params, groups) in by_key.items():
+            flat = FlatState(params, groups, master_weights=master, stochastic_rounding=stochastic)
+            for i, param in enumerate(params):
+                carried = self.state.get(param)
+                if carried:
+                    previous = old.get(id(param))
+                    # A param whose data was replaced keeps its state, but new data wins
+                    # over the master copy.
+                    moved = previous is not None and previous[0].moved(previous[1])
+                    flat.load_param_state(i, carried, with_master=not moved)
+                    self.state[param] = flat.param_state(i)
+            states.append(flat)
+        self._flat_states = states
+        self._laid_out = [list(group["params"]) for group in self.param_groups]
+        return states
 
-    def flat_buffers(self) -> list[FlatBuffer]:
-        """The flat buffers of every group (built on first use)."""
-        return list(chain.from_iterable(self._ensure_buffers()))
+    def _current_states(self) -> list[FlatState]:
+        """The flat states, laid out again if a group's params changed."""
+        laid_out = self._laid_out
+        if (
+            laid_out is None
+            or len(laid_out) != len(self.param_groups)
+            or not all(_same_objects(group["params"], seen) for group, seen in zip(self.param_groups, laid_out))
+        ):
+            return self._lay_out()
+        return self._flat_states
+
+    def flat_states(self) -> list[FlatState]:
+        """The flat states (built on first use): one per (device, param dtype, mode)."""
+        return list(self._current_states())
 
     def backends(self) -> list[str]:
-        """The backend that updates each flat buffer (see :func:`backend_for`)."""
-        return sorted({backend_for(buffer.device) for buffer in self.flat_buffers()})
+        """The implementations that update the flat states, exactly as they run
+        (``"triton"``, ``"triton-interpreter"``, ``"cpu-native"`` or ``"cpu-chunked"``)."""
+        return sorted(
+            {
+                implementation(
+                    flat.device, flat.dtype, master=flat.master is not None, stochastic_rounding=flat.stochastic_rounding
+                )
+                for flat in self.flat_states()
+            }
+        )
+
+    def _plans(self) -> list[tuple[FlatState, StepPlan]]:
+        """Every flat state's plan, checked before anything is updated."""
+        for _ in range(2):
+            try:
+                states = self._current_states()
+                return [(flat, plan) for flat in states if (plan := flat.plan()) is not None]
+            except Relayout:
+                # A param moved to another device or dtype (`model.to(...)`).
+                self._lay_out()
+        raise RuntimeError("the flat states could not be laid out")
 
     # -------------------------------------------------------------------- step
     @torch.no_grad()
@@ -205,61 +256,49 @@ class Adadelta(Optimizer):
 
         grad_scale: torch.Tensor | None = getattr(self, "grad_scale", None)
         found_inf: torch.Tensor | None = getattr(self, "found_inf", None)
-        group_buffers = self._ensure_buffers()
-        # Gather (and check) every grad before any update, so a bad grad changes nothing.
-        plans = [
-            (group, buffer, buffer.gather_grads())
-            for group, buffers in zip(self.param_groups, group_buffers)
-            for buffer in buffers
-        ]
-        for group, buffer, runs in plans:
-            initialized = apply_update_(
-                buffer,
-                runs,
-                lr=group["lr"],
-                rho=group["rho"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
-                stochastic_rounding=group["stochastic_rounding"],
-                grad_scale=grad_scale,
-                found_inf=found_inf,
+        # Check every grad of every state before any update, so a bad grad changes nothing.
+        plans = self._plans()
+        for flat, plan in plans:
+            device = flat.device
+            flat.sync_master()
+            for stand_in, source in plan.refresh:
+                stand_in.copy_(source)
+            stochastic = flat.stochastic_rounding
+            # Drawn from torch's generator, so torch.manual_seed makes the rounding reproducible.
+            seed = int(torch.randint(1, 2**31 - 1, (1,)).item()) if stochastic else 0
+            update_(
+                plan.table,
+                flat.square_avg,
+                flat.acc_delta,
+                hparams=flat.hparams(self.param_groups),
+                master=flat.master,
+                stochastic_rounding=stochastic,
+                seed=seed,
+                grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
+                found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True),
             )
-            for i in initialized:
-                self.state[buffer.segments[i].param] = buffer.param_state(i)
+            for param, stand_in in plan.write_back:
+                param.copy_(stand_in)
+            flat.note_written(plan)
+            self._advance_steps(flat, plan, found_inf)
         return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the gradients of all optimized params.
-
-        With ``set_to_none=False`` the flat grad buffers are zeroed with one fill
-        each; grads stay views, so the next backward accumulates in place.
-
-        Args:
-            set_to_none (bool): set grads to None instead of zeroing them
-                (default: True). A param whose grad is None is skipped by ``step``.
-        """
-        if set_to_none:
-            super().zero_grad(set_to_none)
-            for buffer in chain.from_iterable(self._group_buffers):
-                buffer.grads_dropped = True
-            return
-        buffers_cover_groups = len(self._group_buffers) == len(self.param_groups) and all(
-            _same_objects(group["params"], seen) for group, seen in zip(self.param_groups, self._group_params)
-        )
-        if not buffers_cover_groups:
-            super().zero_grad(set_to_none)
-            return
-        for buffer in chain.from_iterable(self._group_buffers):
-            buffer.grad.zero_()
-            if buffer.grads_are_views():
-                continue  # the fill zeroed every grad
-            for param in buffer.params:
-                if param.grad is not None and param.grad.grad_fn is not None:
-                    param.grad.detach_()
-                if param.grad is not None:
-                    param.grad.requires_grad_(False)
-                    param.grad.zero_()
+    def _advance_steps(self, flat: FlatState, plan: StepPlan, found_inf: torch.Tensor | None) -> None:
+        """Advance the step counts of the params that had a grad (one small op), and give
+        the params updated for the first time their state, as torch does at the first grad."""
+        # found_inf is never read on the host: the counts advance by (found_inf == 0).
+        increment = 1 if found_inf is None else (found_inf.to(flat.device) == 0).to(torch.float32)
+        if plan.steps_index is None:
+            flat.steps.add_(increment)
+        else:
+            flat.steps.index_add_(
+                0, plan.steps_index, torch.ones_like(plan.steps_index, dtype=torch.float32) * increment
+            )
+        initialized = flat.initialized
+        for i in plan.segments:
+            if not initialized[i]:
+                initialized[i] = True
+                self.state[flat.params[i]] = flat.param_state(i)
 
     # --------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -309,14 +348,13 @@ class Adadelta(Optimizer):
                 saved["param_names"] = group["param_names"]
             new_groups.append(saved)
         self.__setstate__({"state": defaultdict(dict), "param_groups": new_groups})
-        for buffer in self.flat_buffers():
-            for i, segment in enumerate(buffer.segments):
-                self.state.pop(segment.param, None)
-                value = loaded.get(id(segment.param))
+        for flat in self._lay_out():
+            for i, param in enumerate(flat.params):
+                value = loaded.get(id(param))
                 if value is None:
-                    buffer.reset_param_state(i)
+                    flat.reset_param_state(i)
                 else:
-                    buffer.load_param_state(i, value)
-                    self.state[segment.param] = buffer.param_state(i)
+                    flat.load_param_state(i, value)
+                    self.state[param] = flat.param_state(i)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

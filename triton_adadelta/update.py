@@ -1,26 +1,29 @@
-"""One AdaDelta step on a flat buffer, on the backend its device runs.
+"""One AdaDelta step over a segment table, on the backend its device runs.
 
 Both APIs (:class:`triton_adadelta.Adadelta` and the PuzzleLib-style
-:class:`triton_adadelta.puzzlelib.AdaDelta`) update their buffers through
-:func:`apply_update_`; the math itself lives in the Triton kernel and the CPU path.
+:class:`triton_adadelta.puzzlelib.AdaDelta`, a facade over it) update through
+:func:`update_`; the math itself lives in the Triton kernel and the CPU path.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from .cpu import adadelta_step_torch_
-from .flat import FlatBuffer
-from .kernels import adadelta_step_
-from .kernels.adadelta import _LOW_PRECISION, interpreter_enabled
+from . import cpu
+from .flat import hparams_table, table_for_tensors
+from .kernels.adadelta import (
+    LR,
+    SegmentTable,
+    adadelta_step_,
+    interpreter_enabled,
+    state_dtype_for,
+)
 
-__all__ = ["apply_update_", "backend_for"]
+__all__ = ["backend_for", "implementation", "step_flat_", "update_"]
 
 
 def backend_for(device: torch.device) -> str:
-    """Which implementation updates buffers on ``device``.
+    """Which backend updates state on ``device``.
 
     Returns:
         ``"triton"`` (CUDA/ROCm), ``"triton-interpreter"`` (``TRITON_INTERPRET=1``)
@@ -33,68 +36,84 @@ def backend_for(device: torch.device) -> str:
     return "torch"
 
 
-def update_fn(device: torch.device) -> Callable[..., None]:
-    return adadelta_step_torch_ if backend_for(device) == "torch" else adadelta_step_
+def implementation(device: torch.device, param_dtype: torch.dtype, *, master: bool, stochastic_rounding: bool) -> str:
+    """The exact implementation that updates such a state: the backend, and on the CPU
+    path which of its implementations (``"cpu-native"`` or ``"cpu-chunked"``)."""
+    backend = backend_for(device)
+    if backend != "torch":
+        return backend
+    return cpu.implementation(device, param_dtype, master=master, stochastic_rounding=stochastic_rounding)
 
 
-def apply_update_(
-    buffer: FlatBuffer,
-    runs: list[tuple[int, int]],
+def update_(
+    table: SegmentTable,
+    square_avg: torch.Tensor,
+    acc_delta: torch.Tensor,
+    *,
+    hparams: torch.Tensor,
+    master: torch.Tensor | None = None,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """One step over every piece of ``table``: one launch (see :func:`adadelta_step_`)."""
+    step = cpu.adadelta_step_cpu_ if backend_for(square_avg.device) == "torch" else adadelta_step_
+    step(
+        table,
+        square_avg,
+        acc_delta,
+        hparams=hparams,
+        master=master,
+        stochastic_rounding=stochastic_rounding,
+        seed=seed,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+
+
+def step_flat_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    square_avg: torch.Tensor,
+    acc_delta: torch.Tensor,
     *,
     lr: float | torch.Tensor,
     rho: float,
     eps: float,
     weight_decay: float,
     maximize: bool = False,
+    master: torch.Tensor | None = None,
     stochastic_rounding: bool = False,
+    seed: int = 0,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
-) -> list[int]:
-    """Update the segments ``runs`` of ``buffer`` (from :meth:`FlatBuffer.gather_grads`).
+) -> None:
+    """One step on flat 1-D buffers, as a one-segment table (tests and benchmarks).
 
-    One launch per run: one per buffer when every param has a grad.
-
-    Returns:
-        The segments that got their state now, at their first grad.
+    Args:
+        param, grad: 1-D contiguous buffers of one dtype; ``param`` is updated in place.
+        square_avg, acc_delta, master: the state, as in :func:`adadelta_step_`.
+        lr, rho, eps, weight_decay, maximize: as in ``torch.optim.Adadelta``.
     """
-    if not runs:
-        return []
-    device = buffer.device
-    update = update_fn(device)
-    if isinstance(lr, torch.Tensor) and lr.device != device:
-        # A host tensor's value is read without a device sync.
-        lr = float(lr) if lr.device.type == "cpu" else lr.to(device)
-    stochastic_rounding = stochastic_rounding and buffer.dtype in _LOW_PRECISION and buffer.master is None
-    # Drawn from torch's generator, so torch.manual_seed makes the rounding reproducible.
-    seed = int(torch.randint(1, 2**31 - 1, (1,)).item()) if stochastic_rounding else 0
-    if grad_scale is not None:
-        grad_scale = grad_scale.to(device, non_blocking=True)
-    if found_inf is not None:
-        found_inf = found_inf.to(device, non_blocking=True)
-    initialized = []
-    for first, stop in runs:
-        if not buffer.all_initialized:
-            for i in range(first, stop):
-                if not buffer.initialized[i]:
-                    buffer.initialized[i] = True
-                    initialized.append(i)
-            buffer.all_initialized = all(buffer.initialized)
-        start, end = buffer.run_range(first, stop)
-        update(
-            buffer.param[start:end],
-            buffer.grad[start:end],
-            buffer.square_avg[start:end],
-            buffer.acc_delta[start:end],
-            buffer.steps[first:stop],
-            lr=lr,
-            rho=rho,
-            eps=eps,
-            weight_decay=weight_decay,
-            maximize=maximize,
-            master=buffer.master[start:end] if buffer.master is not None else None,
-            stochastic_rounding=stochastic_rounding,
-            seed=seed,
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-        )
-    return initialized
+    if param.shape != grad.shape or param.shape != square_avg.shape:
+        raise ValueError(f"param {tuple(param.shape)}, grad {tuple(grad.shape)} and state "
+                         f"{tuple(square_avg.shape)} must be the same size")  # fmt: skip
+    table, _ = table_for_tensors([param], [grad])
+    lr_is_tensor = isinstance(lr, torch.Tensor)
+    hparams = hparams_table(
+        ((None if lr_is_tensor else lr, rho, eps, weight_decay, maximize),), state_dtype_for(param.dtype), param.device
+    )
+    if lr_is_tensor:
+        hparams[0, LR].copy_(lr.reshape(()))
+    update_(
+        table,
+        square_avg,
+        acc_delta,
+        hparams=hparams,
+        master=master,
+        stochastic_rounding=stochastic_rounding,
+        seed=seed,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
