@@ -52,24 +52,3 @@ def cpu_path(monkeypatch):
     """Run a test on the torch CPU path."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     return "torch"
-
-
-@pytest.fixture(params=["compiled", "python"])
-def change_check(request, monkeypatch):
-    """Notice param changes with the compiled watch, then with the Python checks."""
-    monkeypatch.setenv("TRITON_ADADELTA_NATIVE_WATCH", "1" if request.param == "compiled" else "0")
-    if request.param == "compiled":
-        require_watch_library()
-    return request.param
-
-
-def require_watch_library():
-    """The compiled watch; skips where there is no C++ compiler, fails where it does not build."""
-    from triton_adadelta.native_build import find_compiler
-    from triton_adadelta.watch import watch_library
-
-    if find_compiler("c++") is None:
-        pytest.skip("no C++ compiler: the compiled change watch cannot be built")
-    library = watch_library()
-    assert library is not None, "a C++ compiler is present but the change watch did not build"
-    return library

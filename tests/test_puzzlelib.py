@@ -89,13 +89,13 @@ def test_matches_torch_adadelta_with_lr_1(backend, use_global_state):
     assert torch.equal(net.unused.weight, reference_net.unused.weight)
 
 
-def test_global_state_packs_one_buffer_per_dtype_and_per_tensor_one_per_param():
+def test_global_state_is_one_flat_state_per_dtype_and_per_tensor_one_per_param():
     net = make_net()
     optimizer = AdaDelta()
     optimizer.setupOn(net, useGlobalState=True)
-    assert sorted(str(buffer.dtype) for buffer in optimizer.buffers) == ["torch.float32", "torch.float64"]
+    assert sorted(str(flat.dtype) for flat in optimizer.states) == ["torch.float32", "torch.float64"]
     optimizer.setupOn(net, useGlobalState=False)
-    assert len(optimizer.buffers) == len(list(net.parameters()))
+    assert len(optimizer.states) == len(list(net.parameters()))
 
 
 def test_defaults_are_puzzlelibs():
@@ -213,41 +213,33 @@ def test_invalid_hyper_parameter_set_between_steps_raises_and_keeps_the_old_valu
     assert (optimizer.rho, optimizer.epsilon) == (0.95, 1e-6)
 
 
-def test_zero_grad_params_keeps_grads_as_views_of_the_flat_buffer():
+def test_zero_grad_params_zeroes_the_grads_in_place_and_backward_accumulates_into_them():
     net = make_net()
     optimizer = AdaDelta()
     optimizer.setupOn(net)
     train(optimizer, net, range(2))
-    for buffer in optimizer.buffers:
-        for i, segment in enumerate(buffer.segments):
-            param = segment.param
-            if param.grad is None:
-                continue
-            assert param.grad is buffer.grad_views[i]
-            assert param.grad.untyped_storage().data_ptr() == buffer.grad.untyped_storage().data_ptr()
-            assert param.untyped_storage().data_ptr() == buffer.param.untyped_storage().data_ptr()
+    params = list(net.parameters())
+    grads = [param.grad for param in params]
     optimizer.zeroGradParams()
-    for buffer in optimizer.buffers:
-        assert not buffer.grad.any()
-        views = list(buffer.grad_views)
-        backward(net, 3)  # accumulates in place: no new grad tensors
-        assert all(s.param.grad is None or s.param.grad is v for s, v in zip(buffer.segments, views))
-        optimizer.zeroGradParams()
+    assert all(param.grad is grad for param, grad in zip(params, grads)), "the same grad tensors"
+    assert all(grad is None or not grad.any() for grad in grads)
+    backward(net, 3)  # accumulates in place: no new grad tensors
+    assert all(param.grad is grad for param, grad in zip(params, grads))
+    optimizer.zeroGradParams()
     assert net.unused.weight.grad is None
 
 
-def test_assigned_grad_is_copied_in_and_zeroed_as_a_view():
+def test_assigned_grad_is_zeroed_in_place():
     net = make_net()
     optimizer = AdaDelta()
     optimizer.setupOn(net)
-    net.unused.weight.grad = torch.ones(3, 3)
+    grad = torch.ones(3, 3)
+    net.unused.weight.grad = grad
     optimizer.zeroGradParams()
-    assert not net.unused.weight.grad.any()
-    buffer = next(b for b in optimizer.buffers if id(net.unused.weight) in b.index)
-    assert net.unused.weight.grad is buffer.grad_views[buffer.index[id(net.unused.weight)]]
+    assert net.unused.weight.grad is grad and not grad.any()
 
 
-def test_replaced_param_data_is_repacked_and_state_kept(backend):
+def test_replaced_param_data_is_followed_and_state_kept(backend):
     net, reference_net = make_net(), make_net()
     optimizer = AdaDelta()
     optimizer.setupOn(net)

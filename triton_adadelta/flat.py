@@ -442,13 +442,13 @@ class FlatState:
         contiguous = list(map(_IS_CONTIGUOUS, params))
         if param_ptrs != self._param_ptrs or not all(contiguous):
             self._check_params(param_ptrs)
-        same_grads = len(grads) == len(self._seen_grads) and all(map(operator.is_, grads, self._seen_grads))
-        if not same_grads:
-            self._check_grads(grads)
         grad_ptrs = [0 if grad is None else grad.data_ptr() for grad in grads]
         seen = (param_ptrs, grad_ptrs, contiguous)
+        same_grads = len(grads) == len(self._seen_grads) and all(map(operator.is_, grads, self._seen_grads))
         if same_grads and seen == self._seen_ptrs:
             return self._plan
+        # New grads, or a grad whose `.data` was replaced.
+        self._check_grads(grads)
         segments = [i for i, grad in enumerate(grads) if grad is not None]
         self._plan = self._make_plan(segments, grads, contiguous) if segments else None
         self._seen_grads = grads

@@ -1,11 +1,11 @@
 """Compile a small native library once per machine, and cache it on disk.
 
-The CPU path's fused loop (:mod:`triton_adadelta.cpu`) and the change watcher of the
-flat buffers (:mod:`triton_adadelta.watch`) are built this way. A library is keyed
-on everything that decides its code (source, flags, compiler, CPU, torch version),
-so a cached one is reused only where it is valid. Where nothing can be built (no
-compiler, no headers), :func:`build_cached` returns None and the caller falls back
-to Python.
+The CPU path's fused loop (:mod:`triton_adadelta.cpu`, from ``csrc/adadelta_cpu.c``)
+is built this way. A library is keyed on everything that decides its code (source,
+flags, compiler, CPU, torch version), so a cached one is reused only where it is
+valid. Where nothing can be built (no compiler, no headers, a compiler error),
+:func:`build_cached` raises :class:`BuildError` saying why, and the caller falls
+back to Python.
 """
 
 from __future__ import annotations
@@ -22,7 +22,15 @@ from typing import Callable, TypeVar
 
 Library = TypeVar("Library", bound=ctypes.CDLL)
 
-__all__ = ["build_cached", "cache_dir", "find_compiler", "load_cached"]
+__all__ = ["BuildError", "build_cached", "cache_dir", "cpu_model", "find_compiler", "load_cached"]
+
+# How much of a failed compiler's stderr a BuildError keeps: the first error and its
+# context, not pages of follow-on errors.
+_STDERR_TAIL_CHARS = 2000
+
+
+class BuildError(RuntimeError):
+    """A native library could not be built or loaded; the message says why."""
 
 
 def cache_dir() -> Path:
@@ -50,60 +58,75 @@ def find_compiler(language: str) -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-def build_cached(name: str, source: str, *, language: str, flags: list[str], key_extra: str = "") -> Path | None:
-    """Compile ``source`` into a shared library, or find it in the cache.
+def _tail(text: str | bytes | None) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    text = (text or "").strip()
+    return text if len(text) <= _STDERR_TAIL_CHARS else "..." + text[-_STDERR_TAIL_CHARS:]
+
+
+def build_cached(name: str, source: Path, *, language: str, flags: list[str], key_extra: str = "") -> Path:
+    """Compile the source file ``source`` into a shared library, or find it in the cache.
 
     Args:
         name: file name stem of the library.
-        source: the C or C++ source.
+        source: the C or C++ source file (its text is part of the cache key).
         language: ``"c"`` or ``"c++"``.
-        flags: compiler and linker flags (``-shared`` and ``-o`` are the caller's).
+        flags: compiler and linker flags (``-o`` is the caller's).
         key_extra: anything else the binary depends on (a CPU model, a torch version).
 
     Returns:
-        The library's path, or None where it cannot be built.
+        The library's path.
+
+    Raises:
+        BuildError: no compiler, an unreadable source, or a failed compile (with the
+            tail of the compiler's stderr).
     """
     compiler = find_compiler(language)
     if compiler is None:
-        return None
-    key = hashlib.sha256("\0".join([source, " ".join(flags), compiler, platform.machine(), key_extra]).encode())
+        raise BuildError(f"no {language} compiler found (set {'CC' if language == 'c' else 'CXX'} or install one)")
+    try:
+        text = source.read_text()
+    except OSError as error:
+        raise BuildError(f"cannot read {source}: {error}") from error
+    key = hashlib.sha256("\0".join([text, " ".join(flags), compiler, platform.machine(), key_extra]).encode())
     path = cache_dir() / f"{name}_{key.hexdigest()[:24]}.so"
     if path.exists():
         return path
+    command = [compiler, str(source), "-o", "<library>", *flags]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as build_dir:
-            source_path = Path(build_dir) / (name + (".c" if language == "c" else ".cpp"))
-            source_path.write_text(source)
             built = Path(build_dir) / path.name
-            subprocess.run(
-                [compiler, str(source_path), "-o", str(built), *flags],
-                check=True,
-                capture_output=True,
-                timeout=300,
-            )
+            command[3] = str(built)
+            subprocess.run(command, check=True, capture_output=True, timeout=300)
             # Atomic: a concurrent process sees no library or a whole one.
             os.replace(built, path)
-    except (OSError, subprocess.SubprocessError):
-        return None
+    except subprocess.CalledProcessError as error:
+        raise BuildError(f"`{' '.join(command)}` failed with exit code {error.returncode}:\n{_tail(error.stderr)}") from error
+    except subprocess.TimeoutExpired as error:
+        raise BuildError(f"`{' '.join(command)}` did not finish in {error.timeout:.0f} s") from error
+    except OSError as error:
+        raise BuildError(f"cannot build {name} in {path.parent}: {error}") from error
     return path
 
 
 def load_cached(
     name: str,
-    source: str,
+    source: Path,
     *,
     language: str,
     flags: list[str],
     key_extra: str = "",
     loader: Callable[[str], Library],
-) -> Library | None:
-    """:func:`build_cached`, then load the library with ``loader`` (``ctypes.CDLL`` or
-    ``ctypes.PyDLL``); None where it cannot be built or loaded."""
+) -> Library:
+    """:func:`build_cached`, then load the library with ``loader`` (``ctypes.CDLL``).
+
+    Raises:
+        BuildError: where it cannot be built or loaded, saying why.
+    """
     path = build_cached(name, source, language=language, flags=flags, key_extra=key_extra)
-    if path is None:
-        return None
     try:
         return loader(str(path))
-    except OSError:
-        return None
+    except OSError as error:
+        raise BuildError(f"cannot load {path}: {error}") from error

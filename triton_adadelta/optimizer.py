@@ -128,6 +128,8 @@ class Adadelta(Optimizer):
             "master_weights": master_weights,
             "stochastic_rounding": stochastic_rounding,
         }
+        # True: a flat state (and a launch) per param, as PuzzleLib's per-tensor mode.
+        self.state_per_param = False
         # The flat states, and each group's params when they were laid out.
         self._flat_states: list[FlatState] = []
         self._laid_out: list[list[torch.Tensor]] | None = None
@@ -168,6 +170,7 @@ class Adadelta(Optimizer):
                 group.setdefault(name, self.defaults.get(name, False) if name != "foreach" else None)
         # A copy (deepcopy, pickle) carries `state`, views of the flat states, and lays
         # them out anew at its first step.
+        self.__dict__.setdefault("state_per_param", False)
         self.__dict__.setdefault("_flat_states", [])
         self.__dict__.setdefault("_laid_out", None)
 
@@ -182,11 +185,12 @@ class Adadelta(Optimizer):
         by_key: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[int]]] = {}
         for g, group in enumerate(self.param_groups):
             for param in group["params"]:
-                params, groups = by_key.setdefault(state_key(param, group), ([], []))
+                key = state_key(param, group) + ((id(param),) if self.state_per_param else ())
+                params, groups = by_key.setdefault(key, ([], []))
                 params.append(param)
                 groups.append(g)
         states = []
-        for (_, _, master, stochastic), (params, groups) in by_key.items():
+        for (_, _, master, stochastic, *_), (params, groups) in by_key.items():
             flat = FlatState(params, groups, master_weights=master, stochastic_rounding=stochastic)
             for i, param in enumerate(params):
                 carried = self.state.get(param)

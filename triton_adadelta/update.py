@@ -56,9 +56,14 @@ def update_(
     seed: int = 0,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> None:
-    """One step over every piece of ``table``: one launch (see :func:`adadelta_step_`)."""
-    step = cpu.adadelta_step_cpu_ if backend_for(square_avg.device) == "torch" else adadelta_step_
+    """One step over every piece of ``table``: one launch (see :func:`adadelta_step_`).
+
+    ``backend`` (``"triton"`` or ``"torch"``) overrides :func:`backend_for`.
+    """
+    backend = backend or backend_for(square_avg.device)
+    step = cpu.adadelta_step_cpu_ if backend == "torch" else adadelta_step_
     step(
         table,
         square_avg,
@@ -88,6 +93,7 @@ def step_flat_(
     seed: int = 0,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> None:
     """One step on flat 1-D buffers, as a one-segment table (tests and benchmarks).
 
@@ -95,6 +101,7 @@ def step_flat_(
         param, grad: 1-D contiguous buffers of one dtype; ``param`` is updated in place.
         square_avg, acc_delta, master: the state, as in :func:`adadelta_step_`.
         lr, rho, eps, weight_decay, maximize: as in ``torch.optim.Adadelta``.
+        backend: ``"triton"`` or ``"torch"`` (default: the device's, :func:`backend_for`).
     """
     if param.shape != grad.shape or param.shape != square_avg.shape:
         raise ValueError(f"param {tuple(param.shape)}, grad {tuple(grad.shape)} and state "
@@ -116,4 +123,5 @@ def step_flat_(
         seed=seed,
         grad_scale=grad_scale,
         found_inf=found_inf,
+        backend=backend,
     )
