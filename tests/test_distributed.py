@@ -159,6 +159,11 @@ def make_balanced_model() -> nn.Module:
     return nn.Sequential(nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 12))
 
 
+def loss_of_balanced(model: nn.Module, rank: int, step: int) -> torch.Tensor:
+    inputs, target = batch(rank, step)
+    return nn.functional.mse_loss(model(inputs)[:, : target.shape[1]], target)
+
+
 def train_zero(rank: int, parameters_as_bucket_view: bool) -> list[torch.Tensor]:
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
@@ -175,9 +180,7 @@ def train_zero(rank: int, parameters_as_bucket_view: bool) -> list[torch.Tensor]
     )
     for step in range(STEPS):
         optimizer.zero_grad()
-        inputs, target = batch(rank, step)
-        loss = nn.functional.mse_loss(ddp(inputs)[:, : target.shape[1]], target)
-        loss.backward()
+        (loss_of_balanced if parameters_as_bucket_view else loss_of)(ddp, rank, step).backward()
         optimizer.step()
     return [p.detach().clone() for p in model.parameters()]
 
@@ -347,10 +350,11 @@ def test_zero_redundancy_optimizer_matches_single_process(sharded_results):
     assert_ranks_match_reference(sharded_results["zero"], TORCH_HPARAMS)
 
 
-def test_zero_parameters_as_bucket_view_is_refused(sharded_results):
-    # ZeRO's buckets own the params' storage; rebinding params into our flat buffer
-    # would leave ZeRO broadcasting stale buckets and the ranks would drift apart.
-    assert_refused(sharded_results["zero_bucket_view"], "ValueError", "parameters_as_bucket_view")
+def test_zero_parameters_as_bucket_view_matches_single_process(sharded_results):
+    # ZeRO's buckets own the params' storage; the optimizer updates the params where
+    # they are, inside the buckets, so ZeRO broadcasts the updated values.
+    expected = reference_params(TORCH_HPARAMS, make_balanced_model, loss_of_balanced)
+    assert_ranks_match_reference(sharded_results["zero_bucket_view"], TORCH_HPARAMS, expected)
 
 
 def test_fsdp2_dtensor_params_are_refused(sharded_results):

@@ -1,28 +1,35 @@
-"""The CPU path: the AdaDelta update over the same flat buffers, without Triton.
+"""The CPU path: the AdaDelta update over the same segment table, without Triton.
 
 This is the update for CPU tensors (and any device Triton does not run on) when
-``TRITON_INTERPRET`` is not set. It takes the same arguments as the Triton
-launcher, :func:`triton_adadelta.kernels.adadelta_step_`, and follows the same
-equations in the same order (see that module's docstring).
+``TRITON_INTERPRET`` is not set. :func:`adadelta_step_cpu_` takes the arguments of
+the Triton launcher, :func:`triton_adadelta.kernels.adadelta.adadelta_step_`, and
+follows the same equations in the same order (see that module's docstring): it reads
+each param and grad where the model put them, through the table's addresses, and
+the state at the table's offsets.
 
-Two implementations, chosen per call:
+Two implementations; :func:`implementation` says which one runs a given state:
 
-* **native** (fp32 and fp64 buffers on the CPU): one fused C loop, compiled once
-  per machine with the system C compiler and cached on disk, then called through
-  ``ctypes`` (which releases the GIL). It reads ``p g v u`` once and writes
-  ``p v u`` once, the 28 B/param floor for fp32, and splits large buffers across
-  ``torch.get_num_threads()`` threads. Every operation rounds as the corresponding
-  eager torch op does on this CPU (torch's ``add(alpha=)`` and ``addcmul`` are fused
-  multiply-adds, everything else rounds once per op). Its sqrt is the correctly
-  rounded one, as in the Triton kernel; with ``TRITON_ADADELTA_CPU_SQRT=torch`` it
-  calls torch's own sqrt and is bit-identical to ``torch.optim.Adadelta``
-  (:func:`matches_torch_sqrt`). The first call in a fresh
+* ``"cpu-native"`` (fp32 and fp64 params): one fused C loop over the whole table
+  (``csrc/adadelta_cpu.c``), compiled once per machine with the system C compiler,
+  cached on disk, and called through ``ctypes`` (which releases the GIL). It reads
+  ``p g v u`` once and writes ``p v u`` once, the 28 B/param floor for fp32, and
+  splits a large table across ``torch.get_num_threads()`` threads. Every operation
+  rounds as the corresponding eager torch op does on this CPU (torch's
+  ``add(alpha=)`` and ``addcmul`` are fused multiply-adds, everything else rounds
+  once per op). Its sqrt is the correctly rounded one, as in the Triton kernel; with
+  ``TRITON_ADADELTA_CPU_SQRT=torch`` it calls torch's own sqrt and is bit-identical
+  to ``torch.optim.Adadelta`` (:func:`matches_torch_sqrt`). The first call in a fresh
   cache compiles for about 3 s; later processes load the cached library
   (:mod:`triton_adadelta.native_build`).
-* **chunked** (everything else: bf16/fp16 params, master weights, stochastic
-  rounding, other devices, or no C compiler): torch ops walked over cache-sized
-  chunks, so each chunk is read from memory once and the dozen ops of the update
-  then run on data still in cache. Set ``TRITON_ADADELTA_NATIVE_CPU=0`` to force it.
+* ``"cpu-chunked"`` (everything else: bf16/fp16 params, master weights, stochastic
+  rounding, other devices, no C compiler, or ``TRITON_ADADELTA_NATIVE_CPU=0``): torch
+  ops over cache-sized chunks of the table. Small params are gathered into one
+  chunk (one ``torch.cat``) and written back with one ``torch._foreach_copy_``, so
+  a thousand small params cost a few ops, not a thousand times a dozen.
+
+Neither reads a tensor's value on the host: lr (in the hyper-parameter table),
+``grad_scale`` and ``found_inf`` are read by the C loop through pointers, and by
+the chunked ops on the device, so ``step()`` stays free of host syncs.
 """
 
 from __future__ import annotations
@@ -30,177 +37,77 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import warnings
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .native_build import cpu_model, load_cached
+from .kernels.adadelta import (
+    ALIGNED_ROW,
+    EPS,
+    GRAD_ROW,
+    GROUP_ROW,
+    LOW_PRECISION,
+    LR,
+    LR_IS_TENSOR,
+    MAXIMIZE,
+    N_HPARAMS,
+    N_TABLE_ROWS,
+    NUMEL_ROW,
+    ONE_MINUS_RHO,
+    PARAM_ROW,
+    RHO,
+    STATE_ROW,
+    WEIGHT_DECAY,
+    SegmentTable,
+    check_launch,
+    state_dtype_for,
+)
+from .flat import hparams_table, table_for_tensors
+from .native_build import BuildError, cpu_model, load_cached
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "NATIVE_PARALLEL_MIN_ELEMENTS",
+    "adadelta_step_cpu_",
+    "implementation",
+    "matches_torch_sqrt",
+    "native_library",
+    "stochastic_round_",
+]
 
 # Elements per chunk of the chunked path: 64K fp32 elements is 256 KiB per buffer,
-# so the chunk's p, g, v, u and three scratch buffers stay within a 2 MiB L2.
+# so the chunk's p, g, v, u and the scratch buffers stay within a 2 MiB L2.
 # (Not re-tuned: fp32/fp64 take the native loop; this path serves the other modes.)
 CHUNK_ELEMENTS = 1 << 16
 
-# Below this many elements the native loop runs on the calling thread only: starting
-# a thread costs ~20 us, more than a 256K-element update saves by splitting.
+# A param at least this long gets chunks of its own, updated in place; shorter
+# ones are gathered with their neighbours.
+_OWN_CHUNK_ELEMENTS = CHUNK_ELEMENTS // 2
+
+# Below this many elements in the table the native loop runs on the calling thread
+# only: starting a thread costs ~20 us, more than a 256K-element update saves by
+# splitting.
 NATIVE_PARALLEL_MIN_ELEMENTS = 1 << 18
 
-# The fused update in C. `fma` is used exactly where eager torch's CPU kernels use a
-# fused multiply-add (`add(alpha=)` and `addcmul`); the library is compiled with
-# -ffp-contract=off so that no other multiply-add is contracted, and sqrt and
-# division are the IEEE ones, so every value rounds as in torch.optim.Adadelta.
-_NATIVE_SOURCE = r"""
-#include <math.h>
-#include <pthread.h>
-#include <stdint.h>
+_SOURCE = Path(__file__).parent / "csrc" / "adadelta_cpu.c"
 
-#define FLAG_GRAD_SCALE 1
-#define FLAG_MAXIMIZE 2
-#define FLAG_WEIGHT_DECAY 4
-#define FLAG_LR_TENSOR 8
-
-/* Elements per block: the block's g, sqrt inputs and outputs stay in L1 (256 was
-   fastest of 256, 1024 and 4096 in a 16M-element step on this machine). */
-#define BLOCK 256
-
-/* torch's CPU sqrt is MKL VML's vmsSqrt/vmdSqrt (mode HA | FTZDAZ_OFF |
-   ERRMODE_IGNORE), which is not always correctly rounded: call the same function,
-   found in libtorch_cpu by the caller, on each block. NULL: the C library's sqrt. */
-typedef void (*vml_sqrt_f32)(int n, const float *a, float *r, long long mode);
-typedef void (*vml_sqrt_f64)(int n, const double *a, double *r, long long mode);
-static vml_sqrt_f32 torch_sqrt_f32 = 0;
-static vml_sqrt_f64 torch_sqrt_f64 = 0;
-static const long long vml_mode = 0x2 | 0x140000 | 0x100;
-
-void set_sqrt(void *sqrt_f32, void *sqrt_f64) {
-    torch_sqrt_f32 = (vml_sqrt_f32)sqrt_f32;
-    torch_sqrt_f64 = (vml_sqrt_f64)sqrt_f64;
-}
-
-static void sqrt_block_f32(int n, float *x, int use_torch_sqrt) {
-    if (use_torch_sqrt && torch_sqrt_f32) torch_sqrt_f32(n, x, x, vml_mode);
-    else for (int i = 0; i < n; ++i) x[i] = sqrtf(x[i]);
-}
-
-static void sqrt_block_f64(int n, double *x, int use_torch_sqrt) {
-    if (use_torch_sqrt && torch_sqrt_f64) torch_sqrt_f64(n, x, x, vml_mode);
-    else for (int i = 0; i < n; ++i) x[i] = sqrt(x[i]);
-}
-
-#define DEFINE_UPDATE(T, SUFFIX, FMA)                                                 \
-typedef struct {                                                                      \
-    T *param; const T *grad; T *square_avg; T *acc_delta;                             \
-    int64_t start, end;                                                               \
-    T lr, rho, one_minus_rho, eps, weight_decay, grad_scale;                          \
-    int flags, use_torch_sqrt;                                                        \
-} args_##SUFFIX;                                                                      \
-                                                                                      \
-static inline __attribute__((always_inline)) void update_##SUFFIX(                    \
-        const args_##SUFFIX *a, const int flags) {                                    \
-    T *restrict param = a->param; const T *restrict grad = a->grad;                   \
-    T *restrict square_avg = a->square_avg; T *restrict acc_delta = a->acc_delta;     \
-    const T lr = a->lr, rho = a->rho, one_minus_rho = a->one_minus_rho;               \
-    const T eps = a->eps, weight_decay = a->weight_decay, grad_scale = a->grad_scale; \
-    T g_block[BLOCK] __attribute__((aligned(64)));                                    \
-    T std[BLOCK] __attribute__((aligned(64)));                                        \
-    T delta[BLOCK] __attribute__((aligned(64)));                                      \
-    for (int64_t first = a->start; first < a->end; first += BLOCK) {                  \
-        const int n = a->end - first < BLOCK ? (int)(a->end - first) : BLOCK;         \
-        T *restrict p = param + first; const T *restrict gr = grad + first;           \
-        T *restrict v = square_avg + first; T *restrict u = acc_delta + first;        \
-        for (int i = 0; i < n; ++i) {                                                 \
-            T g = gr[i];                                                              \
-            if (flags & FLAG_GRAD_SCALE) g = g / grad_scale;                          \
-            if (flags & FLAG_MAXIMIZE) g = -g;                                        \
-            if (flags & FLAG_WEIGHT_DECAY) g = FMA(p[i], weight_decay, g);            \
-            const T square = FMA(one_minus_rho * g, g, v[i] * rho);                   \
-            v[i] = square;                                                            \
-            g_block[i] = g;                                                           \
-            std[i] = square + eps;                                                    \
-            delta[i] = u[i] + eps;                                                    \
-        }                                                                             \
-        sqrt_block_##SUFFIX(n, std, a->use_torch_sqrt);                               \
-        sqrt_block_##SUFFIX(n, delta, a->use_torch_sqrt);                             \
-        for (int i = 0; i < n; ++i) {                                                 \
-            const T d = delta[i] / std[i] * g_block[i];                               \
-            u[i] = FMA(one_minus_rho * d, d, u[i] * rho);                             \
-            if (flags & FLAG_LR_TENSOR) p[i] = p[i] - d * lr;                         \
-            else p[i] = FMA(d, -lr, p[i]);                                            \
-        }                                                                             \
-    }                                                                                 \
-}                                                                                     \
-                                                                                      \
-/* One loop per flag combination, so that each is vectorized without branches. */   \
-static void *run_##SUFFIX(void *arg) {                                                \
-    const args_##SUFFIX *a = (const args_##SUFFIX *)arg;                              \
-    switch (a->flags) {                                                               \
-        case 0: update_##SUFFIX(a, 0); break;   case 1: update_##SUFFIX(a, 1); break; \
-        case 2: update_##SUFFIX(a, 2); break;   case 3: update_##SUFFIX(a, 3); break; \
-        case 4: update_##SUFFIX(a, 4); break;   case 5: update_##SUFFIX(a, 5); break; \
-        case 6: update_##SUFFIX(a, 6); break;   case 7: update_##SUFFIX(a, 7); break; \
-        case 8: update_##SUFFIX(a, 8); break;   case 9: update_##SUFFIX(a, 9); break; \
-        case 10: update_##SUFFIX(a, 10); break; case 11: update_##SUFFIX(a, 11); break;\
-        case 12: update_##SUFFIX(a, 12); break; case 13: update_##SUFFIX(a, 13); break;\
-        case 14: update_##SUFFIX(a, 14); break; default: update_##SUFFIX(a, 15); break;\
-    }                                                                                 \
-    return 0;                                                                         \
-}                                                                                     \
-                                                                                      \
-/* lr_ptr, grad_scale_ptr, found_inf_ptr: 1-element tensors (NULL: not given), read  \
-   here so that Python never reads a tensor's value: step() stays free of host reads. \
-   Returns 1 when found_inf is set: nothing was written. */                          \
-int adadelta_step_##SUFFIX(T *param, const T *grad, T *square_avg, T *acc_delta,      \
-        int64_t n_elements, T lr, T rho, T one_minus_rho, T eps, T weight_decay,      \
-        const T *lr_ptr, const T *grad_scale_ptr, const T *found_inf_ptr,             \
-        int flags, int n_threads, int use_torch_sqrt) {                               \
-    args_##SUFFIX args[64];                                                           \
-    if (found_inf_ptr && *found_inf_ptr != 0) return 1;                               \
-    if (lr_ptr) lr = *lr_ptr;                                                         \
-    const T grad_scale = grad_scale_ptr ? *grad_scale_ptr : (T)1;                     \
-    pthread_t threads[64];                                                            \
-    int started[64] = {0};                                                            \
-    if (n_threads < 1) n_threads = 1;                                                 \
-    if (n_threads > 64) n_threads = 64;                                               \
-    /* Shares are whole 64-byte lines so that no two threads write one line. */       \
-    const int64_t line = 64 / (int64_t)sizeof(T);                                     \
-    int64_t share = (n_elements + n_threads - 1) / n_threads;                         \
-    share = (share + line - 1) / line * line;                                         \
-    for (int t = 0; t < n_threads; ++t) {                                             \
-        args_##SUFFIX *a = &args[t];                                                  \
-        a->param = param; a->grad = grad;                                             \
-        a->square_avg = square_avg; a->acc_delta = acc_delta;                         \
-        a->start = t * share < n_elements ? t * share : n_elements;                   \
-        a->end = a->start + share < n_elements ? a->start + share : n_elements;       \
-        a->lr = lr; a->rho = rho; a->one_minus_rho = one_minus_rho; a->eps = eps;     \
-        a->weight_decay = weight_decay; a->grad_scale = grad_scale;                   \
-        a->flags = flags & 15; a->use_torch_sqrt = use_torch_sqrt;                    \
-    }                                                                                 \
-    for (int t = 1; t < n_threads; ++t)                                               \
-        started[t] = args[t].start < args[t].end                                      \
-            && pthread_create(&threads[t], 0, run_##SUFFIX, &args[t]) == 0;           \
-    run_##SUFFIX(&args[0]);                                                           \
-    for (int t = 1; t < n_threads; ++t) {                                             \
-        if (started[t]) pthread_join(threads[t], 0);                                  \
-        else run_##SUFFIX(&args[t]);  /* no thread could be started: run it here */   \
-    }                                                                                 \
-    return 0;                                                                         \
-}
-
-DEFINE_UPDATE(float, f32, fmaf)
-DEFINE_UPDATE(double, f64, fma)
-"""
-
-# -ffp-contract=off: only the explicit fma() calls fuse (see above). -fno-math-errno
+# -ffp-contract=off: only the explicit fma() calls fuse (see the source). -fno-math-errno
 # lets sqrt vectorize; it changes no value. No -ffast-math: it would reassociate.
 _NATIVE_CFLAGS = [
     "-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-fno-math-errno",
-    "-fPIC", "-shared", "-pthread",
+    "-fPIC", "-shared", "-pthread", "-lm",
 ]  # fmt: skip
 
-_FLAG_GRAD_SCALE = 1
-_FLAG_MAXIMIZE = 2
-_FLAG_WEIGHT_DECAY = 4
-_FLAG_LR_TENSOR = 8
+# The table layout the C source was written for, as it exports it (adadelta_layout).
+_LAYOUT = (
+    PARAM_ROW, GRAD_ROW, STATE_ROW, NUMEL_ROW, GROUP_ROW, ALIGNED_ROW, N_TABLE_ROWS,
+    LR, RHO, ONE_MINUS_RHO, EPS, WEIGHT_DECAY, MAXIMIZE, LR_IS_TENSOR, N_HPARAMS,
+)  # fmt: skip
+
+_NATIVE_DTYPES = (torch.float32, torch.float64)
 
 _native_lock = threading.Lock()
 _native_library: ctypes.CDLL | None = None
@@ -209,21 +116,32 @@ _native_tried = False
 _torch_sqrt_checked: bool | None = None
 
 
-def _build_native_library() -> ctypes.CDLL | None:
-    """Compile (or load from the cache) the fused loop; None if it cannot be built."""
+# --------------------------------------------------------------------------- native
+
+
+def _build_native_library() -> ctypes.CDLL:
+    """Compile (or load from the cache) the fused loop.
+
+    Raises:
+        BuildError: saying why it cannot be built, loaded, or trusted.
+    """
     # -march=native code is only valid on this kind of CPU: the cache is keyed on it.
     library = load_cached(
-        "adadelta_cpu", _NATIVE_SOURCE, language="c", flags=[*_NATIVE_CFLAGS, "-lm"], key_extra=cpu_model(),
-        loader=ctypes.CDLL,
-    )  # fmt: skip
-    if library is None:
-        return None
-    for suffix, scalar in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        "adadelta_cpu", _SOURCE, language="c", flags=_NATIVE_CFLAGS, key_extra=cpu_model(), loader=ctypes.CDLL
+    )
+    layout = tuple((ctypes.c_int64 * len(_LAYOUT)).in_dll(library, "adadelta_layout"))
+    if layout != _LAYOUT:
+        raise BuildError(f"{_SOURCE.name} reads the table as {layout}, but kernels/adadelta.py writes {_LAYOUT}")
+    for suffix in ("f32", "f64"):
         function = getattr(library, f"adadelta_step_{suffix}")
         function.restype = ctypes.c_int
-        function.argtypes = (
-            [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [scalar] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
-        )
+        # table, n_pieces, square_avg, acc_delta, n_state, hparams, n_groups,
+        # grad_scale, found_inf, max_threads, parallel_min_elements, use_torch_sqrt
+        function.argtypes = [
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_int, ctypes.c_int64, ctypes.c_int,
+        ]  # fmt: skip
     library.set_sqrt.restype = None
     library.set_sqrt.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     library.set_sqrt(*_torch_vml_sqrt())
@@ -259,77 +177,90 @@ def _torch_vml_sqrt() -> tuple[int | None, int | None]:
 
 
 def _native_matches_torch(library: ctypes.CDLL) -> bool:
-    """Self-check: the native loop gives the chunked torch ops' bits on awkward data.
+    """Self-check: with torch's sqrt, the native loop gives the torch ops' bits.
 
+    One table per dtype, of awkward sizes (several blocks, ragged tails, an empty
+    tail) in eight param groups, one per combination of maximize, weight decay and a
+    tensor lr, with and without a grad scale, on data spanning many magnitudes.
     Run once per process; a mismatch (an unexpected sqrt, a compiler that contracts)
     switches the native loop off instead of changing results.
     """
     generator = torch.Generator().manual_seed(0)
-    n_elements = 3 * 1024 + 5  # several blocks and a ragged tail
-    for dtype in (torch.float32, torch.float64):
-        for flags in range(16):
-            maximize = bool(flags & _FLAG_MAXIMIZE)
-            weight_decay = 0.01 if flags & _FLAG_WEIGHT_DECAY else 0.0
-            lr: float | torch.Tensor = torch.tensor(0.7) if flags & _FLAG_LR_TENSOR else 0.7
-            grad_scale = torch.tensor(3.0) if flags & _FLAG_GRAD_SCALE else None
-            magnitude = torch.exp(torch.randn(n_elements, generator=generator, dtype=torch.float64) * 4)
-            buffers = [
-                torch.randn(n_elements, generator=generator, dtype=dtype),
-                (torch.randn(n_elements, generator=generator, dtype=torch.float64) * magnitude).to(dtype),
-                torch.rand(n_elements, generator=generator, dtype=dtype) * magnitude.to(dtype),
-                torch.rand(n_elements, generator=generator, dtype=dtype) * 1e-3,
-            ]
-            expected = [buffer.clone() for buffer in buffers]
-            hparams = dict(lr=lr, rho=0.9, eps=1e-6, weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale)
-            _native_step_(library, *buffers, **hparams, use_torch_sqrt=True)
-            _chunked_step_(*expected, master=None, stochastic_rounding=False, seed=0, **hparams)
-            if not all(torch.equal(a, b) for a, b in zip(buffers, expected)):
+    sizes = (1, 3, 4, 5, 255, 257, 1031, 3077)
+    for dtype in _NATIVE_DTYPES:
+        groups = tuple(
+            (None if flags & 4 else 0.7, 0.9, 1e-6, 0.01 if flags & 2 else 0.0, bool(flags & 1)) for flags in range(8)
+        )
+        hparams = hparams_table(groups, dtype, torch.device("cpu"))
+        hparams[:, LR] = 0.7  # the tensor lr's value, as the optimizer copies it in
+        for grad_scale in (None, torch.tensor([3.0])):
+            params, grads = [], []
+            for size in sizes:
+                magnitude = torch.exp(torch.randn(size, generator=generator, dtype=torch.float64) * 4)
+                params.append(torch.randn(size, generator=generator, dtype=dtype))
+                grads.append((torch.randn(size, generator=generator, dtype=torch.float64) * magnitude).to(dtype))
+            table, n_state = table_for_tensors(params, grads, groups=[i % len(groups) for i in range(len(sizes))])
+            square_avg = torch.rand(n_state, generator=generator, dtype=dtype) * 1e3
+            acc_delta = torch.rand(n_state, generator=generator, dtype=dtype) * 1e-3
+            expected_params = [param.clone() for param in params]
+            expected_table, _ = table_for_tensors(expected_params, grads, groups=[i % len(groups) for i in range(len(sizes))])
+            expected_state = (square_avg.clone(), acc_delta.clone())
+            _native_step_(library, table, square_avg, acc_delta, hparams, grad_scale, None, use_torch_sqrt=True)
+            _chunked_step_(expected_table, *expected_state, hparams, None, False, 0, grad_scale, None)
+            results = [*params, square_avg, acc_delta]
+            if not all(torch.equal(a, b) for a, b in zip(results, [*expected_params, *expected_state])):
                 return False
     return True
 
 
-def native_library() -> ctypes.CDLL | None:
-    """The compiled fused loop, built on first use; None where there is no C compiler.
+def _warn_once_native_off(reason: str) -> None:
+    warnings.warn(
+        f"triton_adadelta: the native CPU loop is off, and the CPU path runs chunked torch ops (slower): {reason}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
-    ``TRITON_ADADELTA_NATIVE_CPU=0`` switches it off (the chunked torch path runs).
+
+def native_library() -> ctypes.CDLL | None:
+    """The compiled fused loop, built on first use; None where it cannot run.
+
+    ``TRITON_ADADELTA_NATIVE_CPU=0`` switches it off. A failed build says why in one
+    warning per process. With ``TRITON_ADADELTA_CPU_SQRT=torch`` it runs only after a
+    self-check has found it bit-identical to torch's ops on this machine.
     """
     global _native_library, _native_tried, _torch_sqrt_checked
     if os.environ.get("TRITON_ADADELTA_NATIVE_CPU", "1") == "0":
         return None
     if not _native_tried:
-        with _native_lock:
-            if not _native_tried:
-                _native_library = _build_native_library()
-                _native_tried = True
-    if _native_library is not None and matches_torch_sqrt() and _torch_sqrt_checked is None:
-        with _native_lock:
-            if _torch_sqrt_checked is None:
-                _torch_sqrt_checked = _native_matches_torch(_native_library)
-    if matches_torch_sqrt() and not _torch_sqrt_checked:
+        _load_native()
+    if _native_library is None:
         return None
+    if matches_torch_sqrt():
+        if _torch_sqrt_checked is None:
+            with _native_lock:
+                if _torch_sqrt_checked is None:
+                    _torch_sqrt_checked = _native_matches_torch(_native_library)
+                    if not _torch_sqrt_checked:
+                        _warn_once_native_off(
+                            "with TRITON_ADADELTA_CPU_SQRT=torch it did not match torch's rounding on this machine"
+                        )
+        if not _torch_sqrt_checked:
+            return None
     return _native_library
 
 
-def _native_fits(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    square_avg: torch.Tensor,
-    acc_delta: torch.Tensor,
-    master: torch.Tensor | None,
-    stochastic_rounding: bool,
-    lr: float | torch.Tensor,
-    grad_scale: torch.Tensor | None,
-) -> bool:
-    """Whether the native loop can run these buffers (fp32/fp64 on the CPU, contiguous)."""
-    if master is not None or stochastic_rounding or param.dtype not in (torch.float32, torch.float64):
-        return False
-    for tensor in (param, grad, square_avg, acc_delta):
-        if tensor.device.type != "cpu" or tensor.dtype != param.dtype or not tensor.is_contiguous():
-            return False
-    for scalar in (lr, grad_scale):
-        if isinstance(scalar, torch.Tensor) and scalar.device.type != "cpu":
-            return False
-    return True
+@torch.compiler.disable
+def _load_native() -> None:
+    """Build or load the library once per process (never inside a traced region)."""
+    global _native_library, _native_tried
+    with _native_lock:
+        if _native_tried:
+            return
+        try:
+            _native_library = _build_native_library()
+        except BuildError as error:
+            _warn_once_native_off(str(error))
+        _native_tried = True
 
 
 def _scalar_pointer(value: torch.Tensor | None, dtype: torch.dtype) -> tuple[int | None, torch.Tensor | None]:
@@ -340,58 +271,37 @@ def _scalar_pointer(value: torch.Tensor | None, dtype: torch.dtype) -> tuple[int
     return value.data_ptr(), value
 
 
-def rounds_to_nonzero(value: float, dtype: torch.dtype) -> bool:
-    """Whether a Python scalar is non-zero once rounded to ``dtype`` (no tensor made).
-
-    Weight decay applies when it is non-zero as the update sees it: 1e-308 is 0 in
-    fp32, and must not turn an inf param's grad into NaN through 0 * inf.
-    """
-    if dtype == torch.float64:
-        return value != 0
-    return ctypes.c_float(value).value != 0
-
-
 def _native_step_(
     library: ctypes.CDLL,
-    param: torch.Tensor,
-    grad: torch.Tensor,
+    table: SegmentTable,
     square_avg: torch.Tensor,
     acc_delta: torch.Tensor,
-    *,
-    lr: float | torch.Tensor,
-    rho: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
+    hparams: torch.Tensor,
     grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None = None,
-    use_torch_sqrt: bool | None = None,
+    found_inf: torch.Tensor | None,
+    *,
+    use_torch_sqrt: bool,
 ) -> None:
-    n_elements = param.numel()
-    dtype = param.dtype
-    flags = 0
-    if grad_scale is not None:
-        flags |= _FLAG_GRAD_SCALE
-    if maximize:
-        flags |= _FLAG_MAXIMIZE
-    if rounds_to_nonzero(weight_decay, dtype):
-        flags |= _FLAG_WEIGHT_DECAY
-    lr_pointer, lr_tensor = _scalar_pointer(lr if isinstance(lr, torch.Tensor) else None, dtype)
-    if lr_tensor is not None:
-        flags |= _FLAG_LR_TENSOR
-    scale_pointer, scale_tensor = _scalar_pointer(grad_scale, dtype)
-    inf_pointer, inf_tensor = _scalar_pointer(found_inf, dtype)
-    n_threads = torch.get_num_threads() if n_elements >= NATIVE_PARALLEL_MIN_ELEMENTS else 1
+    """One C call over the whole table (fp32 or fp64 CPU state)."""
+    dtype = square_avg.dtype
+    pieces = table.pieces.contiguous()
+    hparams = hparams.contiguous()
+    scale_pointer, scale = _scalar_pointer(grad_scale, dtype)
+    inf_pointer, inf = _scalar_pointer(found_inf, dtype)
     function = library.adadelta_step_f32 if dtype == torch.float32 else library.adadelta_step_f64
-    if use_torch_sqrt is None:
-        use_torch_sqrt = matches_torch_sqrt()
-    # Scalars are rounded to the buffer's dtype by ctypes, as ATen rounds a Python
-    # scalar to the tensor's dtype; 1 - rho is formed in double first, as torch does.
-    function(
-        param.data_ptr(), grad.data_ptr(), square_avg.data_ptr(), acc_delta.data_ptr(),
-        n_elements, 0.0 if lr_tensor is not None else lr, rho, 1 - rho, eps, weight_decay,
-        lr_pointer, scale_pointer, inf_pointer, flags, n_threads, int(use_torch_sqrt),
+    result = function(
+        pieces.data_ptr(), pieces.shape[1], square_avg.data_ptr(), acc_delta.data_ptr(), square_avg.numel(),
+        hparams.data_ptr(), hparams.shape[0], scale_pointer, inf_pointer,
+        torch.get_num_threads(), NATIVE_PARALLEL_MIN_ELEMENTS, int(use_torch_sqrt),
     )  # fmt: skip
+    if result < 0:
+        raise ValueError(
+            f"the segment table does not fit its state ({square_avg.numel()} elements) or its "
+            f"hyper-parameters ({hparams.shape[0]} groups); nothing was changed"
+        )
+
+
+# -------------------------------------------------------------------------- chunked
 
 
 def stochastic_round_(out: torch.Tensor, value: torch.Tensor, noise: torch.Tensor) -> None:
@@ -409,131 +319,407 @@ def stochastic_round_(out: torch.Tensor, value: torch.Tensor, noise: torch.Tenso
     other = (nearest.view(torch.int16) + (2 * beyond - 1)).view(out.dtype)
     fraction = (value - nearest_value) / (other.float() - nearest_value)
     # When value is exact, fraction is 0 (or NaN for a NaN gap): keep nearest.
-    out.copy_(torch.where(noise < fraction, other, nearest))
+    torch.where(noise < fraction, other, nearest, out=out)
 
 
-def adadelta_step_torch_(
-    param: torch.Tensor,
+def _flat_real(tensor: torch.Tensor) -> torch.Tensor:
+    """The 1-D real view of a contiguous param or grad (complex as its real pairs)."""
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor)
+    return tensor.view(-1)
+
+
+@dataclass
+class _Chunk:
+    """Up to CHUNK_ELEMENTS consecutive state elements of one param group.
+
+    Args:
+        group: the row of the hyper-parameter table.
+        state_start: the chunk's first element in the flat state.
+        span: its length in the state, gaps included.
+        entries: ``(tensor, first, length, position)``: ``length`` elements of
+            ``table.written[tensor]`` from ``first`` on, at ``position`` in the span.
+        mask: True where an entry lies, where the span has gaps (padding, or params
+            outside the table) that must stay untouched; None without gaps.
+        pads: zeros standing in for the params and grads in the gaps.
+    """
+
+    group: int
+    state_start: int
+    span: int
+    entries: list[tuple[int, int, int, int]]
+    mask: torch.Tensor | None = None
+    pads: list[torch.Tensor | None] = field(default_factory=list)  # before each entry
+
+    @property
+    def gathered(self) -> bool:
+        """Several params (or one with gaps around it) gathered into scratch."""
+        return len(self.entries) > 1
+
+
+class _ChunkPlan:
+    """How the chunked path walks the pieces of a table: the parts that do not depend
+    on addresses, shared (through ``table.cache``) by the tables of the same pieces."""
+
+    def __init__(self, table: SegmentTable, device: torch.device) -> None:
+        # The table's own rows, read once per set of pieces (not at every step).
+        numels = table.numels.tolist()
+        state = table.pieces[STATE_ROW].tolist()
+        group = table.pieces[GROUP_ROW].tolist()
+        param_dtype = table.param_dtype
+        compute_dtype = state_dtype_for(param_dtype)
+        self.chunks: list[_Chunk] = []
+        current: _Chunk | None = None
+        for k in range(len(table.written)):
+            bulk, tail = numels[2 * k], numels[2 * k + 1]
+            numel, offset, row = bulk + tail, state[2 * k], group[2 * k]
+            if tail and state[2 * k + 1] != offset + bulk:
+                raise ValueError(f"the tail of param {k} does not follow its bulk in the state")
+            if numel == 0:
+                continue
+            if numel >= _OWN_CHUNK_ELEMENTS:
+                current = None
+                for first in range(0, numel, CHUNK_ELEMENTS):
+                    length = min(CHUNK_ELEMENTS, numel - first)
+                    self.chunks.append(_Chunk(row, offset + first, length, [(k, first, length, 0)]))
+                continue
+            end = offset + numel
+            if (
+                current is None
+                or current.group != row
+                or offset < current.state_start + current.span
+                or end - current.state_start > CHUNK_ELEMENTS
+            ):
+                current = _Chunk(row, offset, 0, [])
+                self.chunks.append(current)
+            current.entries.append((k, 0, numel, offset - current.state_start))
+            current.span = end - current.state_start
+        self.max_span = max((chunk.span for chunk in self.chunks), default=0)
+
+        for chunk in self.chunks:
+            if not chunk.gathered:
+                continue
+            covered, gaps = 0, 0
+            mask = torch.zeros(chunk.span, dtype=torch.bool)
+            for _, _, length, position in chunk.entries:
+                gap = position - covered
+                chunk.pads.append(torch.zeros(gap, dtype=param_dtype, device=device) if gap else None)
+                mask[position : position + length] = True
+                covered, gaps = position + length, gaps + gap
+            if gaps:
+                chunk.mask = mask.to(device)
+
+        # Scratch of the largest chunk, and its views at each gathered entry (the
+        # sources of the write-back), made once: a lock keeps two steps apart.
+        self.lock = threading.Lock()
+        n = self.max_span
+        self.scratch = {
+            name: torch.empty(n, dtype=compute_dtype, device=device)
+            for name in ("grad", "weights", "square_avg", "acc_delta", "new_weights", "std", "delta", "product")
+        }
+        self.scratch["low"] = torch.empty(n, dtype=param_dtype, device=device)
+        self.scratch["old"] = torch.empty(n, dtype=param_dtype, device=device)
+        self.noise = torch.empty(n, dtype=torch.float32, device=device)
+        self.sources = {
+            name: [
+                [self.scratch[name][position : position + length] for _, _, length, position in chunk.entries]
+                if chunk.gathered
+                else []
+                for chunk in self.chunks
+            ]
+            for name in ("new_weights", "low")
+        }
+
+    @staticmethod
+    def of(table: SegmentTable, device: torch.device) -> _ChunkPlan:
+        plan = table.cache.get("cpu_chunk_plan")
+        if plan is None:
+            plan = table.cache["cpu_chunk_plan"] = _ChunkPlan(table, device)
+        return plan
+
+
+@dataclass
+class _TableViews:
+    """The views of one table's params and grads that its chunks read and write."""
+
+    params: list[list[torch.Tensor]]  # per chunk, per entry
+    grads: list[list[torch.Tensor]]
+    param_parts: list[list[torch.Tensor]]  # per gathered chunk: entries and pads, in state order
+    grad_parts: list[list[torch.Tensor]]
+
+
+# Views are made once per table (the optimizer reuses a table while addresses stay
+# the same); they go with it.
+_table_views: weakref.WeakKeyDictionary[SegmentTable, _TableViews] = weakref.WeakKeyDictionary()
+
+
+def _views_of(table: SegmentTable, plan: _ChunkPlan) -> _TableViews:
+    views = _table_views.get(table)
+    if views is not None:
+        return views
+    flat_params = list(map(_flat_real, table.written))
+    flat_grads = list(map(_flat_real, table.read))
+    params, grads, param_parts, grad_parts = [], [], [], []
+    for chunk in plan.chunks:
+        chunk_params = [flat_params[k][first : first + length] for k, first, length, _ in chunk.entries]
+        chunk_grads = [flat_grads[k][first : first + length] for k, first, length, _ in chunk.entries]
+        params.append(chunk_params)
+        grads.append(chunk_grads)
+        if chunk.gathered:
+            param_parts.append(_interleave(chunk.pads, chunk_params))
+            grad_parts.append(_interleave(chunk.pads, chunk_grads))
+        else:
+            param_parts.append([])
+            grad_parts.append([])
+    views = _TableViews(params, grads, param_parts, grad_parts)
+    _table_views[table] = views
+    return views
+
+
+def _interleave(pads: list[torch.Tensor | None], parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    interleaved = []
+    for pad, part in zip(pads, parts):
+        if pad is not None:
+            interleaved.append(pad)
+        interleaved.append(part)
+    return interleaved
+
+
+@dataclass
+class _GroupScalars:
+    """One param group's hyper-parameters as 0-dim tensors on the device.
+
+    The flags are folded into values so that no branch reads them on the host:
+    maximize is a sign, and the lr step is ``fma(d * lr_factor, lr_coefficient, p)``:
+    ``fma(d, -lr, p)`` as torch's ``add(alpha=-lr)`` for a float lr, and
+    ``p - d * lr`` as torch's capturable foreach for a tensor lr.
+    """
+
+    rho: torch.Tensor
+    one_minus_rho: torch.Tensor
+    eps: torch.Tensor
+    weight_decay: torch.Tensor
+    sign: torch.Tensor  # -1 to maximize, else 1
+    has_weight_decay: torch.Tensor  # bool: weight_decay != 0 in the state's dtype
+    lr_factor: torch.Tensor  # lr for a tensor lr, else 1
+    lr_coefficient: torch.Tensor  # -1 for a tensor lr, else -lr
+
+
+def _group_scalars(hparams: torch.Tensor) -> list[_GroupScalars]:
+    lr = hparams[:, LR]
+    lr_is_tensor = hparams[:, LR_IS_TENSOR] != 0
+    columns = (
+        hparams[:, RHO],
+        hparams[:, ONE_MINUS_RHO],
+        hparams[:, EPS],
+        hparams[:, WEIGHT_DECAY],
+        1 - 2 * hparams[:, MAXIMIZE],
+        hparams[:, WEIGHT_DECAY] != 0,
+        torch.where(lr_is_tensor, lr, 1.0),
+        torch.where(lr_is_tensor, -1.0, -lr),
+    )
+    return [_GroupScalars(*row) for row in zip(*(column.unbind() for column in columns))]
+
+
+def _update_(
+    weights: torch.Tensor,
     grad: torch.Tensor,
     square_avg: torch.Tensor,
     acc_delta: torch.Tensor,
-    step: torch.Tensor,
+    new_weights: torch.Tensor,
+    new_square_avg: torch.Tensor,
+    new_acc_delta: torch.Tensor,
+    scalars: _GroupScalars,
+    grad_scale: torch.Tensor | None,
+    scratch: dict[str, torch.Tensor],
+) -> None:
+    """The update of one chunk, as torch ops rounding as torch.optim.Adadelta's do.
+
+    Reads ``weights``, ``grad`` (compute dtype), ``square_avg`` and ``acc_delta``;
+    writes ``new_*``, which may be the inputs themselves (in place).
+    """
+    n = weights.numel()
+    g_scratch, std_scratch, delta_scratch, product = (scratch[name][:n] for name in ("grad", "std", "delta", "product"))
+    g = grad
+    if grad_scale is not None:
+        g = torch.div(g, grad_scale, out=g_scratch)
+    g = torch.mul(g, scalars.sign, out=g_scratch)  # exact: maximize flips the sign
+    # fma(p, wd, g), as torch's add(alpha=); skipped where wd == 0, as torch skips it
+    # (0 * an inf param would be NaN).
+    decayed = torch.addcmul(g, weights, scalars.weight_decay, out=product)
+    g = torch.where(scalars.has_weight_decay, decayed, g, out=g_scratch)
+    # addcmul with a tensor factor: fma(round((1 - rho) * g), g, rho * v), as torch's value=.
+    torch.mul(square_avg, scalars.rho, out=new_square_avg)
+    new_square_avg.addcmul_(torch.mul(g, scalars.one_minus_rho, out=product), g)
+    std = torch.add(new_square_avg, scalars.eps, out=std_scratch).sqrt_()
+    delta = torch.add(acc_delta, scalars.eps, out=delta_scratch).sqrt_().div_(std).mul_(g)
+    torch.mul(acc_delta, scalars.rho, out=new_acc_delta)
+    new_acc_delta.addcmul_(torch.mul(delta, scalars.one_minus_rho, out=product), delta)
+    step = torch.mul(delta, scalars.lr_factor, out=product)
+    torch.addcmul(weights, step, scalars.lr_coefficient, out=new_weights)
+
+
+def _commit_(destination: torch.Tensor, new: torch.Tensor, keep: torch.Tensor | None) -> None:
+    """Write ``new`` where ``keep`` holds (everywhere when None); a no-op in place."""
+    if keep is not None:
+        torch.where(keep, new, destination, out=destination)
+    elif new is not destination:
+        destination.copy_(new)
+
+
+def _chunked_step_(
+    table: SegmentTable,
+    square_avg: torch.Tensor,
+    acc_delta: torch.Tensor,
+    hparams: torch.Tensor,
+    master: torch.Tensor | None,
+    stochastic_rounding: bool,
+    seed: int,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    """The update as torch ops, one cache-sized chunk of the table at a time."""
+    device, compute_dtype, param_dtype = square_avg.device, square_avg.dtype, table.param_dtype
+    plan = _ChunkPlan.of(table, device)
+    if not plan.chunks:
+        return
+    views = _views_of(table, plan)
+    scalars = _group_scalars(hparams)
+    if grad_scale is not None:
+        grad_scale = grad_scale.to(compute_dtype)  # as the native loop and the kernel round it
+    # found_inf masks the writes on the device: its value never reaches the host.
+    proceed = None if found_inf is None else (found_inf == 0).reshape(())
+    generator = None
+    if stochastic_rounding:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    low_precision = param_dtype != compute_dtype
+
+    with plan.lock:
+        scratch = plan.scratch
+        for c, chunk in enumerate(plan.chunks):
+            n, start = chunk.span, chunk.state_start
+            state = (square_avg[start : start + n], acc_delta[start : start + n])
+            masters = None if master is None else master[start : start + n]
+            # Inputs in the state's layout and the compute dtype.
+            if chunk.gathered:
+                grad = torch.cat(views.grad_parts[c], out=scratch["grad"][:n])
+                weights = masters if masters is not None else torch.cat(views.param_parts[c], out=scratch["weights"][:n])
+            else:
+                (param,), (grad,) = views.params[c], views.grads[c]
+                if low_precision:
+                    grad = scratch["grad"][:n].copy_(grad)
+                weights = masters if masters is not None else param
+                if low_precision and masters is None:
+                    weights = scratch["weights"][:n].copy_(param)
+            # Where to write: not in the gaps of the span, and nowhere when found_inf is set.
+            keep = proceed if chunk.mask is None else chunk.mask if proceed is None else chunk.mask & proceed
+            if keep is None:
+                outputs = (weights, *state)  # in place
+            else:
+                outputs = (scratch["new_weights"][:n], scratch["square_avg"][:n], scratch["acc_delta"][:n])
+            if chunk.gathered and masters is None and keep is None:
+                outputs = (scratch["new_weights"][:n], *state)  # the gathered params stay for the write-back
+            _update_(weights, grad, *state, *outputs, scalars[chunk.group], grad_scale, scratch)
+            new_weights = outputs[0]
+            _commit_(state[0], outputs[1], keep)
+            _commit_(state[1], outputs[2], keep)
+            if masters is not None:
+                _commit_(masters, new_weights, keep)
+
+            # The params: the new weights, rounded to the param dtype.
+            if stochastic_rounding:
+                torch.rand(n, generator=generator, device=device, out=plan.noise[:n])
+                stochastic_round_(scratch["low"][:n], new_weights, plan.noise[:n])
+                stored, source = scratch["low"][:n], "low"
+            elif low_precision:
+                stored, source = scratch["low"][:n].copy_(new_weights), "low"
+            else:
+                stored, source = new_weights, "new_weights"
+            if chunk.gathered:
+                if proceed is not None:
+                    old = torch.cat(views.param_parts[c], out=scratch["old"][:n])
+                    torch.where(proceed, stored, old, out=stored)
+                torch._foreach_copy_(views.params[c], plan.sources[source][c])
+            elif stored is not param:
+                _commit_(param, stored, proceed)
+
+
+# ---------------------------------------------------------------------------- entry
+
+
+def implementation(device: torch.device, param_dtype: torch.dtype, *, master: bool, stochastic_rounding: bool) -> str:
+    """Which implementation of the CPU path updates such a state.
+
+    Args:
+        device: the state's device.
+        param_dtype: the params' dtype (a complex dtype counts as its real parts).
+        master: whether the state keeps an fp32 master copy.
+        stochastic_rounding: whether param stores round stochastically.
+
+    Returns:
+        ``"cpu-native"`` where the fused C loop runs it, else ``"cpu-chunked"``.
+        Asking builds the C loop (once per process), so the answer is what runs.
+    """
+    if param_dtype.is_complex:
+        param_dtype = torch.empty((), dtype=param_dtype).real.dtype
+    if (
+        device.type != "cpu"
+        or master
+        or stochastic_rounding
+        or param_dtype not in _NATIVE_DTYPES
+        or native_library() is None
+    ):
+        return "cpu-chunked"
+    return "cpu-native"
+
+
+@torch.compiler.disable
+def adadelta_step_cpu_(
+    table: SegmentTable,
+    square_avg: torch.Tensor,
+    acc_delta: torch.Tensor,
     *,
-    lr: float | torch.Tensor,
-    rho: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
+    hparams: torch.Tensor,
     master: torch.Tensor | None = None,
     stochastic_rounding: bool = False,
     seed: int = 0,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
 ) -> None:
-    """One AdaDelta step in place on flat buffers, without Triton.
+    """Apply one AdaDelta step in place to every piece of ``table``, without Triton.
 
-    Takes the arguments of :func:`triton_adadelta.kernels.adadelta_step_`. fp32 and
-    fp64 CPU buffers run the native fused loop when a C compiler is available; all
-    other cases run the chunked torch ops.
+    The arguments and their meaning are those of
+    :func:`triton_adadelta.kernels.adadelta.adadelta_step_`. fp32 and fp64 CPU
+    states run the fused C loop in one call; the others run chunked torch ops
+    (:func:`implementation` names which). Step counts are the optimizer's business.
+
+    Args:
+        table: the pieces: addresses of params and grads, state offsets, lengths and
+            hyper-parameter rows (:class:`~triton_adadelta.kernels.adadelta.SegmentTable`).
+        square_avg, acc_delta: the flat state, fp32 (fp64 for fp64 params); updated in place.
+        hparams: ``[n_groups, N_HPARAMS]`` in the state's dtype (lr, rho, 1 - rho,
+            eps, weight decay, maximize, lr is a tensor).
+        master: optional flat fp32 master copy of low-precision params.
+        stochastic_rounding: round low-precision param stores stochastically.
+        seed: seed of the stochastic rounding.
+        grad_scale: optional 1-element tensor the gradient is divided by.
+        found_inf: optional 1-element tensor; when non-zero nothing changes.
+
+    Raises:
+        ValueError: if the buffers, the table and the hyper-parameters do not fit together.
     """
-    # found_inf is never read on the host: the steps advance by (found_inf == 0) and
-    # the updates below mask themselves, so step() needs no sync on any device.
-    if found_inf is None:
-        step.add_(1)
-    else:
-        step.add_((found_inf == 0).to(step.dtype))
-    if _native_fits(param, grad, square_avg, acc_delta, master, stochastic_rounding, lr, grad_scale):
+    check_launch(table, square_avg, acc_delta, hparams, master, stochastic_rounding, grad_scale, found_inf)
+    if table.n_pieces == 0:
+        return
+    native = implementation(
+        square_avg.device, table.param_dtype, master=master is not None, stochastic_rounding=stochastic_rounding
+    )
+    if native == "cpu-native":
         library = native_library()
-        if library is not None:
-            _native_step_(
-                library, param, grad, square_avg, acc_delta,
-                lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                grad_scale=grad_scale, found_inf=found_inf,
-            )  # fmt: skip
-            return
-    _chunked_step_(
-        param, grad, square_avg, acc_delta,
-        lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
-        master=master, stochastic_rounding=stochastic_rounding, seed=seed, grad_scale=grad_scale,
-        found_inf=found_inf,
-    )  # fmt: skip
-
-
-def _chunked_step_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    square_avg: torch.Tensor,
-    acc_delta: torch.Tensor,
-    *,
-    lr: float | torch.Tensor,
-    rho: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
-    master: torch.Tensor | None,
-    stochastic_rounding: bool,
-    seed: int,
-    grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None = None,
-) -> None:
-    """The update as torch ops, one cache-sized chunk at a time (steps not advanced)."""
-    compute_dtype = square_avg.dtype
-    n_elements = param.numel()
-    chunk = max(1, min(n_elements, CHUNK_ELEMENTS))
-    scratch = [torch.empty(chunk, dtype=compute_dtype, device=param.device) for _ in range(4)]
-    grad_scratch, std_scratch, delta_scratch, weight_scratch = scratch
-    generator = None
-    if stochastic_rounding:
-        generator = torch.Generator(device=param.device)
-        generator.manual_seed(seed)
-    lr_is_tensor = isinstance(lr, torch.Tensor)
-    has_weight_decay = rounds_to_nonzero(weight_decay, compute_dtype)
-    # With found_inf, each chunk's old values are put back where it is set (a device
-    # op, not a host read of found_inf).
-    skip = None if found_inf is None else (found_inf != 0).to(param.device)
-
-    for start in range(0, n_elements, chunk):
-        end = min(start + chunk, n_elements)
-        size = end - start
-        param_chunk = param[start:end]
-        # The fp32 (fp64) copy of the params that the update is applied to.
-        if master is not None:
-            weights = master[start:end]
-        elif param.dtype == compute_dtype:
-            weights = param_chunk
-        else:
-            weights = weight_scratch[:size].copy_(param_chunk)
-
-        square_avg_chunk = square_avg[start:end]
-        acc_delta_chunk = acc_delta[start:end]
-        written = [square_avg_chunk, acc_delta_chunk, param_chunk] + ([weights] if master is not None else [])
-        saved = [tensor.clone() for tensor in written] if skip is not None else []
-
-        g = grad[start:end]
-        if g.dtype != compute_dtype:
-            g = grad_scratch[:size].copy_(g)
-        if grad_scale is not None:
-            g = torch.div(g, grad_scale, out=grad_scratch[:size])
-        if maximize:
-            g = torch.neg(g, out=grad_scratch[:size])
-        if has_weight_decay:
-            g = torch.add(g, weights, alpha=weight_decay, out=grad_scratch[:size])
-
-        square_avg_chunk.mul_(rho).addcmul_(g, g, value=1 - rho)
-        std = torch.add(square_avg_chunk, eps, out=std_scratch[:size]).sqrt_()
-        delta = torch.add(acc_delta_chunk, eps, out=delta_scratch[:size]).sqrt_()
-        delta.div_(std).mul_(g)
-        acc_delta_chunk.mul_(rho).addcmul_(delta, delta, value=1 - rho)
-        if lr_is_tensor:
-            weights.sub_(delta.mul_(lr))
-        else:
-            weights.add_(delta, alpha=-lr)
-
-        if weights is not param_chunk:
-            if stochastic_rounding:
-                noise = torch.rand(size, generator=generator, device=param.device)
-                stochastic_round_(param_chunk, weights, noise)
-            else:
-                param_chunk.copy_(weights)
-        for tensor, old in zip(written, saved):
-            torch.where(skip, old, tensor, out=tensor)
+        assert library is not None  # implementation() has just built it
+        _native_step_(
+            library, table, square_avg, acc_delta, hparams, grad_scale, found_inf, use_torch_sqrt=matches_torch_sqrt()
+        )
+        return
+    _chunked_step_(table, square_avg, acc_delta, hparams, master, stochastic_rounding, seed, grad_scale, found_inf)
