@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 
 import triton_adadelta  # noqa: E402
 from machine import machine_info  # noqa: E402
-from triton_adadelta import cpu as cpu_path  # noqa: E402
+from triton_adadelta.update import update_  # noqa: E402
 
 # Bytes one fp32 param moves in a fused step: read p g v u, write p v u.
 FLOOR_BYTES_PER_PARAM = 28
@@ -95,10 +95,9 @@ def make_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
 # step() + zero_grad(), the optimizer's share of an iteration; what backward does is
 # simulated before the timer starts.
 # - "set_to_none" (torch's default zero_grad()): backward gives every param a new grad
-#   tensor; torch frees the old grads in zero_grad(), ours copies the new ones into
-#   the flat buffer in step() (and frees them there).
+#   tensor, which both optimizers read where it is; zero_grad() frees them.
 # - "in_place" (zero_grad(set_to_none=False)): backward accumulates into the grads
-#   that are there (ours: views of the flat grad buffer).
+#   that are there, and zero_grad() zeroes them.
 LOOPS = {"1000 x 100, zero_grad": "set_to_none", "1000 x 100, zero_grad(False)": "in_place"}
 
 
@@ -207,21 +206,20 @@ def step_overhead(device: torch.device, n_params: int = 1000, size: int = 100, r
     """Medians (us) of the parts of one step() on many small params, to find the Python cost."""
     optimizer = triton_adadelta.Adadelta(make_params([(size,)] * n_params, device, 0), lr=1.0)
     optimizer.step()
-    (buffer,) = optimizer.flat_buffers()
+    (flat,) = optimizer.flat_states()
+    plan = flat.plan()
+    assert plan is not None
+    hparams = flat.hparams(optimizer.param_groups)
     timed = make_timer(device)
 
     def update() -> None:
-        cpu_path.adadelta_step_torch_(
-            buffer.param, buffer.grad, buffer.square_avg, buffer.acc_delta, buffer.steps,
-            lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0,
-        )  # fmt: skip
+        update_(plan.table, flat.square_avg, flat.acc_delta, hparams=hparams)
 
     parts: dict[str, Callable[[], object]] = {
         "step()": optimizer.step,
-        "_ensure_buffers (incl. is_stale)": optimizer._ensure_buffers,
-        "FlatBuffer.is_stale": buffer.is_stale,
-        "FlatBuffer.gather_grads": buffer.gather_grads,
-        "update (adadelta_step_torch_)": update,
+        "FlatState.plan (grads kept)": flat.plan,
+        "FlatState.hparams": lambda: flat.hparams(optimizer.param_groups),
+        "update_ (one launch)": update,
     }
     samples: dict[str, list[float]] = {label: [] for label in parts}
     for _ in range(repeats):
@@ -231,7 +229,7 @@ def step_overhead(device: torch.device, n_params: int = 1000, size: int = 100, r
 
 
 # The libraries compiled at first use: (label, module, function that builds or loads it).
-NATIVE_LIBRARIES = [("native CPU loop", "cpu", "native_library"), ("change watch", "watch", "watch_library")]
+NATIVE_LIBRARIES = [("native CPU loop", "cpu", "native_library")]
 
 
 def native_build_delay() -> dict[str, dict[str, float | bool]]:

@@ -23,7 +23,13 @@ def test_wheel_holds_only_the_triton_adadelta_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"triton_adadelta"}, top_level
-    for module in ("triton_adadelta/kernels/__init__.py", "triton_adadelta/kernels/adadelta.py", "triton_adadelta/py.typed"):
+    shipped = (
+        "triton_adadelta/kernels/__init__.py",
+        "triton_adadelta/kernels/adadelta.py",
+        "triton_adadelta/py.typed",
+        "triton_adadelta/csrc/adadelta_cpu.c",  # the CPU path's native loop, compiled at first use
+    )
+    for module in shipped:
         assert module in names, module
     # The package never ships (or imports) perf/ or tests/.
     assert not any(name.startswith(("perf/", "tests/")) for name in names)

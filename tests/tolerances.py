@@ -38,6 +38,11 @@ TOLERANCES = {
         "sqrt and fuses exactly where torch's CPU ops do, so it is bit-identical to "
         "torch.optim.Adadelta",
     ),
+    "torch_parity_cpu_fp64_torch_sqrt": Tolerance(
+        0.0,
+        "the same for fp64: the fused loop calls torch's fp64 sqrt (MKL's vmdSqrt) and "
+        "fuses where torch's CPU ops do, so it is bit-identical to torch.optim.Adadelta",
+    ),
     "torch_parity_kernel_rtol": Tolerance(
         2e-5,
         "kernel (and the CPU path, by default) vs torch over a 50-step trajectory: each "

@@ -35,6 +35,7 @@ the chunked ops on the device, so ``step()`` stays free of host syncs.
 from __future__ import annotations
 
 import ctypes
+import operator
 import os
 import threading
 import warnings
@@ -49,7 +50,6 @@ from .kernels.adadelta import (
     EPS,
     GRAD_ROW,
     GROUP_ROW,
-    LOW_PRECISION,
     LR,
     LR_IS_TENSOR,
     MAXIMIZE,
@@ -108,6 +108,8 @@ _LAYOUT = (
 )  # fmt: skip
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
+
+_VERSION = operator.attrgetter("_version")
 
 _native_lock = threading.Lock()
 _native_library: ctypes.CDLL | None = None
@@ -199,11 +201,12 @@ def _native_matches_torch(library: ctypes.CDLL) -> bool:
                 magnitude = torch.exp(torch.randn(size, generator=generator, dtype=torch.float64) * 4)
                 params.append(torch.randn(size, generator=generator, dtype=dtype))
                 grads.append((torch.randn(size, generator=generator, dtype=torch.float64) * magnitude).to(dtype))
-            table, n_state = table_for_tensors(params, grads, groups=[i % len(groups) for i in range(len(sizes))])
+            rows = [i % len(groups) for i in range(len(sizes))]
+            table, n_state = table_for_tensors(params, grads, groups=rows)
             square_avg = torch.rand(n_state, generator=generator, dtype=dtype) * 1e3
             acc_delta = torch.rand(n_state, generator=generator, dtype=dtype) * 1e-3
             expected_params = [param.clone() for param in params]
-            expected_table, _ = table_for_tensors(expected_params, grads, groups=[i % len(groups) for i in range(len(sizes))])
+            expected_table, _ = table_for_tensors(expected_params, grads, groups=rows)
             expected_state = (square_avg.clone(), acc_delta.clone())
             _native_step_(library, table, square_avg, acc_delta, hparams, grad_scale, None, use_torch_sqrt=True)
             _chunked_step_(expected_table, *expected_state, hparams, None, False, 0, grad_scale, None)
@@ -228,7 +231,6 @@ def native_library() -> ctypes.CDLL | None:
     warning per process. With ``TRITON_ADADELTA_CPU_SQRT=torch`` it runs only after a
     self-check has found it bit-identical to torch's ops on this machine.
     """
-    global _native_library, _native_tried, _torch_sqrt_checked
     if os.environ.get("TRITON_ADADELTA_NATIVE_CPU", "1") == "0":
         return None
     if not _native_tried:
@@ -237,21 +239,15 @@ def native_library() -> ctypes.CDLL | None:
         return None
     if matches_torch_sqrt():
         if _torch_sqrt_checked is None:
-            with _native_lock:
-                if _torch_sqrt_checked is None:
-                    _torch_sqrt_checked = _native_matches_torch(_native_library)
-                    if not _torch_sqrt_checked:
-                        _warn_once_native_off(
-                            "with TRITON_ADADELTA_CPU_SQRT=torch it did not match torch's rounding on this machine"
-                        )
+            _check_torch_sqrt()
         if not _torch_sqrt_checked:
             return None
     return _native_library
 
 
+# Building and checking run eagerly, once per process, never inside a traced region.
 @torch.compiler.disable
 def _load_native() -> None:
-    """Build or load the library once per process (never inside a traced region)."""
     global _native_library, _native_tried
     with _native_lock:
         if _native_tried:
@@ -261,6 +257,18 @@ def _load_native() -> None:
         except BuildError as error:
             _warn_once_native_off(str(error))
         _native_tried = True
+
+
+@torch.compiler.disable
+def _check_torch_sqrt() -> None:
+    global _torch_sqrt_checked
+    with _native_lock:
+        if _torch_sqrt_checked is None and _native_library is not None:
+            _torch_sqrt_checked = _native_matches_torch(_native_library)
+            if not _torch_sqrt_checked:
+                _warn_once_native_off(
+                    "with TRITON_ADADELTA_CPU_SQRT=torch it did not match torch's rounding on this machine"
+                )
 
 
 def _scalar_pointer(value: torch.Tensor | None, dtype: torch.dtype) -> tuple[int | None, torch.Tensor | None]:
@@ -287,7 +295,7 @@ def _native_step_(
     pieces = table.pieces.contiguous()
     hparams = hparams.contiguous()
     scale_pointer, scale = _scalar_pointer(grad_scale, dtype)
-    inf_pointer, inf = _scalar_pointer(found_inf, dtype)
+    inf_pointer, inf = _scalar_pointer(found_inf, dtype)  # (the tensors stay alive through the call)
     function = library.adadelta_step_f32 if dtype == torch.float32 else library.adadelta_step_f64
     result = function(
         pieces.data_ptr(), pieces.shape[1], square_avg.data_ptr(), acc_delta.data_ptr(), square_avg.numel(),
@@ -326,7 +334,7 @@ def _flat_real(tensor: torch.Tensor) -> torch.Tensor:
     """The 1-D real view of a contiguous param or grad (complex as its real pairs)."""
     if tensor.is_complex():
         tensor = torch.view_as_real(tensor)
-    return tensor.view(-1)
+    return tensor if tensor.dim() == 1 else tensor.view(-1)
 
 
 @dataclass
@@ -353,7 +361,7 @@ class _Chunk:
 
     @property
     def gathered(self) -> bool:
-        """Several params (or one with gaps around it) gathered into scratch."""
+        """Several params, gathered into scratch (a lone one is updated where it lies)."""
         return len(self.entries) > 1
 
 
@@ -363,16 +371,19 @@ class _ChunkPlan:
 
     def __init__(self, table: SegmentTable, device: torch.device) -> None:
         # The table's own rows, read once per set of pieces (not at every step).
+        pieces = table.pieces if table.pieces.device.type == "cpu" else table.pieces.cpu()
         numels = table.numels.tolist()
-        state = table.pieces[STATE_ROW].tolist()
-        group = table.pieces[GROUP_ROW].tolist()
+        state = pieces[STATE_ROW].tolist()
+        group = pieces[GROUP_ROW].tolist()
         param_dtype = table.param_dtype
         compute_dtype = state_dtype_for(param_dtype)
         self.chunks: list[_Chunk] = []
+        self.numels: list[int] = []  # of each param, in real elements
         current: _Chunk | None = None
         for k in range(len(table.written)):
             bulk, tail = numels[2 * k], numels[2 * k + 1]
             numel, offset, row = bulk + tail, state[2 * k], group[2 * k]
+            self.numels.append(numel)
             if tail and state[2 * k + 1] != offset + bulk:
                 raise ValueError(f"the tail of param {k} does not follow its bulk in the state")
             if numel == 0:
@@ -395,6 +406,11 @@ class _ChunkPlan:
             current.entries.append((k, 0, numel, offset - current.state_start))
             current.span = end - current.state_start
         self.max_span = max((chunk.span for chunk in self.chunks), default=0)
+        # What the table needs of the state and the hyper-parameters, checked at each step.
+        self.state_end = max((chunk.state_start + chunk.span for chunk in self.chunks), default=0)
+        self.n_groups = 1 + max((chunk.group for chunk in self.chunks), default=-1)
+        if any(chunk.state_start < 0 or chunk.group < 0 for chunk in self.chunks):
+            raise ValueError("the segment table has a negative state offset or group")
 
         for chunk in self.chunks:
             if not chunk.gathered:
@@ -419,6 +435,7 @@ class _ChunkPlan:
         }
         self.scratch["low"] = torch.empty(n, dtype=param_dtype, device=device)
         self.scratch["old"] = torch.empty(n, dtype=param_dtype, device=device)
+        self.scratch["low_grad"] = torch.empty(n, dtype=param_dtype, device=device)
         self.noise = torch.empty(n, dtype=torch.float32, device=device)
         self.sources = {
             name: [
@@ -459,10 +476,15 @@ def _views_of(table: SegmentTable, plan: _ChunkPlan) -> _TableViews:
         return views
     flat_params = list(map(_flat_real, table.written))
     flat_grads = list(map(_flat_real, table.read))
+    numels = plan.numels
+
+    def part(flat: torch.Tensor, k: int, first: int, length: int) -> torch.Tensor:
+        return flat if length == numels[k] else flat[first : first + length]
+
     params, grads, param_parts, grad_parts = [], [], [], []
     for chunk in plan.chunks:
-        chunk_params = [flat_params[k][first : first + length] for k, first, length, _ in chunk.entries]
-        chunk_grads = [flat_grads[k][first : first + length] for k, first, length, _ in chunk.entries]
+        chunk_params = [part(flat_params[k], k, first, length) for k, first, length, _ in chunk.entries]
+        chunk_grads = [part(flat_grads[k], k, first, length) for k, first, length, _ in chunk.entries]
         params.append(chunk_params)
         grads.append(chunk_grads)
         if chunk.gathered:
@@ -583,6 +605,11 @@ def _chunked_step_(
     plan = _ChunkPlan.of(table, device)
     if not plan.chunks:
         return
+    if plan.state_end > square_avg.numel() or plan.n_groups > hparams.shape[0]:
+        raise ValueError(
+            f"the segment table does not fit its state ({square_avg.numel()} elements) or its "
+            f"hyper-parameters ({hparams.shape[0]} groups); nothing was changed"
+        )
     views = _views_of(table, plan)
     scalars = _group_scalars(hparams)
     if grad_scale is not None:
@@ -594,6 +621,10 @@ def _chunked_step_(
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
     low_precision = param_dtype != compute_dtype
+    # The optimizer's own writes leave the params' version counters as they were, as
+    # the native loop's and the kernel's writes through addresses do: the optimizer
+    # reads a changed counter as a write from outside (which the master copy follows).
+    versions = list(map(_VERSION, table.written))
 
     with plan.lock:
         scratch = plan.scratch
@@ -601,29 +632,35 @@ def _chunked_step_(
             n, start = chunk.span, chunk.state_start
             state = (square_avg[start : start + n], acc_delta[start : start + n])
             masters = None if master is None else master[start : start + n]
-            # Inputs in the state's layout and the compute dtype.
+            # The inputs, in the state's layout and the compute dtype.
+            old_params = None
             if chunk.gathered:
-                grad = torch.cat(views.grad_parts[c], out=scratch["grad"][:n])
-                weights = masters if masters is not None else torch.cat(views.param_parts[c], out=scratch["weights"][:n])
+                # Gathered in the param dtype, then converted once: torch.cat's own
+                # conversion is an order of magnitude slower than the two.
+                grad = torch.cat(views.grad_parts[c], out=scratch["low_grad" if low_precision else "grad"][:n])
+                if low_precision:
+                    grad = scratch["grad"][:n].copy_(grad)
+                if masters is None or proceed is not None:
+                    old_params = torch.cat(views.param_parts[c], out=scratch["old"][:n])
+                weights = masters if masters is not None else old_params
             else:
                 (param,), (grad,) = views.params[c], views.grads[c]
                 if low_precision:
                     grad = scratch["grad"][:n].copy_(grad)
                 weights = masters if masters is not None else param
-                if low_precision and masters is None:
-                    weights = scratch["weights"][:n].copy_(param)
+            if low_precision and masters is None:
+                weights = scratch["weights"][:n].copy_(weights)
+
             # Where to write: not in the gaps of the span, and nowhere when found_inf is set.
             keep = proceed if chunk.mask is None else chunk.mask if proceed is None else chunk.mask & proceed
+            new_weights = scratch["new_weights"][:n] if keep is not None or weights is old_params else weights
             if keep is None:
-                outputs = (weights, *state)  # in place
+                new_state = state  # in place
             else:
-                outputs = (scratch["new_weights"][:n], scratch["square_avg"][:n], scratch["acc_delta"][:n])
-            if chunk.gathered and masters is None and keep is None:
-                outputs = (scratch["new_weights"][:n], *state)  # the gathered params stay for the write-back
-            _update_(weights, grad, *state, *outputs, scalars[chunk.group], grad_scale, scratch)
-            new_weights = outputs[0]
-            _commit_(state[0], outputs[1], keep)
-            _commit_(state[1], outputs[2], keep)
+                new_state = (scratch["square_avg"][:n], scratch["acc_delta"][:n])
+            _update_(weights, grad, *state, new_weights, *new_state, scalars[chunk.group], grad_scale, scratch)
+            _commit_(state[0], new_state[0], keep)
+            _commit_(state[1], new_state[1], keep)
             if masters is not None:
                 _commit_(masters, new_weights, keep)
 
@@ -638,11 +675,12 @@ def _chunked_step_(
                 stored, source = new_weights, "new_weights"
             if chunk.gathered:
                 if proceed is not None:
-                    old = torch.cat(views.param_parts[c], out=scratch["old"][:n])
-                    torch.where(proceed, stored, old, out=stored)
+                    torch.where(proceed, stored, old_params, out=stored)
+                # One call writes back every param of the chunk (never the gaps).
                 torch._foreach_copy_(views.params[c], plan.sources[source][c])
             elif stored is not param:
                 _commit_(param, stored, proceed)
+    torch._C._autograd._unsafe_set_version_counter(table.written, versions)
 
 
 # ---------------------------------------------------------------------------- entry
@@ -663,15 +701,17 @@ def implementation(device: torch.device, param_dtype: torch.dtype, *, master: bo
     """
     if param_dtype.is_complex:
         param_dtype = torch.empty((), dtype=param_dtype).real.dtype
-    if (
-        device.type != "cpu"
-        or master
-        or stochastic_rounding
-        or param_dtype not in _NATIVE_DTYPES
-        or native_library() is None
-    ):
-        return "cpu-chunked"
-    return "cpu-native"
+    native = _native_for(device, param_dtype, master=master, stochastic_rounding=stochastic_rounding)
+    return "cpu-chunked" if native is None else "cpu-native"
+
+
+def _native_for(
+    device: torch.device, param_dtype: torch.dtype, *, master: bool, stochastic_rounding: bool
+) -> ctypes.CDLL | None:
+    """The native loop where it runs such a state (one decision for both callers)."""
+    if device.type != "cpu" or master or stochastic_rounding or param_dtype not in _NATIVE_DTYPES:
+        return None
+    return native_library()
 
 
 @torch.compiler.disable
@@ -710,14 +750,12 @@ def adadelta_step_cpu_(
         ValueError: if the buffers, the table and the hyper-parameters do not fit together.
     """
     check_launch(table, square_avg, acc_delta, hparams, master, stochastic_rounding, grad_scale, found_inf)
-    if table.n_pieces == 0:
-        return
-    native = implementation(
+    if table.n_pieces == 0 or square_avg.device.type == "meta":
+        return  # meta tensors hold no values: there is nothing to update
+    library = _native_for(
         square_avg.device, table.param_dtype, master=master is not None, stochastic_rounding=stochastic_rounding
     )
-    if native == "cpu-native":
-        library = native_library()
-        assert library is not None  # implementation() has just built it
+    if library is not None:
         _native_step_(
             library, table, square_avg, acc_delta, hparams, grad_scale, found_inf, use_torch_sqrt=matches_torch_sqrt()
         )

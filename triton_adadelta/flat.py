@@ -45,6 +45,8 @@ _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 _GRAD = operator.attrgetter("grad")
 _VERSION = operator.attrgetter("_version")
 _DTYPE = operator.attrgetter("dtype")
+_LAYOUT = operator.attrgetter("layout")
+_DEVICE = operator.attrgetter("device")
 _NUMEL = torch.Tensor.numel
 
 STATE_KEYS = ("step", "square_avg", "acc_delta")
@@ -306,7 +308,9 @@ class FlatState:
         self.params = list(params)
         self.groups = list(groups)
         self.shapes = [param.shape for param in params]
-        self.numels = [param.numel() * (2 if param.is_complex() else 1) for param in params]
+        self._param_numels = [param.numel() for param in params]
+        # In real elements: a complex param is its real and imaginary parts.
+        self.numels = [numel * (2 if param.is_complex() else 1) for numel, param in zip(self._param_numels, params)]
         vector = vector_elements(self.dtype)
         self.offsets: list[int] = []
         end = 0
@@ -442,15 +446,20 @@ class FlatState:
         contiguous = list(map(_IS_CONTIGUOUS, params))
         if param_ptrs != self._param_ptrs or not all(contiguous):
             self._check_params(param_ptrs)
-        grad_ptrs = [0 if grad is None else grad.data_ptr() for grad in grads]
+        try:
+            grad_ptrs = list(map(_DATA_PTR, grads))
+        except TypeError:  # some grads are None
+            grad_ptrs = [0 if grad is None else grad.data_ptr() for grad in grads]
+        except RuntimeError:  # a grad without a storage (sparse): say what is wrong
+            self._check_grads(grads)
+            raise
         seen = (param_ptrs, grad_ptrs, contiguous)
         same_grads = len(grads) == len(self._seen_grads) and all(map(operator.is_, grads, self._seen_grads))
         if same_grads and seen == self._seen_ptrs:
             return self._plan
         # New grads, or a grad whose `.data` was replaced.
-        self._check_grads(grads)
-        segments = [i for i, grad in enumerate(grads) if grad is not None]
-        self._plan = self._make_plan(segments, grads, contiguous) if segments else None
+        present = self._check_grads(grads)
+        self._plan = self._make_plan(grads, present, contiguous) if present else None
         self._seen_grads = grads
         self._seen_ptrs = seen
         return self._plan
@@ -471,22 +480,34 @@ class FlatState:
                 self._versions[i] = param._version
         self._param_ptrs = param_ptrs
 
-    def _check_grads(self, grads: list[torch.Tensor | None]) -> None:
-        """Every grad can update its param: one C-level pass per property, then details."""
-        present = [grad for grad in grads if grad is not None]
-        if not present:
-            return
-        dtypes_ok = all(map(operator.is_, map(_DTYPE, present), repeat(self.param_dtype)))
-        numels_ok = list(map(_NUMEL, present)) == [p.numel() for p, g in zip(self.params, grads) if g is not None]
-        if dtypes_ok and numels_ok and not any(grad.is_sparse or grad.device != self.device for grad in present):
-            return
+    def _check_grads(self, grads: list[torch.Tensor | None]) -> list[int]:
+        """Every grad can update its param: one C-level pass per property, then details.
+
+        Returns:
+            The segments whose param has a grad.
+        """
+        # (`None in grads` would compare tensors with ==: slow.)
+        if any(map(operator.is_, grads, repeat(None))):
+            segments = [i for i, grad in enumerate(grads) if grad is not None]
+            present = [grads[i] for i in segments]
+            numels = [self._param_numels[i] for i in segments]
+        else:
+            segments, present, numels = list(range(len(grads))), grads, self._param_numels
+        if (
+            all(map(operator.is_, map(_DTYPE, present), repeat(self.param_dtype)))
+            and all(map(operator.is_, map(_LAYOUT, present), repeat(torch.strided)))
+            and list(map(_NUMEL, present)) == numels
+            and all(map(self.device.__eq__, map(_DEVICE, present)))
+        ):
+            return segments
         for param, grad in zip(self.params, grads):
             if grad is not None:
                 mismatch = grad_mismatch(grad, param)
                 if mismatch is not None:
                     raise mismatch
+        return segments
 
-    def _make_plan(self, segments: list[int], grads: list[torch.Tensor | None], contiguous: list[bool]) -> StepPlan:
+    def _make_plan(self, grads: list[torch.Tensor | None], segments: list[int], contiguous: list[bool]) -> StepPlan:
         key = tuple(segments) if len(segments) != len(self.params) else ()
         pieces = self._pieces.get(key)
         if pieces is None:
@@ -494,25 +515,23 @@ class FlatState:
                 segments, self._offsets_t, self._numels_t, self._groups_t, self.dtype, self.device, len(self.params)
             )
             self._pieces[key] = pieces
-        written: list[torch.Tensor] = []
-        read: list[torch.Tensor] = []
+        written = [self.params[i] for i in segments] if key else list(self.params)
+        read = [grads[i] for i in segments] if key else grads
         refresh: list[tuple[torch.Tensor, torch.Tensor]] = []
         write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for i in segments:
-            param, grad = self.params[i].detach(), grads[i]
-            if not contiguous[i]:
-                # The state is laid out in the param's logical (row-major) order, as
-                # torch's: a non-contiguous param is updated through a contiguous stand-in.
-                stand_in = param.contiguous()
-                refresh.append((stand_in, param))
-                write_back.append((param, stand_in))
-                param = stand_in
-            if not grad.is_contiguous():
-                stand_in = grad.contiguous()
-                refresh.append((stand_in, grad))
-                grad = stand_in
-            written.append(param)
-            read.append(grad)
+        if not all(contiguous) or not all(map(_IS_CONTIGUOUS, read)):
+            for k, i in enumerate(segments):
+                if not contiguous[i]:
+                    # The state is laid out in the param's logical (row-major) order, as
+                    # torch's: a non-contiguous param is updated through a contiguous stand-in.
+                    stand_in = written[k].contiguous()
+                    refresh.append((stand_in, written[k]))
+                    write_back.append((written[k], stand_in))
+                    written[k] = stand_in
+                if not read[k].is_contiguous():
+                    stand_in = read[k].contiguous()
+                    refresh.append((stand_in, read[k]))
+                    read[k] = stand_in
         table = _make_table(
             pieces,
             list(map(_DATA_PTR, written)),

@@ -2,10 +2,10 @@
 
 The CPU path's fused loop (:mod:`triton_adadelta.cpu`, from ``csrc/adadelta_cpu.c``)
 is built this way. A library is keyed on everything that decides its code (source,
-flags, compiler, CPU, torch version), so a cached one is reused only where it is
-valid. Where nothing can be built (no compiler, no headers, a compiler error),
-:func:`build_cached` raises :class:`BuildError` saying why, and the caller falls
-back to Python.
+flags, compiler, machine, and what the caller adds, such as the CPU model), so a
+cached one is reused only where it is valid. Where nothing can be built (no
+compiler, no headers, a compiler error), :func:`build_cached` raises
+:class:`BuildError` saying why, and the caller falls back to Python.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def build_cached(name: str, source: Path, *, language: str, flags: list[str], ke
         name: file name stem of the library.
         source: the C or C++ source file (its text is part of the cache key).
         language: ``"c"`` or ``"c++"``.
-        flags: compiler and linker flags (``-o`` is the caller's).
+        flags: compiler and linker flags (``-o`` is added here).
         key_extra: anything else the binary depends on (a CPU model, a torch version).
 
     Returns:
@@ -93,19 +93,20 @@ def build_cached(name: str, source: Path, *, language: str, flags: list[str], ke
     path = cache_dir() / f"{name}_{key.hexdigest()[:24]}.so"
     if path.exists():
         return path
-    command = [compiler, str(source), "-o", "<library>", *flags]
+    # How the build is named in an error: the output file is a temporary one.
+    described = " ".join([compiler, str(source), *flags])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as build_dir:
             built = Path(build_dir) / path.name
-            command[3] = str(built)
+            command = [compiler, str(source), "-o", str(built), *flags]
             subprocess.run(command, check=True, capture_output=True, timeout=300)
             # Atomic: a concurrent process sees no library or a whole one.
             os.replace(built, path)
     except subprocess.CalledProcessError as error:
-        raise BuildError(f"`{' '.join(command)}` failed with exit code {error.returncode}:\n{_tail(error.stderr)}") from error
+        raise BuildError(f"`{described}` failed with exit code {error.returncode}:\n{_tail(error.stderr)}") from error
     except subprocess.TimeoutExpired as error:
-        raise BuildError(f"`{' '.join(command)}` did not finish in {error.timeout:.0f} s") from error
+        raise BuildError(f"`{described}` did not finish in {error.timeout:.0f} s") from error
     except OSError as error:
         raise BuildError(f"cannot build {name} in {path.parent}: {error}") from error
     return path

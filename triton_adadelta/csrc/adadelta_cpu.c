@@ -203,8 +203,9 @@ int adadelta_step_##SUFFIX(const int64_t *table, int64_t n_pieces, T *square_avg
     int n_threads = total >= parallel_min_elements ? max_threads : 1;                 \
     if (n_threads < 1) n_threads = 1;                                                 \
     if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;                             \
-    /* Equal shares of the pieces' concatenation, in whole 64-byte lines: within a   \
-       big piece no two threads then write one line. */                              \
+    /* Equal shares of the pieces' concatenation (a share may start inside a piece   \
+       and span many), rounded up to 64 bytes of elements: where the pieces start on \
+       a line, as a big param does, no two threads write one line. */                \
     const int64_t line = 64 / (int64_t)sizeof(T);                                     \
     int64_t share = (total + n_threads - 1) / n_threads;                              \
     share = (share + line - 1) / line * line;                                         \
