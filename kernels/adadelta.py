@@ -60,6 +60,7 @@ __all__ = [
     "adadelta_kernel",
     "adadelta_step_",
     "configs_for",
+    "default_config",
     "size_bucket",
 ]
 
@@ -79,7 +80,7 @@ N_HPARAMS = 8
 # Block sizes and warp counts to tune over. A streaming kernel with no reuse wants
 # enough bytes in flight per SM; 1024..8192 elements at 4..8 warps spans the usual
 # best points for bandwidth-bound elementwise kernels on A100/H100 and MI300.
-# `configs_for` keeps, per dtype and warp size, those that compile to 128-bit
+# `configs_for` keeps, per mode and warp size, those that compile to 128-bit
 # accesses without spills (checked by perf/sweep.py --target, tests/test_gpu_compile.py).
 AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK_SIZE": block_size}, num_warps=num_warps)
@@ -95,22 +96,48 @@ _MAP_SLOTS = BLOCK_SIZES[-1] // MIN_BLOCK_SIZE + 1
 _ELEMENT_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8}
 
 
-def configs_for(param_dtype: torch.dtype, warp_size: int) -> list[triton.Config]:
+# The most elements per thread each mode keeps without spilling: `ptxas -v` spill
+# stores + loads on sm_80 and sm_90, ScratchSize and the spill counts of the AMD
+# assembly on gfx942 (perf/sweep.py --target, triton 3.9; perf/results/sweep_aot_*.json
+# lists the dropped configs with their figures). gfx942 spills nothing up to 32.
+#   fp32, bf16, fp16: 32, none spills.
+#   stochastic rounding: 16; 32 spilled 452 B on sm_90 and 232-240 B on sm_80.
+#   master weights: 8; 16 spilled 8-16 B on sm_90 (B2048_w4, B4096_w8), 32 spilled 40-48 B.
+#   fp64: 8; 16 spilled 160 B on sm_90, 32 spilled 1664-3288 B on sm_80/sm_90.
+_MAX_PER_THREAD = 32
+_MAX_PER_THREAD_STOCHASTIC_ROUNDING = 16
+_MAX_PER_THREAD_MASTER = 8
+_MAX_PER_THREAD_FP64 = 8
+
+
+def configs_for(
+    param_dtype: torch.dtype, warp_size: int, *, master: bool = False, stochastic_rounding: bool = False
+) -> list[triton.Config]:
     """The autotune configs that keep every access 128-bit and spill nothing.
 
     Each thread must hold at least 16 bytes of the narrowest streamed buffer (the
     param/grad dtype): bf16 at 1024 elements and 8 warps of 32 gets 4 elements per
-    thread, 64-bit accesses. fp64 keeps at most 8 elements per thread: 16 spilled
-    20 bytes on gfx942 and 32 spilled on sm_90 (perf/sweep.py --target, ptxas -v).
+    thread, 64-bit accesses. And each mode keeps at most as many elements per thread
+    as compile without spills (see ``_MAX_PER_THREAD*``).
+
+    Args:
+        param_dtype: the params' dtype.
+        warp_size: 32 (NVIDIA) or 64 (AMD CDNA).
+        master: with fp32 master weights.
+        stochastic_rounding: with stochastic rounding of the param stores.
     """
+    most = _MAX_PER_THREAD
+    if param_dtype == torch.float64:
+        most = _MAX_PER_THREAD_FP64
+    if master:
+        most = min(most, _MAX_PER_THREAD_MASTER)
+    if stochastic_rounding:
+        most = min(most, _MAX_PER_THREAD_STOCHASTIC_ROUNDING)
     kept = []
     for config in AUTOTUNE_CONFIGS:
         per_thread = config.kwargs["BLOCK_SIZE"] // (warp_size * config.num_warps)
-        if per_thread * _ELEMENT_BYTES[param_dtype] < 16:
-            continue
-        if param_dtype == torch.float64 and per_thread > 8:
-            continue
-        kept.append(config)
+        if per_thread * _ELEMENT_BYTES[param_dtype] >= 16 and per_thread <= most:
+            kept.append(config)
     return kept
 
 
@@ -122,13 +149,35 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs: Any
     """Autotuner hook: time only the configs that suit this dtype and device."""
     warp_size = triton.runtime.driver.active.get_current_target().warp_size
     param_dtype = _TORCH_DTYPES[str(kwargs["PARAM_DTYPE"])]
-    allowed = {(c.kwargs["BLOCK_SIZE"], c.num_warps) for c in configs_for(param_dtype, warp_size)}
+    suited = configs_for(
+        param_dtype, warp_size, master=kwargs["HAS_MASTER"], stochastic_rounding=kwargs["STOCHASTIC_ROUNDING"]
+    )
+    allowed = {(c.kwargs["BLOCK_SIZE"], c.num_warps) for c in suited}
     return [c for c in configs if (c.kwargs["BLOCK_SIZE"], c.num_warps) in allowed] or configs
 
 
-# Used when tuning is switched off, and by the interpreter (which has no driver to tune on).
+# Used when tuning is switched off, and by the interpreter (which has no driver to
+# tune on), where the mode keeps it (see `default_config`).
 DEFAULT_BLOCK_SIZE = 4096
 DEFAULT_NUM_WARPS = 8
+
+
+def default_config(
+    param_dtype: torch.dtype, warp_size: int, *, master: bool = False, stochastic_rounding: bool = False
+) -> triton.Config:
+    """The config that runs untuned: ``DEFAULT_BLOCK_SIZE`` at ``DEFAULT_NUM_WARPS`` where
+    :func:`configs_for` keeps it, else the largest kept block at those warps (fp64
+    and master weights: 2048 on NVIDIA)."""
+    kept = configs_for(param_dtype, warp_size, master=master, stochastic_rounding=stochastic_rounding)
+    return max(
+        kept,
+        key=lambda c: (
+            c.num_warps == DEFAULT_NUM_WARPS,
+            c.kwargs["BLOCK_SIZE"] <= DEFAULT_BLOCK_SIZE,
+            -abs(c.kwargs["BLOCK_SIZE"] - DEFAULT_BLOCK_SIZE),
+        ),
+    )
+
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -205,19 +254,19 @@ class SegmentTable:
             and the number of programs of each block size. Built once per table.
         """
         if "block_map" not in self.cache:
-            maps, starts, counts = [], [0] * _MAP_SLOTS, {}
-            first = 0
+            # Plain lists: torch.repeat_interleave took 5-8 ms a call here, more than
+            # these loops over a few thousand blocks (built once per set of pieces).
+            numels = self.numels.tolist()
+            pairs: list[int] = []
+            starts, counts = [0] * _MAP_SLOTS, {}
             for block_size in BLOCK_SIZES:
-                blocks = (self.numels + block_size - 1) // block_size
-                piece = torch.repeat_interleave(torch.arange(len(blocks)), blocks)
-                block_start = torch.repeat_interleave(torch.cumsum(blocks, 0) - blocks, blocks)
-                block = torch.arange(len(piece)) - block_start
-                maps.append(torch.stack([piece, block], 1).reshape(-1).to(torch.int32))
-                starts[block_size // MIN_BLOCK_SIZE] = first
-                counts[block_size] = len(piece)
-                first += len(piece)
+                starts[block_size // MIN_BLOCK_SIZE] = len(pairs) // 2
+                for piece, numel in enumerate(numels):
+                    for block in range(-(-numel // block_size)):
+                        pairs += (piece, block)
+                counts[block_size] = len(pairs) // 2 - starts[block_size // MIN_BLOCK_SIZE]
             self.cache["block_map"] = (
-                torch.cat(maps).to(self.device),
+                torch.tensor(pairs, dtype=torch.int32).to(self.device),
                 torch.tensor(starts, dtype=torch.int64).to(self.device),
                 counts,
             )
@@ -406,7 +455,10 @@ def _load_piece(
 
 @triton.autotune(
     configs=AUTOTUNE_CONFIGS,
-    key=["size_bucket"],
+    # The mode is in the key: the configs tried (and the best) differ by mode, and
+    # the autotuner's own key holds the tensors' dtypes only, which fp32, bf16 and
+    # fp16 params (fp32 state), with or without stochastic rounding, share.
+    key=["size_bucket", "PARAM_DTYPE", "HAS_MASTER", "STOCHASTIC_ROUNDING"],
     # Tuning runs the in-place kernel once per config. What it writes is the state
     # (arguments) and the params (reached through the table): the hooks copy both
     # before each trial and put them back after it. Nothing is ever zeroed.
@@ -482,12 +534,17 @@ def adadelta_kernel(
         param_ptr, grad_ptr, state_offset, numel = _load_piece(
             table_ptr, n_pieces, piece, found_inf_ptr, PARAM_DTYPE, HAS_FOUND_INF, VECTOR, False
         )
-        _update_block(
-            param_ptr, grad_ptr, square_avg_ptr, acc_delta_ptr, master_ptr,
-            offs, offs < numel, state_offset + offs,
-            lr, rho, one_minus_rho, eps, weight_decay, maximize, grad_scale, seed,
-            HAS_MASTER, STOCHASTIC_ROUNDING, HAS_GRAD_SCALE, compute_ty,
-        )  # fmt: skip
+        # Scalar accesses take a 64-bit address per element: a whole block at once
+        # held twice the registers of the aligned branch, and a kernel gets the
+        # registers of its hungrier branch. Sub-blocks keep this branch below the other.
+        for start in tl.static_range(0, BLOCK_SIZE, MIN_BLOCK_SIZE):
+            sub_offs = block * BLOCK_SIZE + start + tl.arange(0, MIN_BLOCK_SIZE)
+            _update_block(
+                param_ptr, grad_ptr, square_avg_ptr, acc_delta_ptr, master_ptr,
+                sub_offs, sub_offs < numel, state_offset + sub_offs,
+                lr, rho, one_minus_rho, eps, weight_decay, maximize, grad_scale, seed,
+                HAS_MASTER, STOCHASTIC_ROUNDING, HAS_GRAD_SCALE, compute_ty,
+            )  # fmt: skip
 
 
 def _check_scalar_tensor(name: str, value: torch.Tensor, device: torch.device) -> None:
@@ -615,9 +672,14 @@ def adadelta_step_(
         finally:
             _tuning.written = []
     else:
-        # The autotuner needs a GPU driver to time configs: use the heuristic config.
+        # The autotuner needs a GPU driver to time configs: use the heuristic config
+        # (the interpreter runs NVIDIA's).
+        warp_size = 32 if device.type == "cpu" else triton.runtime.driver.active.get_current_target().warp_size
+        config = default_config(
+            table.param_dtype, warp_size, master=master is not None, stochastic_rounding=bool(stochastic_rounding)
+        )
         with _device_guard(device):
-            adadelta_kernel.fn[grid](**args, BLOCK_SIZE=DEFAULT_BLOCK_SIZE, num_warps=DEFAULT_NUM_WARPS)
+            adadelta_kernel.fn[grid](**args, BLOCK_SIZE=config.kwargs["BLOCK_SIZE"], num_warps=config.num_warps)
 
 
 def _device_guard(device: torch.device) -> contextlib.AbstractContextManager[Any]:

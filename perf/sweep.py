@@ -1,18 +1,27 @@
 """The autotune sweep of ``adadelta_kernel``: on a GPU, or compiled ahead of time without one.
 
-With a GPU (CUDA or ROCm), for a range of buffer sizes and every dtype mode:
-every config of ``configs_for(dtype, warp size)`` is timed with ``triton.testing.do_bench``,
-the written buffers restored before every run (the restore is timed alone and
-subtracted); ``torch.optim.Adadelta`` (foreach and for-loop) runs on the same size
-in the same run. Reported: GB/s at the mode's bytes floor and % of the measured
-device-to-device copy bandwidth. The best config per size bucket goes to a results
-JSON (machine, versions, date), with a PNG of GB/s against size and the roofline::
+With a GPU (CUDA or ROCm), for a range of buffer sizes and every dtype mode: one
+param (and its grad) as a one-segment table, every config ``configs_for`` keeps for
+the mode and the warp size timed with ``triton.testing.do_bench``, the written
+buffers (the param, reached through the table, and the state) restored before every
+run (the restore is timed alone and subtracted); ``torch.optim.Adadelta`` (foreach
+and for-loop) runs on the same size in the same run. Reported: GB/s at the mode's
+bytes floor and % of the measured device-to-device copy bandwidth. The best config
+per size bucket goes to a results JSON (machine, versions, date), with a PNG of GB/s
+against size and the roofline. ``--offset 1`` starts the param and grad one element
+into their storage, so the kernel's unaligned (scalar) branch is what is timed::
 
     python perf/sweep.py --out perf/results
 
-Without a GPU, ``--target sm_90`` (or ``sm_80``, ``gfx942``) compiles every config of
-every dtype mode ahead of time and reports registers, spills, the vector width of
-the streamed global accesses and the bytes per element; each kernel's ``.ptx`` and
+Without a GPU, ``--target sm_90`` (or ``sm_80``, ``gfx942``) compiles every config
+of ``AUTOTUNE_CONFIGS`` in every dtype mode ahead of time
+(``triton_adadelta.kernels.aot``) and reports, for each, registers, spills by
+``ptxas -v`` (AMD: the assembly's scratch size and spill counts), and for each of the
+kernel's two branches the widths of the streamed global accesses and the bytes per
+element; and whether offsets and addresses are 64-bit. The configs ``configs_for``
+keeps must all pass (128-bit accesses in the aligned branch, no spills, the bytes
+floor in both branches, 64-bit offsets); those it drops are listed apart with the
+same figures, as the evidence for dropping them. Each kept kernel's ``.ptx`` and
 ``.cubin`` (``.amdgcn`` and ``.hsaco`` for gfx942) go under ``--out``::
 
     python perf/sweep.py --target sm_90 --out perf/results/sm_90
@@ -35,8 +44,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from machine import machine_info  # noqa: E402
+from triton_adadelta.flat import hparams_table, table_for_tensors  # noqa: E402
 from triton_adadelta.kernels import aot  # noqa: E402
-from triton_adadelta.kernels.adadelta import adadelta_kernel, configs_for, size_bucket  # noqa: E402
+from triton_adadelta.kernels.adadelta import (  # noqa: E402
+    _TL_DTYPES,
+    AUTOTUNE_CONFIGS,
+    MIN_BLOCK_SIZE,
+    N_HPARAMS,
+    adadelta_kernel,
+    configs_for,
+    size_bucket,
+    state_dtype_for,
+    vector_elements,
+)
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
@@ -46,74 +66,186 @@ def config_label(config: triton.Config) -> str:
 
 
 # ------------------------------------------------------------ ahead of time
-def sweep_ahead_of_time(target: str, out: Path, modes: list[str]) -> dict[str, Any]:
-    """Compile every config of every mode for ``target``; write the code; return the rows."""
-    rows = []
-    warp_size = aot.TARGETS[target].warp_size
-    jobs = [(mode, config) for mode in modes for config in configs_for(aot.param_dtype(mode), warp_size)]
-    for mode, config in tqdm(jobs, desc=f"compiling for {target}", unit="kernel"):
-        block_size, num_warps = config.kwargs["BLOCK_SIZE"], config.num_warps
-        compiled, report = aot.compile_and_inspect(mode, block_size, num_warps, target)
-        directory = out / mode.replace("+", "_")
-        directory.mkdir(parents=True, exist_ok=True)
-        stem = directory / f"adadelta_{config_label(config)}"
-        for key, suffix in (("ptx", ".ptx"), ("cubin", ".cubin"), ("amdgcn", ".amdgcn"), ("hsaco", ".hsaco"), ("ttgir", ".ttgir")):
-            if key in compiled.asm:
-                content = compiled.asm[key]
-                path = stem.with_suffix(suffix)
-                if isinstance(content, bytes):
-                    path.write_bytes(content)
-                else:
-                    path.write_text(content)
-        rows.append(
-            {
-                "mode": mode,
-                "config": config_label(config),
-                "BLOCK_SIZE": block_size,
-                "num_warps": num_warps,
-                "registers": report.registers,
-                "spill_bytes": report.spill_bytes,
-                "vector_bits": report.vector_bits,
-                "load_widths": report.load_widths,
-                "store_widths": report.store_widths,
-                "bytes_per_element": report.bytes_per_element,
-                "floor_bytes": report.floor_bytes,
-                "offsets_64bit": report.offsets_64bit,
-                "ok": report.vector_bits == 128 and report.spill_bytes == 0 and report.at_floor and report.offsets_64bit,
+def _branch_row(branch: aot.BranchReport) -> dict[str, Any]:
+    return {
+        "load_widths": branch.load_widths,
+        "store_widths": branch.store_widths,
+        "vector_bits": branch.vector_bits,
+        "bytes_per_element": branch.bytes_per_element,
+        "ir_bytes_per_element": branch.ir_bytes_per_element,
+    }
+
+
+def report_row(config: triton.Config, report: aot.KernelReport) -> dict[str, Any]:
+    """One config of one mode: the figures of ``report``, the aligned branch's at the top level."""
+    row: dict[str, Any] = {
+        "mode": report.mode,
+        "config": config_label(config),
+        "BLOCK_SIZE": report.block_size,
+        "num_warps": report.num_warps,
+        "registers": report.registers,
+        "spill_bytes": report.spill_bytes,
+        "stack_frame_bytes": report.stack_frame_bytes,
+        "spill_source": report.spill_source,
+    }
+    if report.spill_store_bytes is not None:
+        row["spill_store_bytes"] = report.spill_store_bytes
+        row["spill_load_bytes"] = report.spill_load_bytes
+        row["ptxas_cubin_is_tritons"] = report.binary_matches
+    if report.vgpr_spills is not None:
+        row["vgpr_spills"] = report.vgpr_spills
+        row["sgpr_spills"] = report.sgpr_spills
+    row.update(
+        {
+            # The aligned (hinted) branch: every streamed access must be 128-bit.
+            "vector_bits": report.aligned.vector_bits,
+            "bytes_per_element": report.aligned.bytes_per_element,
+            "floor_bytes": report.floor_bytes,
+            "aligned": _branch_row(report.aligned),
+            # Unaligned pieces and tails: scalar by design, at the floor all the same.
+            "unaligned": _branch_row(report.unaligned),
+            "bookkeeping_loads": report.other_loads,
+            "offsets_64bit": report.offsets_64bit,
+            "problems": report.problems(),
+            "ok": report.ok,
+        }
+    )
+    return row
+
+
+def _write_code(out: Path, config: triton.Config, mode: str, compiled: Any) -> None:
+    directory = out / mode.replace("+", "_")
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = directory / f"adadelta_{config_label(config)}"
+    for key in ("ptx", "cubin", "amdgcn", "hsaco", "ttgir"):
+        if key in compiled.asm:
+            content = compiled.asm[key]
+            path = stem.with_suffix(f".{key}")
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                path.write_text(content)
+
+
+def _widths(branch: dict[str, Any]) -> list[int]:
+    return sorted({int(bits) for bits in (*branch["load_widths"], *branch["store_widths"])})
+
+
+def summarize(rows: list[dict[str, Any]], pruned: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures a reader wants first, over the configs that are tried."""
+    by_mode: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_mode.setdefault(row["mode"], []).append(row)
+    return {
+        "configs_x_modes": len(rows),
+        "all_ok": all(row["ok"] for row in rows),
+        "aligned_all_128bit": all(_widths(row["aligned"]) == [128] for row in rows),
+        "unaligned_widths_bits": sorted({bits for row in rows for bits in _widths(row["unaligned"])}),
+        "max_spill_bytes": max((row["spill_bytes"] for row in rows), default=0),
+        "max_stack_frame_bytes": max((row["stack_frame_bytes"] for row in rows), default=0),
+        "max_registers": max((row["registers"] for row in rows), default=0),
+        # Per mode, the distinct figures over its configs (one each when all are at the floor).
+        "bytes_per_element": {
+            mode: {
+                branch: sorted({row[branch]["bytes_per_element"] for row in mode_rows})
+                for branch in ("aligned", "unaligned")
             }
+            for mode, mode_rows in by_mode.items()
+        },
+        "offsets_64bit": all(row["offsets_64bit"] for row in rows),
+        "pruned_configs_x_modes": len(pruned),
+        "pruned_spilling": sorted(f"{row['mode']} {row['config']}: {row['spill_bytes']} B" for row in pruned if row["spill_bytes"]),
+    }
+
+
+def sweep_ahead_of_time(target: str, out: Path, modes: list[str], workers: int | None = None) -> dict[str, Any]:
+    """Compile every config of every mode for ``target``; write the kept kernels' code; return the rows.
+
+    Returns:
+        ``rows`` (the configs ``configs_for`` keeps), ``pruned`` (those it drops, with
+        the same figures) and ``summary``.
+    """
+    warp_size = aot.TARGETS[target].warp_size
+    jobs, kept = [], []
+    for mode in modes:
+        allowed = {config_label(c) for c in aot.mode_configs(mode, warp_size)}
+        for config in AUTOTUNE_CONFIGS:
+            jobs.append((mode, config))
+            kept.append(config_label(config) in allowed)
+    with tqdm(total=len(jobs), desc=f"compiling for {target}", unit="kernel") as bar:
+        results = aot.compile_many(
+            [(mode, c.kwargs["BLOCK_SIZE"], c.num_warps, target) for mode, c in jobs], workers=workers, progress=bar.update
         )
-    return {"target": target, "rows": rows}
+    rows, pruned = [], []
+    for (mode, config), is_kept, (compiled, report) in zip(jobs, kept, results):
+        if is_kept:
+            _write_code(out, config, mode, compiled)
+        (rows if is_kept else pruned).append(report_row(config, report))
+    return {"target": target, "summary": summarize(rows, pruned), "rows": rows, "pruned": pruned}
 
 
 def format_aot_table(result: dict[str, Any]) -> str:
-    header = f"{'mode':<12} {'config':<9} {'regs':>4} {'spill B':>7} {'vector':>6} {'B/elem':>6} {'floor':>5} {'i64 offs':>8}  ok"
+    header = (
+        f"{'mode':<12} {'config':<9} {'regs':>4} {'spill B':>7} {'stack B':>7} {'aligned':>7} {'B/elem':>6} "
+        f"{'unaligned':>9} {'B/elem':>6} {'floor':>5} {'i64':>5}  ok"
+    )
     lines = [f"target {result['target']}", header, "-" * len(header)]
-    for row in result["rows"]:
-        lines.append(
+
+    def line(row: dict[str, Any]) -> str:
+        unaligned = "/".join(map(str, _widths(row["unaligned"]))) or "-"
+        return (
             f"{row['mode']:<12} {row['config']:<9} {row['registers']:>4} {row['spill_bytes']:>7} "
-            f"{row['vector_bits']:>4}-b {row['bytes_per_element']:>6} {row['floor_bytes']:>5} "
-            f"{str(row['offsets_64bit']):>8}  {'yes' if row['ok'] else 'NO'}"
+            f"{row['stack_frame_bytes']:>7} {row['aligned']['vector_bits']:>5}-b {row['aligned']['bytes_per_element']:>6} "
+            f"{unaligned:>7}-b {row['unaligned']['bytes_per_element']:>6} {row['floor_bytes']:>5} "
+            f"{str(row['offsets_64bit']):>5}  {'yes' if row['ok'] else 'NO'}"
         )
+
+    lines += [line(row) for row in result["rows"]]
+    if result.get("pruned"):
+        lines.append(f"dropped by configs_for ({len(result['pruned'])}, not tried at run time):")
+        lines += [line(row) for row in result["pruned"]]
+    summary = result["summary"]
+    lines.append(
+        f"{summary['configs_x_modes']} configs x modes tried: all ok {summary['all_ok']}; aligned branch all 128-bit "
+        f"{summary['aligned_all_128bit']}; unaligned branch {summary['unaligned_widths_bits']}-bit; max spill "
+        f"{summary['max_spill_bytes']} B; max registers {summary['max_registers']}"
+    )
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------- GPU
 class Buffers:
-    """The flat buffers of one dtype mode on the GPU, with a saved copy to restore."""
+    """One param of a dtype mode, its grad and its flat state on the GPU, as a one-segment table.
 
-    def __init__(self, mode: aot.DtypeMode, n_elements: int, device: torch.device) -> None:
-        param_dtype, state_dtype = _TORCH_DTYPES[mode.param], _TORCH_DTYPES[mode.state]
+    Args:
+        mode: the dtype mode.
+        n_elements: the param's size.
+        device: where the buffers live.
+        offset: elements the param and grad start into their storage: 0 gives the
+            kernel's aligned (128-bit) branch, 1 its unaligned (scalar) branch.
+
+    ``written`` are the buffers a launch writes (the param, reached through the
+    table's address, and the state); ``restore`` puts back the copies in ``saved``.
+    """
+
+    def __init__(self, mode: aot.DtypeMode, n_elements: int, device: torch.device, offset: int = 0) -> None:
+        param_dtype = _TORCH_DTYPES[mode.param]
+        state_dtype = state_dtype_for(param_dtype)
         generator = torch.Generator(device=device).manual_seed(0)
+
+        def storage(dtype: torch.dtype) -> torch.Tensor:
+            return torch.randn(offset + n_elements, device=device, dtype=dtype, generator=generator)[offset:]
+
+        self.mode = mode
         self.n_elements = n_elements
-        self.param = torch.randn(n_elements, device=device, dtype=param_dtype, generator=generator)
-        self.grad = torch.randn(n_elements, device=device, dtype=param_dtype, generator=generator)
+        self.param = storage(param_dtype)
+        self.grad = storage(param_dtype)
         self.square_avg = torch.rand(n_elements, device=device, dtype=state_dtype, generator=generator)
         self.acc_delta = torch.rand(n_elements, device=device, dtype=state_dtype, generator=generator) * 1e-3
         self.master = self.param.float() if mode.master else None
-        self.step = torch.zeros(1, device=device)
-        self.hparams = torch.tensor([0.9, 0.1, 1e-6, 0.0, 1.0], device=device, dtype=torch.float64)
-        self.mode = mode
-        self.written = [self.param, self.square_avg, self.acc_delta, self.step] + ([self.master] if mode.master else [])
+        self.table, _ = table_for_tensors([self.param], [self.grad])
+        self.hparams = hparams_table(((1.0, 0.9, 1e-6, 0.0, False),), state_dtype, device)
+        self.written = [self.param, self.square_avg, self.acc_delta] + ([self.master] if mode.master else [])
         self.saved = [tensor.clone() for tensor in self.written]
 
     def restore(self) -> None:
@@ -121,18 +253,34 @@ class Buffers:
             tensor.copy_(saved)
 
     def launch(self, block_size: int, num_warps: int) -> None:
-        fp64 = self.mode.param == "fp64"
-        grid = (max(1, triton.cdiv(self.n_elements, block_size)),)
-        adadelta_kernel.fn[grid](
-            self.param, self.grad, self.square_avg, self.acc_delta, self.master, self.step,
-            None, self.hparams if fp64 else None, None, None,
-            self.n_elements, 1, size_bucket(self.n_elements),
-            1.0, 0.9, 0.1, 1e-6, 0.0, 1234,
-            MAXIMIZE=False, HAS_MASTER=self.mode.master, STOCHASTIC_ROUNDING=self.mode.stochastic_rounding,
-            LR_IS_TENSOR=False, HPARAMS_IN_TENSOR=fp64, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False,
-            COMPUTE_DTYPE=triton.language.float64 if fp64 else triton.language.float32,
-            enable_fp_fusion=False, BLOCK_SIZE=block_size, num_warps=num_warps,
-        )  # fmt: skip
+        """One launch of the kernel with this config (as ``adadelta_step_`` launches it, untuned)."""
+        block_map, map_starts, programs = self.table.block_map()
+        param_dtype = self.table.param_dtype
+        adadelta_kernel.fn[(programs[block_size],)](
+            table_ptr=self.table.pieces,
+            block_map_ptr=block_map,
+            map_starts_ptr=map_starts,
+            square_avg_ptr=self.square_avg,
+            acc_delta_ptr=self.acc_delta,
+            master_ptr=self.master,
+            hparams_ptr=self.hparams,
+            grad_scale_ptr=None,
+            found_inf_ptr=None,
+            seed=1234,
+            n_pieces=self.table.n_pieces,
+            size_bucket=size_bucket(self.n_elements),
+            PARAM_DTYPE=_TL_DTYPES[param_dtype],
+            HAS_MASTER=self.master is not None,
+            STOCHASTIC_ROUNDING=self.mode.stochastic_rounding,
+            HAS_GRAD_SCALE=False,
+            HAS_FOUND_INF=False,
+            N_HPARAMS=N_HPARAMS,
+            VECTOR=vector_elements(param_dtype),
+            MIN_BLOCK_SIZE=MIN_BLOCK_SIZE,
+            enable_fp_fusion=False,
+            BLOCK_SIZE=block_size,
+            num_warps=num_warps,
+        )
 
 
 def time_restored(launch: Callable[[], None], restore: Callable[[], None]) -> float:
@@ -170,7 +318,7 @@ def device_warp_size() -> int:
     return triton.runtime.driver.active.get_current_target().warp_size
 
 
-def sweep_gpu(sizes: list[int], modes: list[str], device: torch.device) -> dict[str, Any]:
+def sweep_gpu(sizes: list[int], modes: list[str], device: torch.device, offset: int = 0) -> dict[str, Any]:
     bandwidth = copy_bandwidth(device)
     print(f"device-to-device copy: {bandwidth / 1e9:.0f} GB/s")
     rows = []
@@ -178,10 +326,10 @@ def sweep_gpu(sizes: list[int], modes: list[str], device: torch.device) -> dict[
     jobs = [(mode, size) for mode in modes for size in sizes]
     for mode_name, n_elements in tqdm(jobs, desc="sweep", unit="size"):
         mode = aot.DTYPE_MODES[mode_name]
-        buffers = Buffers(mode, n_elements, device)
+        buffers = Buffers(mode, n_elements, device, offset)
         floor_bytes = mode.floor_bytes * n_elements
         timings = {}
-        configs = configs_for(aot.param_dtype(mode_name), device_warp_size())
+        configs = aot.mode_configs(mode, device_warp_size())
         for config in configs:
             block_size, num_warps = config.kwargs["BLOCK_SIZE"], config.num_warps
             timings[config_label(config)] = time_restored(lambda: buffers.launch(block_size, num_warps), buffers.restore)
@@ -209,7 +357,7 @@ def sweep_gpu(sizes: list[int], modes: list[str], device: torch.device) -> dict[
         rows.append(row)
         del buffers
         torch.cuda.empty_cache()
-    return {"copy_bandwidth_GBps": bandwidth / 1e9, "rows": rows, "best_config_per_bucket": best}
+    return {"copy_bandwidth_GBps": bandwidth / 1e9, "offset": offset, "rows": rows, "best_config_per_bucket": best}
 
 
 def format_gpu_table(result: dict[str, Any]) -> str:
@@ -263,12 +411,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-log2", type=int, default=12, help="GPU sweep: smallest size, 2**N elements")
     parser.add_argument("--max-log2", type=int, default=28, help="GPU sweep: largest size, 2**N elements")
     parser.add_argument("--quick", action="store_true", help="GPU sweep: every other power of two")
+    parser.add_argument(
+        "--offset", type=int, default=0, help="GPU sweep: param/grad start N elements into their storage (1: unaligned branch)"
+    )
+    parser.add_argument("--jobs", type=int, default=None, help="--target: compiling processes (default: one per CPU)")
     args = parser.parse_args(argv)
 
     info = machine_info()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.target:
-        result = sweep_ahead_of_time(args.target, args.out, args.modes)
+        result = sweep_ahead_of_time(args.target, args.out, args.modes, args.jobs)
         table = format_aot_table(result)
         print(table)
         stem = f"sweep_aot_{args.target}"
@@ -281,10 +433,10 @@ def main(argv: list[str] | None = None) -> int:
         step = 2 if args.quick else 1
         sizes = [2**k for k in range(args.min_log2, args.max_log2 + 1, step)]
         device = torch.device("cuda")
-        result = sweep_gpu(sizes, args.modes, device)
+        result = sweep_gpu(sizes, args.modes, device, args.offset)
         table = format_gpu_table(result)
         print(table)
-        stem = "sweep_gpu"
+        stem = "sweep_gpu" if args.offset == 0 else f"sweep_gpu_offset{args.offset}"
         plot_gpu(result, args.out / f"{stem}.png", f"adadelta_kernel on {info['gpu']}")
         failures = []
     record = {"machine": info, **result, "table": table}

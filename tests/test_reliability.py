@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tolerances import TOLERANCES
+from tolerances import TOLERANCES, fp64_conversion_tolerance
 from triton_adadelta import Adadelta
 from triton_adadelta.checkpoint import load_checkpoint, save_checkpoint
 
@@ -162,11 +162,28 @@ def test_model_to_dtype_is_noticed_and_rebuilt(backend):
     model, optimizer, reference, _ = run_both(lambda m: m.to(torch.float64))
     # torch keeps the fp32 state it had; ours carries it into fp64 state: the same
     # values, then each step in fp64 instead of fp32-rounded state.
-    assert_same_params(model, reference, rtol=1e-5, atol=1e-6)
+    assert_same_params(model, reference, **fp64_conversion_tolerance())
     (flat,) = optimizer.flat_states()
     assert flat.dtype == torch.float64 and flat.square_avg.dtype == torch.float64
     # Each param keeps the storage model.to() gave it.
     assert all(p.untyped_storage().nbytes() == p.numel() * 8 for p in model.parameters())
+
+
+def test_model_to_dtype_with_swap_tensors_is_followed(backend):
+    """Under ``set_swap_module_params_on_conversion(True)``, ``model.to()`` swaps each
+    param's TensorImpl (``torch.utils.swap_tensors``): the optimizer holds no view of
+    the old one, so the swap goes through and the state follows, as with torch."""
+
+    def swap_to_fp64(m):
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            m.to(torch.float64)
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(False)
+
+    model, optimizer, reference, _ = run_both(swap_to_fp64)
+    assert_same_params(model, reference, **fp64_conversion_tolerance())
+    assert [flat.dtype for flat in optimizer.flat_states()] == [torch.float64]
 
 
 def test_assigned_param_data_is_noticed(backend):

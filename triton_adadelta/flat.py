@@ -247,6 +247,9 @@ def table_for_tensors(
         for numel in numels:
             offsets.append(end)
             end += -(-numel // vector) * vector
+    elif any(offset % vector_elements(dtype) for offset in offsets):
+        # The kernel's aligned branch promises 16-byte-aligned state for each piece.
+        raise ValueError(f"state offsets must be multiples of {vector_elements(dtype)} elements for {dtype}")
     n_state = max((offset + numel for offset, numel in zip(offsets, numels)), default=0)
     pieces = _static_pieces(
         list(range(len(params))),
