@@ -395,3 +395,17 @@ def test_bf16_master_weights_survive_deepcopy_bit_for_bit(backend: str) -> None:
     train_bf16(model, optimizer, seed=2)
     # Without its fp32 master the copy would resume from the rounded bf16 params.
     assert_models_and_states_equal(ours_copy, (model, optimizer))
+
+
+def test_the_optimizer_keeps_no_grad_alive_after_zero_grad(backend) -> None:
+    """A grad the user and ``zero_grad()`` let go of is freed, as with torch: the optimizer
+    holds no reference to a grad between steps (on a GPU it would hold its memory)."""
+    import weakref
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    optimizer = Adadelta(model.parameters())
+    model(torch.randn(5, 4)).sum().backward()
+    kept = [weakref.ref(p.grad) for p in model.parameters()]
+    optimizer.step()
+    optimizer.zero_grad()
+    assert all(ref() is None for ref in kept), "a grad outlived zero_grad()"

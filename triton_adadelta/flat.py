@@ -14,6 +14,7 @@ aligned too); the padding between them is zero and no update touches it.
 
 from __future__ import annotations
 
+import array
 import operator
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -45,8 +46,7 @@ _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 _GRAD = operator.attrgetter("grad")
 _VERSION = operator.attrgetter("_version")
 _DTYPE = operator.attrgetter("dtype")
-_LAYOUT = operator.attrgetter("layout")
-_DEVICE = operator.attrgetter("device")
+_GET_DEVICE = torch.Tensor.get_device
 _NUMEL = torch.Tensor.numel
 
 STATE_KEYS = ("step", "square_avg", "acc_delta")
@@ -203,8 +203,9 @@ def _make_table(
 ) -> SegmentTable:
     """Fill the address rows of ``pieces`` (one entry per segment with a grad)."""
     table = pieces.static.clone()
-    param = torch.tensor(param_ptrs, dtype=torch.int64)
-    grad = torch.tensor(grad_ptrs, dtype=torch.int64)
+    # array -> frombuffer: a third of the time torch.tensor takes on a list of ints.
+    param = torch.frombuffer(array.array("q", param_ptrs), dtype=torch.int64)
+    grad = torch.frombuffer(array.array("q", grad_ptrs), dtype=torch.int64)
     table[PARAM_ROW, 0::2] = param
     table[PARAM_ROW, 1::2] = param + pieces.bulk_bytes
     table[GRAD_ROW, 0::2] = grad
@@ -270,20 +271,46 @@ def table_for_tensors(
 class StepPlan:
     """What one step of a :class:`FlatState` launches, valid while nothing moves.
 
+    A plan outlives its step but holds no grad: :meth:`FlatState.plan` binds the
+    step's grads (``table.read``, ``refresh``) and :meth:`release` drops them, so a
+    grad the user or ``zero_grad()`` lets go of is freed, as with torch.
+
     Args:
         table: the pieces of the params that have a grad.
         segments: those params' segment indices.
         steps_index: the same indices on the state's device (None: every segment).
-        refresh: ``(stand-in, source)`` pairs copied before the launch: contiguous
-            stand-ins of non-contiguous params and grads.
-        write_back: ``(param, stand-in)`` pairs copied after the launch.
+        param_stand_ins: ``(k, stand-in)``: a contiguous stand-in for the ``k``-th
+            param of the table, whose data is not contiguous.
+        grad_stand_ins: the same for grads.
+        refresh: this step's ``(stand-in, source)`` pairs, copied before the launch.
+        write_back: this step's ``(param, stand-in)`` pairs, copied after the launch.
     """
 
     table: SegmentTable
     segments: list[int]
     steps_index: torch.Tensor | None
-    refresh: list[tuple[torch.Tensor, torch.Tensor]]
-    write_back: list[tuple[torch.Tensor, torch.Tensor]]
+    param_stand_ins: list[tuple[int, torch.Tensor]]
+    grad_stand_ins: list[tuple[int, torch.Tensor]]
+    refresh: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    write_back: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def bind(self, params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+        """Point this step's table at the grads (and stand-ins) to update from."""
+        table = self.table
+        table.read = grads if self.steps_index is None else [grads[i] for i in self.segments]
+        self.refresh, self.write_back = [], []
+        for k, stand_in in self.grad_stand_ins:
+            self.refresh.append((stand_in, table.read[k]))
+            table.read[k] = stand_in
+        for k, stand_in in self.param_stand_ins:
+            param = params[self.segments[k]]
+            self.refresh.append((stand_in, param))
+            self.write_back.append((param, stand_in))
+
+    def release(self) -> None:
+        """Drop the step's grads: the next step binds its own."""
+        self.table.read = []
+        self.refresh = []
 
 
 class FlatState:
@@ -322,6 +349,7 @@ class FlatState:
             end += -(-numel // vector) * vector
         self.n_elements = end
         self.index = {id(param): i for i, param in enumerate(params)}
+        self._device_index = params[0].get_device()
         self.stochastic_rounding = stochastic_rounding
 
         state_dtype = state_dtype_for(self.dtype)
@@ -336,6 +364,7 @@ class FlatState:
         self.steps = torch.zeros(len(params), dtype=torch.float32, device=self.device)
         # Whether a param has state yet: torch creates it at the param's first grad.
         self.initialized = [False] * len(params)
+        self.all_initialized = False
 
         self._offsets_t = torch.tensor(self.offsets, dtype=torch.int64)
         self._numels_t = torch.tensor(self.numels, dtype=torch.int64)
@@ -345,7 +374,8 @@ class FlatState:
     def _reset_caches(self) -> None:
         # What the last plan was made from: any change makes a new plan.
         self._plan: StepPlan | None = None
-        self._seen_grads: list[torch.Tensor | None] = []
+        # ids, not the grads themselves: holding a grad would keep it from being freed.
+        self._seen_grad_ids: list[int] = []
         self._seen_ptrs: tuple[list[int], list[int], list[bool]] | None = None
         self._pieces: dict[tuple[int, ...], _Pieces] = {}
         self._hparams: torch.Tensor | None = None
@@ -357,7 +387,7 @@ class FlatState:
     def __getstate__(self) -> dict[str, Any]:
         # A copy (deepcopy, pickle) has other addresses: it plans afresh.
         state = dict(self.__dict__)
-        for name in ("_plan", "_seen_grads", "_seen_ptrs", "_pieces", "_hparams", "_hparams_key"):
+        for name in ("_plan", "_seen_grad_ids", "_seen_ptrs", "_pieces", "_hparams", "_hparams_key"):
             state.pop(name, None)
         return state
 
@@ -383,6 +413,7 @@ class FlatState:
         if self.master is not None and with_master and "master_param" in state:
             self.master[start:end].copy_(_real_flat(state["master_param"].detach().to(self.device)))
         self.initialized[i] = True
+        self.all_initialized = all(self.initialized)
 
     def reset_param_state(self, i: int) -> None:
         """Forget one param's state, as a param that never had a grad."""
@@ -393,6 +424,7 @@ class FlatState:
         if self.master is not None:
             self._copy_param_to_master(i)
         self.initialized[i] = False
+        self.all_initialized = False
 
     def moved(self, i: int) -> bool:
         """Whether param ``i``'s data was replaced since this state last saw it."""
@@ -454,17 +486,21 @@ class FlatState:
         except TypeError:  # some grads are None
             grad_ptrs = [0 if grad is None else grad.data_ptr() for grad in grads]
         except RuntimeError:  # a grad without a storage (sparse): say what is wrong
-            self._check_grads(grads)
+            self._raise_grad_mismatch(grads)
             raise
+        grad_ids = list(map(id, grads))
         seen = (param_ptrs, grad_ptrs, contiguous)
-        same_grads = len(grads) == len(self._seen_grads) and all(map(operator.is_, grads, self._seen_grads))
-        if same_grads and seen == self._seen_ptrs:
-            return self._plan
-        # New grads, or a grad whose `.data` was replaced.
-        present = self._check_grads(grads)
-        self._plan = self._make_plan(grads, present, contiguous) if present else None
-        self._seen_grads = grads
-        self._seen_ptrs = seen
+        if grad_ids != self._seen_grad_ids or seen != self._seen_ptrs:
+            # New grads (or a grad whose `.data` was replaced): check them. Their
+            # addresses are often the last step's (the allocator reuses the memory
+            # zero_grad() freed): then the table stands as it is.
+            segments = self._check_grads(grads)
+            if seen != self._seen_ptrs or self._plan is None or self._plan.segments != segments:
+                self._plan = self._make_plan(grads, segments, contiguous, param_ptrs, grad_ptrs) if segments else None
+            self._seen_grad_ids = grad_ids
+            self._seen_ptrs = seen
+        if self._plan is not None:
+            self._plan.bind(params, grads)
         return self._plan
 
     def _check_params(self, param_ptrs: list[int]) -> None:
@@ -496,55 +532,62 @@ class FlatState:
             numels = [self._param_numels[i] for i in segments]
         else:
             segments, present, numels = list(range(len(grads))), grads, self._param_numels
+        # (A sparse grad has already failed at its data_ptr; get_device is an int, cheaper
+        # to compare than a device.)
         if (
             all(map(operator.is_, map(_DTYPE, present), repeat(self.param_dtype)))
-            and all(map(operator.is_, map(_LAYOUT, present), repeat(torch.strided)))
             and list(map(_NUMEL, present)) == numels
-            and all(map(self.device.__eq__, map(_DEVICE, present)))
+            and list(map(_GET_DEVICE, present)) == [self._device_index] * len(present)
         ):
             return segments
+        self._raise_grad_mismatch(grads)
+        return segments
+
+    def _raise_grad_mismatch(self, grads: list[torch.Tensor | None]) -> None:
+        """Raise the error of the first grad that cannot update its param, if any."""
         for param, grad in zip(self.params, grads):
             if grad is not None:
                 mismatch = grad_mismatch(grad, param)
                 if mismatch is not None:
                     raise mismatch
-        return segments
 
-    def _make_plan(self, grads: list[torch.Tensor | None], segments: list[int], contiguous: list[bool]) -> StepPlan:
-        key = tuple(segments) if len(segments) != len(self.params) else ()
+    def _make_plan(
+        self,
+        grads: list[torch.Tensor | None],
+        segments: list[int],
+        contiguous: list[bool],
+        param_ptrs: list[int],
+        grad_ptrs: list[int],
+    ) -> StepPlan:
+        subset = len(segments) != len(self.params)
+        key = tuple(segments) if subset else ()
         pieces = self._pieces.get(key)
         if pieces is None:
             pieces = _static_pieces(
                 segments, self._offsets_t, self._numels_t, self._groups_t, self.dtype, self.device, len(self.params)
             )
             self._pieces[key] = pieces
-        written = [self.params[i] for i in segments] if key else list(self.params)
-        read = [grads[i] for i in segments] if key else grads
-        refresh: list[tuple[torch.Tensor, torch.Tensor]] = []
-        write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
+        written = [self.params[i] for i in segments] if subset else list(self.params)
+        read = [grads[i] for i in segments] if subset else grads
+        written_ptrs = [param_ptrs[i] for i in segments] if subset else param_ptrs
+        read_ptrs = [grad_ptrs[i] for i in segments] if subset else grad_ptrs
+        param_stand_ins: list[tuple[int, torch.Tensor]] = []
+        grad_stand_ins: list[tuple[int, torch.Tensor]] = []
         if not all(contiguous) or not all(map(_IS_CONTIGUOUS, read)):
+            written, read, written_ptrs, read_ptrs = list(written), list(read), list(written_ptrs), list(read_ptrs)
             for k, i in enumerate(segments):
                 if not contiguous[i]:
                     # The state is laid out in the param's logical (row-major) order, as
                     # torch's: a non-contiguous param is updated through a contiguous stand-in.
-                    stand_in = written[k].contiguous()
-                    refresh.append((stand_in, written[k]))
-                    write_back.append((written[k], stand_in))
-                    written[k] = stand_in
+                    written[k] = written[k].contiguous()
+                    written_ptrs[k] = written[k].data_ptr()
+                    param_stand_ins.append((k, written[k]))
                 if not read[k].is_contiguous():
-                    stand_in = read[k].contiguous()
-                    refresh.append((stand_in, read[k]))
-                    read[k] = stand_in
-        table = _make_table(
-            pieces,
-            list(map(_DATA_PTR, written)),
-            list(map(_DATA_PTR, read)),
-            written,
-            read,
-            self.dtype,
-            self.device,
-        )
-        return StepPlan(table, segments, pieces.steps_index, refresh, write_back)
+                    read[k] = read[k].contiguous()
+                    read_ptrs[k] = read[k].data_ptr()
+                    grad_stand_ins.append((k, read[k]))
+        table = _make_table(pieces, written_ptrs, read_ptrs, written, [], self.dtype, self.device)
+        return StepPlan(table, segments, pieces.steps_index, param_stand_ins, grad_stand_ins)
 
     def sync_master(self) -> None:
         """Copy into the master any param written in place from outside.
@@ -564,6 +607,8 @@ class FlatState:
         self._versions = versions
 
     def note_written(self, plan: StepPlan) -> None:
-        """Record the version counters after the step's own write-backs."""
+        """Record the version counters after the step's own write-backs, and let the
+        step's grads go."""
         if self._versions is not None and plan.write_back:
             self._versions = list(map(_VERSION, self.params))
+        plan.release()

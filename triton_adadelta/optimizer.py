@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 from collections import defaultdict
 from copy import deepcopy
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any, Callable, Iterable
 
 import torch
@@ -15,6 +15,11 @@ from .flat import FlatState, Relayout, StepPlan, check_param_state, state_key
 from .update import implementation, update_
 
 __all__ = ["Adadelta"]
+
+
+_GRAD = operator.attrgetter("grad")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_GRAD_FN = operator.attrgetter("grad_fn")
 
 
 def _same_objects(current: list[Any], seen: list[Any]) -> bool:
@@ -298,11 +303,50 @@ class Adadelta(Optimizer):
             flat.steps.index_add_(
                 0, plan.steps_index, torch.ones_like(plan.steps_index, dtype=torch.float32) * increment
             )
+        if flat.all_initialized:
+            return
         initialized = flat.initialized
         for i in plan.segments:
             if not initialized[i]:
                 initialized[i] = True
                 self.state[flat.params[i]] = flat.param_state(i)
+        flat.all_initialized = all(initialized)
+
+    @torch._disable_dynamo
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients of all optimized params, as :meth:`torch.optim.Optimizer.zero_grad`.
+
+        The same semantics, with C-level loops: ``set_to_none=True`` sets every grad
+        to None; ``False`` zeroes the grads in place, one ``_foreach_zero_`` per
+        (device, dtype), after detaching any that have autograd history.
+
+        Args:
+            set_to_none (bool): set grads to None instead of zeroing them
+                (default: True). A param whose grad is None is skipped by ``step``.
+        """
+        if not hasattr(self, "_zero_grad_profile_name"):
+            self._patch_step_function()
+        with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
+            for group in self.param_groups:
+                params = group["params"]
+                if set_to_none:
+                    list(map(setattr, params, repeat("grad"), repeat(None)))
+                    continue
+                grads = [grad for grad in map(_GRAD, params) if grad is not None]
+                if any(grad.is_sparse for grad in grads):
+                    super().zero_grad(set_to_none)
+                    return
+                if any(map(_REQUIRES_GRAD, grads)) or any(map(_GRAD_FN, grads)):
+                    for grad in grads:
+                        if grad.grad_fn is not None:
+                            grad.detach_()
+                        else:
+                            grad.requires_grad_(False)
+                by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+                for grad in grads:
+                    by_key.setdefault((grad.device, grad.dtype), []).append(grad)
+                for same in by_key.values():
+                    torch._foreach_zero_(same)
 
     # --------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
