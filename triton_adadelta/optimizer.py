@@ -20,6 +20,9 @@ __all__ = ["Adadelta"]
 _GRAD = operator.attrgetter("grad")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _GRAD_FN = operator.attrgetter("grad_fn")
+_IS_SPARSE = operator.attrgetter("is_sparse")
+_DTYPE = operator.attrgetter("dtype")
+_GET_DEVICE = torch.Tensor.get_device
 
 
 def _same_objects(current: list[Any], seen: list[Any]) -> bool:
@@ -333,7 +336,7 @@ class Adadelta(Optimizer):
                     list(map(setattr, params, repeat("grad"), repeat(None)))
                     continue
                 grads = [grad for grad in map(_GRAD, params) if grad is not None]
-                if any(grad.is_sparse for grad in grads):
+                if any(map(_IS_SPARSE, grads)):
                     super().zero_grad(set_to_none)
                     return
                 if any(map(_REQUIRES_GRAD, grads)) or any(map(_GRAD_FN, grads)):
@@ -342,10 +345,14 @@ class Adadelta(Optimizer):
                             grad.detach_()
                         else:
                             grad.requires_grad_(False)
-                by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-                for grad in grads:
-                    by_key.setdefault((grad.device, grad.dtype), []).append(grad)
-                for same in by_key.values():
+                if len(set(map(_DTYPE, grads))) <= 1 and len(set(map(_GET_DEVICE, grads))) <= 1:
+                    groups = [grads] if grads else []
+                else:
+                    by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+                    for grad in grads:
+                        by_key.setdefault((grad.device, grad.dtype), []).append(grad)
+                    groups = list(by_key.values())
+                for same in groups:
                     torch._foreach_zero_(same)
 
     # --------------------------------------------------------------- state_dict
