@@ -528,13 +528,15 @@ def _classify(site_line: int | None, in_kernel_file: bool, source: _KernelSource
 def _accesses(assembly: str, is_amd: bool, source: _KernelSource) -> Iterator[tuple[str, str, int]]:
     """Every global load and store of the assembly: (branch, "load"/"store", bits)."""
     lines = assembly.splitlines()
-    # The file table (at the end of a PTX file): index -> path (AMD: file name).
+    # The file table (at the end of a PTX file): index -> file name. Names, not paths:
+    # Triton's cache is keyed on the source, not on its path, so a kernel compiled from
+    # another checkout of the same code names that checkout's file.
     files: dict[str, str] = {}
     for line in lines:
         if is_amd and (match := _AMD_FILE.match(line)):
             files[match.group(1)] = os.path.basename(match.group(3) or match.group(2))
         elif not is_amd and (match := _PTX_FILE.match(line)):
-            files[match.group(1)] = os.path.realpath(match.group(2))
+            files[match.group(1)] = os.path.basename(match.group(2))
     where = UNATTRIBUTED
     kernel_name = os.path.basename(source.path)
     for line in lines:
@@ -557,7 +559,7 @@ def _accesses(assembly: str, is_amd: bool, source: _KernelSource) -> Iterator[tu
                     file_index, site = inlined.group(1), int(inlined.group(2))
                 else:
                     file_index, site = match.group(1), int(match.group(2))
-                where = _classify(site, files.get(file_index) == source.path, source)
+                where = _classify(site, files.get(file_index) == kernel_name, source)
                 continue
             stripped = line.strip()
             if stripped.startswith("//"):
