@@ -397,15 +397,72 @@ def test_bf16_master_weights_survive_deepcopy_bit_for_bit(backend: str) -> None:
     assert_models_and_states_equal(ours_copy, (model, optimizer))
 
 
-def test_the_optimizer_keeps_no_grad_alive_after_zero_grad(backend) -> None:
+@pytest.mark.parametrize(
+    "dtype,options",
+    [(torch.float32, {}), (torch.bfloat16, {}), (torch.bfloat16, {"master_weights": True})],
+    ids=["fp32", "bf16", "bf16_master"],
+)
+def test_the_optimizer_keeps_no_grad_alive_after_zero_grad(backend, dtype, options) -> None:
     """A grad the user and ``zero_grad()`` let go of is freed, as with torch: the optimizer
-    holds no reference to a grad between steps (on a GPU it would hold its memory)."""
+    holds no reference to a grad between steps (on a GPU it would hold its memory). The
+    bf16 modes take the CPU path's chunked implementation, which keeps views per table."""
     import weakref
 
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
-    optimizer = Adadelta(model.parameters())
-    model(torch.randn(5, 4)).sum().backward()
-    kept = [weakref.ref(p.grad) for p in model.parameters()]
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).to(dtype)
+    optimizer = Adadelta(model.parameters(), **options)
+    for _ in range(3):
+        model(torch.randn(5, 4, dtype=dtype)).sum().backward()
+        kept = [weakref.ref(p.grad) for p in model.parameters()]
+        optimizer.step()
+        optimizer.zero_grad()
+        assert all(ref() is None for ref in kept), "a grad outlived zero_grad()"
+
+
+def test_a_transposed_grad_at_the_address_of_the_last_grad_matches_torch(backend) -> None:
+    """A new grad object at the last grad's address but laid out otherwise (a transposed
+    view of the same buffer) is read in its own index order, as torch reads it."""
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(4, 4))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    optimizer, torch_optimizer = Adadelta([ours]), torch.optim.Adadelta([theirs])
+    buffer = torch.randn(4, 4)
+    ours.grad, theirs.grad = buffer, buffer.clone()
     optimizer.step()
-    optimizer.zero_grad()
-    assert all(ref() is None for ref in kept), "a grad outlived zero_grad()"
+    torch_optimizer.step()
+    ours.grad, theirs.grad = buffer.t(), buffer.clone().t()
+    optimizer.step()
+    torch_optimizer.step()
+    torch.testing.assert_close(ours.detach(), theirs.detach(), **parity_tolerance())
+
+
+@pytest.mark.parametrize("edit", ["clear", "new dict", "del one"])
+def test_optimizer_state_cleared_or_replaced_from_outside_is_followed_as_torch(backend, edit: str) -> None:
+    """Resetting the optimizer's state the ways users do (``optimizer.state.clear()``,
+    ``optimizer.state = defaultdict(dict)``, ``del optimizer.state[p]``) starts those
+    params afresh, as torch does; the flat state is not silently used on."""
+    from collections import defaultdict
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    reference = copy.deepcopy(model)
+    optimizer, torch_optimizer = Adadelta(model.parameters()), torch.optim.Adadelta(reference.parameters())
+    x = torch.randn(6, 4)
+    for step in range(5):
+        if step == 3:
+            for m, o in ((model, optimizer), (reference, torch_optimizer)):
+                if edit == "clear":
+                    o.state.clear()
+                elif edit == "new dict":
+                    o.state = defaultdict(dict)
+                else:
+                    del o.state[m[0].weight]
+        for m, o in ((model, optimizer), (reference, torch_optimizer)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), **parity_tolerance())
+    ours_state, torch_state = optimizer.state_dict()["state"], torch_optimizer.state_dict()["state"]
+    assert ours_state.keys() == torch_state.keys()
+    for key in torch_state:
+        assert float(ours_state[key]["step"]) == float(torch_state[key]["step"])

@@ -457,44 +457,38 @@ class _ChunkPlan:
 
 @dataclass
 class _TableViews:
-    """The views of one table's params and grads that its chunks read and write."""
+    """The views of one table's params (or of one step's grads) that its chunks read and write."""
 
-    params: list[list[torch.Tensor]]  # per chunk, per entry
-    grads: list[list[torch.Tensor]]
-    param_parts: list[list[torch.Tensor]]  # per gathered chunk: entries and pads, in state order
-    grad_parts: list[list[torch.Tensor]]
+    tensors: list[list[torch.Tensor]]  # per chunk, per entry
+    parts: list[list[torch.Tensor]]  # per gathered chunk: entries and pads, in state order
 
 
-# Views are made once per table (the optimizer reuses a table while addresses stay
-# the same); they go with it.
-_table_views: weakref.WeakKeyDictionary[SegmentTable, _TableViews] = weakref.WeakKeyDictionary()
+# Param views are made once per table (the optimizer reuses a table while addresses
+# stay the same) and go with it. Grad views are made at each call and dropped: the
+# grads are the step's, bound to the table for that step only, and holding them
+# would keep them from being freed by zero_grad().
+_param_views: weakref.WeakKeyDictionary[SegmentTable, _TableViews] = weakref.WeakKeyDictionary()
 
 
-def _views_of(table: SegmentTable, plan: _ChunkPlan) -> _TableViews:
-    views = _table_views.get(table)
-    if views is not None:
-        return views
-    flat_params = list(map(_flat_real, table.written))
-    flat_grads = list(map(_flat_real, table.read))
+def _views_of(tensors: list[torch.Tensor], plan: _ChunkPlan) -> _TableViews:
+    flats = list(map(_flat_real, tensors))
     numels = plan.numels
 
     def part(flat: torch.Tensor, k: int, first: int, length: int) -> torch.Tensor:
         return flat if length == numels[k] else flat[first : first + length]
 
-    params, grads, param_parts, grad_parts = [], [], [], []
+    views, parts = [], []
     for chunk in plan.chunks:
-        chunk_params = [part(flat_params[k], k, first, length) for k, first, length, _ in chunk.entries]
-        chunk_grads = [part(flat_grads[k], k, first, length) for k, first, length, _ in chunk.entries]
-        params.append(chunk_params)
-        grads.append(chunk_grads)
-        if chunk.gathered:
-            param_parts.append(_interleave(chunk.pads, chunk_params))
-            grad_parts.append(_interleave(chunk.pads, chunk_grads))
-        else:
-            param_parts.append([])
-            grad_parts.append([])
-    views = _TableViews(params, grads, param_parts, grad_parts)
-    _table_views[table] = views
+        chunk_views = [part(flats[k], k, first, length) for k, first, length, _ in chunk.entries]
+        views.append(chunk_views)
+        parts.append(_interleave(chunk.pads, chunk_views) if chunk.gathered else [])
+    return _TableViews(views, parts)
+
+
+def _param_views_of(table: SegmentTable, plan: _ChunkPlan) -> _TableViews:
+    views = _param_views.get(table)
+    if views is None:
+        views = _param_views[table] = _views_of(table.written, plan)
     return views
 
 
@@ -610,7 +604,7 @@ def _chunked_step_(
             f"the segment table does not fit its state ({square_avg.numel()} elements) or its "
             f"hyper-parameters ({hparams.shape[0]} groups); nothing was changed"
         )
-    views = _views_of(table, plan)
+    param_views, grad_views = _param_views_of(table, plan), _views_of(table.read, plan)
     scalars = _group_scalars(hparams)
     if grad_scale is not None:
         grad_scale = grad_scale.to(compute_dtype)  # as the native loop and the kernel round it
@@ -637,14 +631,14 @@ def _chunked_step_(
             if chunk.gathered:
                 # Gathered in the param dtype, then converted once: torch.cat's own
                 # conversion is an order of magnitude slower than the two.
-                grad = torch.cat(views.grad_parts[c], out=scratch["low_grad" if low_precision else "grad"][:n])
+                grad = torch.cat(grad_views.parts[c], out=scratch["low_grad" if low_precision else "grad"][:n])
                 if low_precision:
                     grad = scratch["grad"][:n].copy_(grad)
                 if masters is None or proceed is not None:
-                    old_params = torch.cat(views.param_parts[c], out=scratch["old"][:n])
+                    old_params = torch.cat(param_views.parts[c], out=scratch["old"][:n])
                 weights = masters if masters is not None else old_params
             else:
-                (param,), (grad,) = views.params[c], views.grads[c]
+                (param,), (grad,) = param_views.tensors[c], grad_views.tensors[c]
                 if low_precision:
                     grad = scratch["grad"][:n].copy_(grad)
                 weights = masters if masters is not None else param
@@ -677,7 +671,7 @@ def _chunked_step_(
                 if proceed is not None:
                     torch.where(proceed, stored, old_params, out=stored)
                 # One call writes back every param of the chunk (never the gaps).
-                torch._foreach_copy_(views.params[c], plan.sources[source][c])
+                torch._foreach_copy_(param_views.tensors[c], plan.sources[source][c])
             elif stored is not param:
                 _commit_(param, stored, proceed)
     torch._C._autograd._unsafe_set_version_counter(table.written, versions)

@@ -365,6 +365,8 @@ class FlatState:
         # Whether a param has state yet: torch creates it at the param's first grad.
         self.initialized = [False] * len(params)
         self.all_initialized = False
+        # The state dict given to `optimizer.state` for each param (None: none yet).
+        self.handed_out: list[dict[str, torch.Tensor] | None] = [None] * len(params)
 
         self._offsets_t = torch.tensor(self.offsets, dtype=torch.int64)
         self._numels_t = torch.tensor(self.numels, dtype=torch.int64)
@@ -377,6 +379,7 @@ class FlatState:
         # ids, not the grads themselves: holding a grad would keep it from being freed.
         self._seen_grad_ids: list[int] = []
         self._seen_ptrs: tuple[list[int], list[int], list[bool]] | None = None
+        self._seen_grad_contiguous: list[bool] = []
         self._pieces: dict[tuple[int, ...], _Pieces] = {}
         self._hparams: torch.Tensor | None = None
         self._hparams_key: Any = None
@@ -387,7 +390,7 @@ class FlatState:
     def __getstate__(self) -> dict[str, Any]:
         # A copy (deepcopy, pickle) has other addresses: it plans afresh.
         state = dict(self.__dict__)
-        for name in ("_plan", "_seen_grad_ids", "_seen_ptrs", "_pieces", "_hparams", "_hparams_key"):
+        for name in ("_plan", "_seen_grad_ids", "_seen_ptrs", "_seen_grad_contiguous", "_pieces", "_hparams", "_hparams_key"):
             state.pop(name, None)
         return state
 
@@ -397,11 +400,16 @@ class FlatState:
 
     # ------------------------------------------------------------------ state views
     def param_state(self, i: int) -> dict[str, torch.Tensor]:
-        """torch's per-param state of segment ``i``, as live views of the flat state."""
+        """torch's per-param state of segment ``i``, as live views of the flat state.
+
+        The dict is remembered (:attr:`handed_out`), so that the optimizer can tell
+        when ``optimizer.state`` no longer holds it.
+        """
         view = lambda flat: _shaped_view(flat, self.offsets[i], self.numels[i], self.shapes[i], self.param_dtype)  # noqa: E731
         state = {"step": self.steps[i], "square_avg": view(self.square_avg), "acc_delta": view(self.acc_delta)}
         if self.master is not None:
             state["master_param"] = view(self.master)
+        self.handed_out[i] = state
         return state
 
     def load_param_state(self, i: int, state: dict[str, torch.Tensor], *, with_master: bool = True) -> None:
@@ -495,10 +503,21 @@ class FlatState:
             # addresses are often the last step's (the allocator reuses the memory
             # zero_grad() freed): then the table stands as it is.
             segments = self._check_grads(grads)
-            if seen != self._seen_ptrs or self._plan is None or self._plan.segments != segments:
+            # A new grad at an old address may be laid out otherwise (a transposed grad).
+            grad_contiguous = (
+                list(map(_IS_CONTIGUOUS, grads)) if len(segments) == len(grads) else
+                [grads[i].is_contiguous() for i in segments]
+            )  # fmt: skip
+            if (
+                seen != self._seen_ptrs
+                or self._plan is None
+                or self._plan.segments != segments
+                or grad_contiguous != self._seen_grad_contiguous
+            ):
                 self._plan = self._make_plan(grads, segments, contiguous, param_ptrs, grad_ptrs) if segments else None
             self._seen_grad_ids = grad_ids
             self._seen_ptrs = seen
+            self._seen_grad_contiguous = grad_contiguous
         if self._plan is not None:
             self._plan.bind(params, grads)
         return self._plan

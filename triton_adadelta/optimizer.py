@@ -141,6 +141,9 @@ class Adadelta(Optimizer):
         # The flat states, and each group's params when they were laid out.
         self._flat_states: list[FlatState] = []
         self._laid_out: list[list[torch.Tensor]] | None = None
+        # `self.state` and its size as of the last step, to notice edits from outside.
+        self._state_seen: dict[Any, Any] | None = None
+        self._state_size = 0
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -181,6 +184,8 @@ class Adadelta(Optimizer):
         self.__dict__.setdefault("state_per_param", False)
         self.__dict__.setdefault("_flat_states", [])
         self.__dict__.setdefault("_laid_out", None)
+        self.__dict__.setdefault("_state_seen", None)
+        self.__dict__.setdefault("_state_size", 0)
 
     # ------------------------------------------------------------- flat states
     def _lay_out(self) -> list[FlatState]:
@@ -212,6 +217,7 @@ class Adadelta(Optimizer):
             states.append(flat)
         self._flat_states = states
         self._laid_out = [list(group["params"]) for group in self.param_groups]
+        self._remember_state()
         return states
 
     def _current_states(self) -> list[FlatState]:
@@ -241,11 +247,41 @@ class Adadelta(Optimizer):
             }
         )
 
+    def _follow_state_edits(self, states: list[FlatState]) -> None:
+        """Follow ``optimizer.state`` edited from outside: replaced or cleared
+        (``optimizer.state = defaultdict(dict)``, ``.clear()``), or a param's entry
+        deleted or replaced. A param whose entry is gone or empty starts afresh, as
+        with torch; one given a new entry continues from it.
+
+        Noticed when the dict or its size changed (checked at every step, for free);
+        a tensor replaced inside a param's entry is not (edit it in place instead).
+        """
+        if self.state is self._state_seen and len(self.state) == self._state_size:
+            return
+        for flat in states:
+            for i, param in enumerate(flat.params):
+                entry = self.state.get(param)
+                if entry is not None and entry is flat.handed_out[i]:
+                    continue
+                if not entry:
+                    if flat.initialized[i]:
+                        flat.reset_param_state(i)
+                    self.state.pop(param, None)
+                    continue
+                check_param_state(i, param, entry)
+                flat.load_param_state(i, entry)
+                self.state[param] = flat.param_state(i)
+        self._remember_state()
+
+    def _remember_state(self) -> None:
+        self._state_seen, self._state_size = self.state, len(self.state)
+
     def _plans(self) -> list[tuple[FlatState, StepPlan]]:
         """Every flat state's plan, checked before anything is updated."""
         for _ in range(2):
             try:
                 states = self._current_states()
+                self._follow_state_edits(states)
                 return [(flat, plan) for flat in states if (plan := flat.plan()) is not None]
             except Relayout:
                 # A param moved to another device or dtype (`model.to(...)`).
@@ -293,6 +329,7 @@ class Adadelta(Optimizer):
                 param.copy_(stand_in)
             flat.note_written(plan)
             self._advance_steps(flat, plan, found_inf)
+        self._remember_state()
         return loss
 
     def _advance_steps(self, flat: FlatState, plan: StepPlan, found_inf: torch.Tensor | None) -> None:
@@ -411,5 +448,6 @@ class Adadelta(Optimizer):
                 else:
                     flat.load_param_state(i, value)
                     self.state[param] = flat.param_state(i)
+        self._remember_state()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
