@@ -317,8 +317,10 @@ class FlatState:
     """The AdaDelta state of the params of one (device, dtype, mode), in flat buffers.
 
     Args:
-        params: the params, each once, with their state (``self.state[p]`` of the
-            optimizer, possibly empty) and param group index.
+        params: the params, each once, all of one device and dtype. Their state
+            starts at zero; the optimizer loads what it carries with
+            :meth:`load_param_state`.
+        groups: each param's param group index: its row of the hyper-parameter table.
         master_weights: keep an fp32 master copy (bf16/fp16 params).
         stochastic_rounding: round the param stores stochastically (bf16/fp16 params).
     """
