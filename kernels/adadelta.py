@@ -222,8 +222,10 @@ class SegmentTable:
         written: the tensors the launch writes through their addresses (the params,
             or their contiguous stand-ins); kept alive, and restored while tuning.
         read: the tensors it only reads (the grads, or contiguous copies); kept alive.
-            Pieces come in pairs: piece ``2k`` is the bulk and ``2k + 1`` the tail of
-            ``written[k]``/``read[k]`` (the tail starts at element ``numels[2k]``).
+            Empty where each is the grad of its param, ``written[k].grad`` (then
+            the params keep them alive). Pieces come in pairs: piece ``2k`` is the
+            bulk and ``2k + 1`` the tail of ``written[k]``/``read[k]`` (the tail
+            starts at element ``numels[2k]``).
         cache: shared by the tables of the same pieces (their block map is the same).
     """
 

@@ -619,7 +619,8 @@ def _chunked_step_(
             f"the segment table does not fit its state ({square_avg.numel()} elements) or its "
             f"hyper-parameters ({hparams.shape[0]} groups); nothing was changed"
         )
-    param_views, grad_views = _param_views_of(table, plan), _views_of(table.read, plan)
+    grads = table.read or [param.grad for param in table.written]  # (see SegmentTable.read)
+    param_views, grad_views = _param_views_of(table, plan), _views_of(grads, plan)
     scalars = _group_scalars(hparams)
     if grad_scale is not None:
         grad_scale = grad_scale.to(compute_dtype)  # as the native loop and the kernel round it

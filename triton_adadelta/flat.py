@@ -37,6 +37,7 @@ from .kernels.adadelta import (
     state_dtype_for,
     vector_elements,
 )
+from .reader import ParamReader, param_reader
 
 __all__ = ["FlatState", "StepPlan", "check_param_state", "hparams_table", "state_key", "table_for_tensors"]
 
@@ -155,7 +156,7 @@ class _Pieces:
 
     segments: list[int]
     static: torch.Tensor  # int64 [N_TABLE_ROWS, 2 * len(segments)], address rows empty
-    bulk_bytes: torch.Tensor  # int64 [len(segments)]: where each tail piece starts
+    piece_bytes: torch.Tensor  # int64 [len(segments), 2]: where each bulk and tail starts
     numels: torch.Tensor  # int64 [2 * len(segments)], on the host
     steps_index: torch.Tensor | None  # segments on the state's device (None: all)
     cache: dict[str, Any] = field(default_factory=dict)  # shared by its tables: the block map
@@ -186,33 +187,37 @@ def _static_pieces(
     return _Pieces(
         segments=segments,
         static=static,
-        bulk_bytes=bulk * torch.empty((), dtype=dtype).element_size(),
+        piece_bytes=torch.stack([torch.zeros_like(bulk), bulk * torch.empty((), dtype=dtype).element_size()], 1),
         numels=static[NUMEL_ROW].clone(),
         steps_index=None if all_segments else index.to(device),
     )
 
 
+def _int64_tensor(values: list[int] | torch.Tensor) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values
+    # array -> frombuffer: a third of the time torch.tensor takes on a list of ints.
+    return torch.frombuffer(array.array("q", values), dtype=torch.int64)
+
+
 def _make_table(
     pieces: _Pieces,
-    param_ptrs: list[int],
-    grad_ptrs: list[int],
+    param_ptrs: list[int] | torch.Tensor,
+    grad_ptrs: list[int] | torch.Tensor,
     written: list[torch.Tensor],
     read: list[torch.Tensor],
     dtype: torch.dtype,
     device: torch.device,
 ) -> SegmentTable:
     """Fill the address rows of ``pieces`` (one entry per segment with a grad)."""
+    # Few ops, each writing its rows in place: this runs whenever an address changes.
     table = pieces.static.clone()
-    # array -> frombuffer: a third of the time torch.tensor takes on a list of ints.
-    param = torch.frombuffer(array.array("q", param_ptrs), dtype=torch.int64)
-    grad = torch.frombuffer(array.array("q", grad_ptrs), dtype=torch.int64)
-    table[PARAM_ROW, 0::2] = param
-    table[PARAM_ROW, 1::2] = param + pieces.bulk_bytes
-    table[GRAD_ROW, 0::2] = grad
-    table[GRAD_ROW, 1::2] = grad + pieces.bulk_bytes
+    param, grad = _int64_tensor(param_ptrs), _int64_tensor(grad_ptrs)
+    torch.add(param.unsqueeze(1), pieces.piece_bytes, out=table[PARAM_ROW].view(-1, 2))
+    torch.add(grad.unsqueeze(1), pieces.piece_bytes, out=table[GRAD_ROW].view(-1, 2))
     # The bulk takes the hinted (128-bit) branch when param and grad are 16-byte
     # aligned; the tail, shorter than a vector, never does.
-    table[ALIGNED_ROW, 0::2] = ((param | grad) % 16 == 0).to(torch.int64)
+    torch.eq(torch.bitwise_or(param, grad).bitwise_and_(15), 0, out=table[ALIGNED_ROW, 0::2])
     return SegmentTable(
         pieces=table.to(device),
         numels=pieces.numels,
@@ -383,6 +388,11 @@ class FlatState:
         self._seen_ptrs: tuple[list[int], list[int], list[bool]] | None = None
         self._seen_grad_contiguous: list[bool] = []
         self._pieces: dict[tuple[int, ...], _Pieces] = {}
+        # The native reader's output buffer, the pointers its last plan was made from
+        # (None: the last plan was not its), and the params' version counters it read.
+        self._read_out: torch.Tensor | None = None
+        self._read_seen: torch.Tensor | None = None
+        self._read_versions: list[int] | None = None
         self._hparams: torch.Tensor | None = None
         self._hparams_key: Any = None
         # The params' version counters as of the master copy (None: no master).
@@ -392,7 +402,10 @@ class FlatState:
     def __getstate__(self) -> dict[str, Any]:
         # A copy (deepcopy, pickle) has other addresses: it plans afresh.
         state = dict(self.__dict__)
-        for name in ("_plan", "_seen_grad_ids", "_seen_ptrs", "_seen_grad_contiguous", "_pieces", "_hparams", "_hparams_key"):
+        for name in (
+            "_plan", "_seen_grad_ids", "_seen_ptrs", "_seen_grad_contiguous", "_pieces", "_hparams", "_hparams_key",
+            "_read_out", "_read_seen", "_read_versions",
+        ):  # fmt: skip
             state.pop(name, None)
         return state
 
@@ -485,6 +498,14 @@ class FlatState:
                 whose shape no longer fits its state. Nothing is changed when it raises.
             Relayout: a param moved to another device or dtype.
         """
+        reader = param_reader()
+        if reader is not None:
+            plan = self._plan_by_reader(reader)
+            if plan is not None:
+                return plan
+        # Read in Python: the reader is not built, or this step has a case it leaves
+        # to Python (a missing or non-contiguous grad, a moved param, a bad grad).
+        self._read_seen = self._read_versions = None
         params = self.params
         grads = list(map(_GRAD, params))
         param_ptrs = list(map(_DATA_PTR, params))
@@ -523,6 +544,44 @@ class FlatState:
         if self._plan is not None:
             self._plan.bind(params, grads)
         return self._plan
+
+    def _plan_by_reader(self, reader: ParamReader) -> StepPlan | None:
+        """The plan of a step in which every param has a contiguous grad that fits it,
+        from one native pass (:mod:`triton_adadelta.reader`); None in any other case."""
+        n = len(self.params)
+        with_versions = self._versions is not None
+        if self._read_out is None:
+            self._read_out = torch.empty(3 if with_versions else 2, n, dtype=torch.int64)
+        if reader(self.params, self._read_out.data_ptr(), int(with_versions)) != 0:
+            return None
+        pointers = self._read_out[:2]
+        if self._read_seen is None or not torch.equal(pointers, self._read_seen):
+            # (The params' addresses are those of the last plan, or checked against
+            # what _check_params saw.)
+            same_params = self._read_seen is not None and torch.equal(pointers[0], self._read_seen[0])
+            if not same_params and pointers[0].tolist() != self._param_ptrs:
+                return None  # a param's data was replaced: _check_params decides what follows
+            self._read_seen = pointers.clone()
+            table = _make_table(
+                self._pieces_for(list(range(n))), self._read_seen[0], self._read_seen[1], list(self.params), [],
+                self.dtype, self.device,
+            )  # fmt: skip
+            self._plan = StepPlan(table, list(range(n)), None, [], [])
+            self._seen_ptrs = None  # the Python reads' record no longer describes the plan
+        if with_versions:
+            self._read_versions = self._read_out[2].tolist()
+        # table.read stays empty: each grad is the grad of its param (table.written).
+        return self._plan
+
+    def _pieces_for(self, segments: list[int]) -> _Pieces:
+        key = tuple(segments) if len(segments) != len(self.params) else ()
+        pieces = self._pieces.get(key)
+        if pieces is None:
+            pieces = _static_pieces(
+                segments, self._offsets_t, self._numels_t, self._groups_t, self.dtype, self.device, len(self.params)
+            )
+            self._pieces[key] = pieces
+        return pieces
 
     def _check_params(self, param_ptrs: list[int]) -> None:
         """A param whose data was replaced (``p.data = ...``, ``model.to(...)``) still fits."""
@@ -581,13 +640,7 @@ class FlatState:
         grad_ptrs: list[int],
     ) -> StepPlan:
         subset = len(segments) != len(self.params)
-        key = tuple(segments) if subset else ()
-        pieces = self._pieces.get(key)
-        if pieces is None:
-            pieces = _static_pieces(
-                segments, self._offsets_t, self._numels_t, self._groups_t, self.dtype, self.device, len(self.params)
-            )
-            self._pieces[key] = pieces
+        pieces = self._pieces_for(segments)
         written = [self.params[i] for i in segments] if subset else list(self.params)
         read = [grads[i] for i in segments] if subset else grads
         written_ptrs = [param_ptrs[i] for i in segments] if subset else param_ptrs
@@ -619,7 +672,8 @@ class FlatState:
         """
         if self._versions is None:
             return
-        versions = list(map(_VERSION, self.params))
+        versions = self._read_versions if self._read_versions is not None else list(map(_VERSION, self.params))
+        self._read_versions = None
         if versions == self._versions:
             return
         for i, version in enumerate(versions):

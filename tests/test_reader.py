@@ -1,0 +1,209 @@
+"""The native param reader (``triton_adadelta/reader.py``, ``csrc/read_params.cpp``).
+
+It reads in one pass what each step needs from every param and grad. It must read
+exactly what Python reads, leave every case it does not take to the Python reads
+(which say what is wrong), and change no result: a step is bit-identical with it and
+without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Callable
+
+import pytest
+import torch
+
+import triton_adadelta.flat
+from triton_adadelta import Adadelta
+from triton_adadelta.reader import param_reader, reader_status
+
+
+@pytest.fixture
+def reader() -> Callable[[list[torch.Tensor], int, int], int]:
+    function = param_reader(wait=True)
+    if function is None:
+        pytest.skip(f"the native reader is {reader_status()}")
+    return function
+
+
+def read(reader, params: list[torch.Tensor], with_versions: bool = True) -> tuple[int, torch.Tensor]:
+    out = torch.full((3, len(params)), -7, dtype=torch.int64)
+    return reader(params, out.data_ptr(), int(with_versions)), out
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_ADADELTA_NATIVE_READER") == "0", reason="switched off")
+def test_the_native_reader_builds_on_this_machine() -> None:
+    # CI runs on a machine like the users': a failed build must fail here, not only
+    # make steps slower.
+    param_reader(wait=True)
+    assert reader_status() == "native"
+
+
+def test_it_reads_the_addresses_and_versions_that_python_reads(reader) -> None:
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(3,), (4, 5), (1,), (2, 3, 4)]]
+    for param in params:
+        param.grad = torch.randn_like(param)
+    with torch.no_grad():
+        params[1].mul_(2)
+        params[1].add_(1)
+    status, out = read(reader, params)
+    assert status == 0
+    assert out[0].tolist() == [param.data_ptr() for param in params]
+    assert out[1].tolist() == [param.grad.data_ptr() for param in params]
+    assert out[2].tolist() == [param._version for param in params]
+    status, out = read(reader, params, with_versions=False)
+    assert status == 0 and out[2].tolist() == [-7] * len(params)
+
+
+def _grad_of_other_numel(param: torch.nn.Parameter) -> None:
+    param.grad.data = torch.randn(2)  # `.data` skips the size check of `p.grad = ...`
+
+
+def _grad_of_other_dtype(param: torch.nn.Parameter) -> None:
+    param.grad.data = torch.randn(param.shape, dtype=torch.float64)
+
+
+def _transposed_grad(param: torch.nn.Parameter) -> None:
+    param.grad = torch.randn(param.shape[::-1]).t()
+
+
+def _transposed_param(param: torch.nn.Parameter) -> None:
+    param.data = torch.randn(param.shape[::-1]).t()
+
+
+def _sparse_grad(param: torch.nn.Parameter) -> None:
+    param.grad = torch.randn(param.shape).to_sparse()
+
+
+def _param_of_other_dtype(param: torch.nn.Parameter) -> None:
+    param.data = param.data.double()
+    param.grad = torch.randn_like(param)
+
+
+def _overlapping_grad(param: torch.nn.Parameter) -> None:
+    param.grad = torch.randn(1, param.shape[1]).expand(param.shape)
+
+
+IRREGULAR = {
+    "no grad": lambda param: setattr(param, "grad", None),
+    "a grad of another size (through .data)": _grad_of_other_numel,
+    "a grad of another dtype (through .data)": _grad_of_other_dtype,
+    "a transposed grad": _transposed_grad,
+    "a transposed param": _transposed_param,
+    "an expanded (overlapping) grad": _overlapping_grad,
+    "a sparse grad": _sparse_grad,
+    "a param of another dtype than the first": _param_of_other_dtype,
+}
+
+
+@pytest.mark.parametrize("case", list(IRREGULAR))
+def test_it_leaves_each_case_it_does_not_take_to_python(reader, case: str) -> None:
+    params = [torch.nn.Parameter(torch.randn(3, 4)) for _ in range(4)]
+    for param in params:
+        param.grad = torch.randn_like(param)
+    assert read(reader, params)[0] == 0
+    IRREGULAR[case](params[2])
+    assert read(reader, params)[0] == 3  # 1 + the index of the param
+
+
+def test_a_conjugated_complex_grad_is_left_to_python(reader) -> None:
+    param = torch.nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    param.grad = torch.randn(4, dtype=torch.complex64).conj()  # a lazy conjugate view
+    assert param.grad.is_conj()
+    assert read(reader, [param])[0] == 1
+
+
+# ----------------------------------------------------------- the step, either way
+def _set_reader(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
+    if not on:
+        monkeypatch.setattr(triton_adadelta.flat, "param_reader", lambda: None)
+
+
+def _run(
+    steps: list[Callable[[list[torch.nn.Parameter], int], None]], dtype: torch.dtype, **options
+) -> tuple[list[torch.Tensor], dict]:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape).to(dtype)) for shape in [(5, 7), (33,), (4, 4), (1,)]]
+    optimizer = Adadelta([{"params": params[:2]}, {"params": params[2:], "lr": 0.5, "weight_decay": 0.1}], **options)
+    for index, edit in enumerate(steps):
+        generator = torch.Generator().manual_seed(index)
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=generator).to(dtype)
+        edit(params, index)
+        optimizer.step()
+    return [param.detach().clone() for param in params], copy.deepcopy(optimizer.state_dict())
+
+
+def _nothing(params: list[torch.nn.Parameter], index: int) -> None:
+    pass
+
+
+def _drop_a_grad(params: list[torch.nn.Parameter], index: int) -> None:
+    params[index % len(params)].grad = None
+
+
+def _transpose_a_square_param(params: list[torch.nn.Parameter], index: int) -> None:
+    params[2].data = params[2].data.t().contiguous()
+
+
+def _scale_a_param_in_place(params: list[torch.nn.Parameter], index: int) -> None:
+    with torch.no_grad():
+        params[0].mul_(0.5)  # the master copy must follow this write
+
+
+def _transposed_grad_view(params: list[torch.nn.Parameter], index: int) -> None:
+    params[2].grad = params[2].grad.t()
+
+
+SEQUENCE = [_nothing, _nothing, _drop_a_grad, _nothing, _transpose_a_square_param, _scale_a_param_in_place,
+            _transposed_grad_view, _nothing, _drop_a_grad, _nothing]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "dtype, options",
+    [(torch.float32, {}), (torch.float64, {"maximize": True}), (torch.bfloat16, {"master_weights": True})],
+    ids=["fp32", "fp64", "bf16-master"],
+)
+def test_steps_are_bit_identical_with_and_without_the_reader(
+    reader, cpu_path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, options: dict
+) -> None:
+    with_reader = _run(SEQUENCE, dtype, **options)
+    _set_reader(monkeypatch, on=False)
+    without = _run(SEQUENCE, dtype, **options)
+    for ours, theirs in zip(with_reader[0], without[0]):
+        assert torch.equal(ours, theirs)
+    for key, state in with_reader[1]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, without[1]["state"][key][name]), (key, name)
+
+
+def test_a_steady_loop_reuses_its_table_and_a_new_grad_address_gets_a_new_one(reader, cpu_path) -> None:
+    params = [torch.nn.Parameter(torch.randn(10)) for _ in range(3)]
+    for param in params:
+        param.grad = torch.randn(10)
+    optimizer = Adadelta(params)
+    optimizer.step()
+    (flat,) = optimizer.flat_states()
+    table = flat.plan().table
+    optimizer.step()
+    assert flat.plan().table is table
+    kept = params[1].grad
+    params[1].grad = kept.clone()  # kept stays alive: the new grad has a new address
+    plan = flat.plan()
+    assert plan.table is not table
+    assert plan.table.pieces[triton_adadelta.flat.GRAD_ROW, 2].item() == params[1].grad.data_ptr()
+
+
+def test_a_grad_resized_through_data_raises_with_the_reader_and_changes_nothing(reader, cpu_path) -> None:
+    params = [torch.nn.Parameter(torch.randn(6)) for _ in range(2)]
+    for param in params:
+        param.grad = torch.randn(6)
+    optimizer = Adadelta(params)
+    optimizer.step()
+    before = [param.detach().clone() for param in params]
+    params[1].grad.data = torch.randn(2)
+    with pytest.raises(ValueError):
+        optimizer.step()
+    assert all(torch.equal(param, old) for param, old in zip(params, before))

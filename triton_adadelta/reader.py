@@ -1,0 +1,120 @@
+"""Read every param's and grad's address in one native pass (the step's fixed cost).
+
+Each step, :meth:`FlatState.plan <triton_adadelta.flat.FlatState.plan>` must know
+every param's and grad's data pointer, and that each grad can update its param as
+it is (contiguous, its param's dtype, device and size). Through Python that is one
+attribute read per tensor and property, about 1 us a param on the 2-core machine
+we measure on: on 1000 small params it was most of a step. ``csrc/read_params.cpp``
+does the same reads through ATen's public C++ API in one pass, about 40 ns a param.
+
+It is compiled once per machine against the installed torch's own headers (so its
+ABI is that torch's), in a background thread at first use, since the compile takes
+10-20 s: steps taken meanwhile read through Python, with the same result. Where it
+cannot be built (no C++ compiler, no Python headers, ``TRITON_ADADELTA_NATIVE_READER=0``),
+every step reads through Python; one warning says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import sysconfig
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .native_build import BuildError, load_cached
+
+__all__ = ["ParamReader", "param_reader", "reader_status"]
+
+# (params, out pointer, with versions) -> 0, or 1 + the first param to read in Python.
+ParamReader = Callable[[list[torch.Tensor], int, int], int]
+
+_SOURCE = Path(__file__).parent / "csrc" / "read_params.cpp"
+
+# The compile against torch's headers took 14-19 s on the 2-core machine we test on
+# (while other work ran); it runs in the background, so the bound can be generous.
+_BUILD_TIMEOUT_S = 90.0
+
+_lock = threading.Lock()
+_builder: threading.Thread | None = None
+_reader: ParamReader | None = None
+_failure: str | None = None
+
+
+def _flags() -> list[str]:
+    """Compile and link against this torch and this Python, as torch's own
+    ``cpp_extension`` does."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    flags = ["-O2", "-std=c++20", "-shared", "-fPIC", "-w"]
+    flags += [f"-I{path}" for path in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    flags.append(f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
+    for path in library_paths():
+        flags += [f"-L{path}", f"-Wl,-rpath,{path}"]
+    return flags + ["-lc10", "-ltorch_cpu", "-ltorch_python"]
+
+
+def _abi_key() -> str:
+    """What the binary's ABI depends on besides its source and flags."""
+    return " ".join([torch.__version__, str(torch.version.git_version), sys.version, sysconfig.get_platform()])
+
+
+def _build() -> None:
+    global _reader, _failure
+    try:
+        # PyDLL: the function holds the GIL, as it reads Python objects.
+        library = load_cached(
+            "read_params", _SOURCE, language="c++", flags=_flags(), key_extra=_abi_key(), loader=ctypes.PyDLL,
+            timeout_s=_BUILD_TIMEOUT_S,
+        )  # fmt: skip
+        function = library.triton_adadelta_read_params
+        function.restype = ctypes.c_int64
+        function.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_int64]
+        _reader = function
+    except (BuildError, AttributeError, OSError) as error:
+        _failure = str(error)
+        warnings.warn(
+            f"triton_adadelta: steps read params and grads through Python (slower on many small params): {error}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+@torch.compiler.disable
+def param_reader(*, wait: bool = False) -> ParamReader | None:
+    """The native reader, or None while it is being built or where it cannot be.
+
+    The first call starts the build in a background thread.
+
+    Args:
+        wait: block until the build has finished (tests and benchmarks, which must
+            know which path they time).
+    """
+    global _builder
+    if _reader is not None:
+        return _reader
+    if os.environ.get("TRITON_ADADELTA_NATIVE_READER", "1") == "0" or _failure is not None:
+        return None
+    with _lock:
+        if _builder is None:
+            _builder = threading.Thread(target=_build, name="triton_adadelta reader build", daemon=True)
+            _builder.start()
+    if wait:
+        _builder.join()
+    return _reader
+
+
+def reader_status() -> str:
+    """``"native"``, ``"building"``, ``"off"`` (by the environment) or why it failed."""
+    if _reader is not None:
+        return "native"
+    if os.environ.get("TRITON_ADADELTA_NATIVE_READER", "1") == "0":
+        return "off"
+    if _failure is not None:
+        return f"failed: {_failure}"
+    return "building" if _builder is not None else "not started"
