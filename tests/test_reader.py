@@ -17,7 +17,16 @@ import torch
 
 import triton_adadelta.flat
 from triton_adadelta import Adadelta
-from triton_adadelta.reader import param_reader, reader_status
+from triton_adadelta.flat import table_for_tensors
+from triton_adadelta.kernels.adadelta import ALIGNED_ROW, GRAD_ROW, N_TABLE_ROWS, PARAM_ROW
+from triton_adadelta.reader import (
+    READ_IRREGULAR,
+    READ_NEW_GRADS,
+    READ_NEW_PARAMS,
+    READ_SAME,
+    param_reader,
+    reader_status,
+)
 
 
 @pytest.fixture
@@ -28,9 +37,30 @@ def reader() -> Callable[[list[torch.Tensor], int, int], int]:
     return function
 
 
-def read(reader, params: list[torch.Tensor], with_versions: bool = True) -> tuple[int, torch.Tensor]:
-    out = torch.full((3, len(params)), -7, dtype=torch.int64)
-    return reader(params, out.data_ptr(), int(with_versions)), out
+def read(
+    reader, params: list[torch.Tensor], with_versions: bool = True, out: torch.Tensor | None = None
+) -> tuple[int, torch.Tensor]:
+    status, out, _ = read_with_table(reader, params, with_versions, out)
+    return status, out
+
+
+def read_with_table(
+    reader, params: list[torch.Tensor], with_versions: bool = True, out: torch.Tensor | None = None
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    n = len(params)
+    out = torch.full((3, n), -7, dtype=torch.int64) if out is None else out
+    table = torch.full((N_TABLE_ROWS, 2 * n), -5, dtype=torch.int64)
+    table[ALIGNED_ROW] = 0
+    # Where each piece starts: the bulk at 0, the tail after the 16-byte vectors.
+    element_bytes = params[0].element_size()
+    vector = 16 // element_bytes
+    tails = [param.numel() // vector * vector * element_bytes for param in params]
+    piece_bytes = torch.tensor([[0, tail] for tail in tails], dtype=torch.int64)
+    status = reader(
+        params, out.data_ptr(), int(with_versions), table.data_ptr(), piece_bytes.data_ptr(), PARAM_ROW, GRAD_ROW,
+        ALIGNED_ROW,
+    )  # fmt: skip
+    return status, out, table
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_ADADELTA_NATIVE_READER") == "0", reason="switched off")
@@ -49,12 +79,44 @@ def test_it_reads_the_addresses_and_versions_that_python_reads(reader) -> None:
         params[1].mul_(2)
         params[1].add_(1)
     status, out = read(reader, params)
-    assert status == 0
+    assert status == READ_NEW_PARAMS
     assert out[0].tolist() == [param.data_ptr() for param in params]
     assert out[1].tolist() == [param.grad.data_ptr() for param in params]
     assert out[2].tolist() == [param._version for param in params]
     status, out = read(reader, params, with_versions=False)
-    assert status == 0 and out[2].tolist() == [-7] * len(params)
+    assert status == READ_NEW_PARAMS and out[2].tolist() == [-7] * len(params)
+
+
+def test_it_says_whether_the_addresses_are_the_last_call_s(reader) -> None:
+    params = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+    for param in params:
+        param.grad = torch.randn_like(param)
+    status, out = read(reader, params)
+    assert status == READ_NEW_PARAMS
+    assert read(reader, params, out=out)[0] == READ_SAME
+    kept = params[2].grad
+    params[2].grad = kept.clone()  # (kept alive: another address)
+    assert read(reader, params, out=out)[0] == READ_NEW_GRADS
+    assert read(reader, params, out=out)[0] == READ_SAME
+    params[0].data = params[0].data.clone()
+    assert read(reader, params, out=out)[0] == READ_NEW_PARAMS
+    assert out[0].tolist() == [param.data_ptr() for param in params]
+    assert out[1].tolist() == [param.grad.data_ptr() for param in params]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_table_rows_it_writes_are_those_python_writes(reader, dtype: torch.dtype) -> None:
+    storage = torch.randn(400).to(dtype)
+    # Params at offsets off the 16-byte vector too, so that some bulks are not aligned.
+    params = [torch.nn.Parameter(storage[start : start + numel]) for start, numel in [(0, 37), (40, 9), (53, 64), (130, 1)]]
+    for param in params:
+        param.grad = torch.randn(param.shape).to(dtype)
+    status, _, table = read_with_table(reader, params)
+    assert status == READ_NEW_PARAMS
+    expected, _ = table_for_tensors(params, [param.grad for param in params])
+    rows = [PARAM_ROW, GRAD_ROW, ALIGNED_ROW]
+    assert torch.equal(table[rows], expected.pieces[rows])
+    assert 0 < int(table[ALIGNED_ROW].sum()) < len(params)  # both branches are covered
 
 
 def _grad_of_other_numel(param: torch.nn.Parameter) -> None:
@@ -103,16 +165,16 @@ def test_it_leaves_each_case_it_does_not_take_to_python(reader, case: str) -> No
     params = [torch.nn.Parameter(torch.randn(3, 4)) for _ in range(4)]
     for param in params:
         param.grad = torch.randn_like(param)
-    assert read(reader, params)[0] == 0
+    assert read(reader, params)[0] == READ_NEW_PARAMS
     IRREGULAR[case](params[2])
-    assert read(reader, params)[0] == 3  # 1 + the index of the param
+    assert read(reader, params)[0] == READ_IRREGULAR + 2  # + the index of the param
 
 
 def test_a_conjugated_complex_grad_is_left_to_python(reader) -> None:
     param = torch.nn.Parameter(torch.randn(4, dtype=torch.complex64))
     param.grad = torch.randn(4, dtype=torch.complex64).conj()  # a lazy conjugate view
     assert param.grad.is_conj()
-    assert read(reader, [param])[0] == 1
+    assert read(reader, [param])[0] == READ_IRREGULAR
 
 
 # ----------------------------------------------------------- the step, either way

@@ -37,7 +37,7 @@ from .kernels.adadelta import (
     state_dtype_for,
     vector_elements,
 )
-from .reader import ParamReader, param_reader
+from .reader import READ_NEW_GRADS, READ_NEW_PARAMS, READ_SAME, ParamReader, param_reader
 
 __all__ = ["FlatState", "StepPlan", "check_param_state", "hparams_table", "state_key", "table_for_tensors"]
 
@@ -218,8 +218,20 @@ def _make_table(
     # The bulk takes the hinted (128-bit) branch when param and grad are 16-byte
     # aligned; the tail, shorter than a vector, never does.
     torch.eq(torch.bitwise_or(param, grad).bitwise_and_(15), 0, out=table[ALIGNED_ROW, 0::2])
+    return _segment_table(pieces, table, written, read, dtype, device)
+
+
+def _segment_table(
+    pieces: _Pieces,
+    table: torch.Tensor,
+    written: list[torch.Tensor],
+    read: list[torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> SegmentTable:
+    # (On the CPU the table is the host table itself, not a copy.)
     return SegmentTable(
-        pieces=table.to(device),
+        pieces=table if device.type == "cpu" else table.to(device),
         numels=pieces.numels,
         param_dtype=dtype,
         written=written,
@@ -356,6 +368,7 @@ class FlatState:
             end += -(-numel // vector) * vector
         self.n_elements = end
         self.index = {id(param): i for i, param in enumerate(params)}
+        self._all_segments = list(range(len(params)))
         self._device_index = params[0].get_device()
         self.stochastic_rounding = stochastic_rounding
 
@@ -388,10 +401,12 @@ class FlatState:
         self._seen_ptrs: tuple[list[int], list[int], list[bool]] | None = None
         self._seen_grad_contiguous: list[bool] = []
         self._pieces: dict[tuple[int, ...], _Pieces] = {}
-        # The native reader's output buffer, the pointers its last plan was made from
-        # (None: the last plan was not its), and the params' version counters it read.
+        # The native reader's output buffer; whether it holds the addresses the
+        # current plan was made from; and the params' version counters it read.
         self._read_out: torch.Tensor | None = None
-        self._read_seen: torch.Tensor | None = None
+        self._read_table: torch.Tensor | None = None
+        self._read_args: tuple[int, ...] = ()
+        self._read_valid = False
         self._read_versions: list[int] | None = None
         self._hparams: torch.Tensor | None = None
         self._hparams_key: Any = None
@@ -404,7 +419,7 @@ class FlatState:
         state = dict(self.__dict__)
         for name in (
             "_plan", "_seen_grad_ids", "_seen_ptrs", "_seen_grad_contiguous", "_pieces", "_hparams", "_hparams_key",
-            "_read_out", "_read_seen", "_read_versions",
+            "_read_out", "_read_table", "_read_args", "_read_valid", "_read_versions",
         ):  # fmt: skip
             state.pop(name, None)
         return state
@@ -505,7 +520,7 @@ class FlatState:
                 return plan
         # Read in Python: the reader is not built, or this step has a case it leaves
         # to Python (a missing or non-contiguous grad, a moved param, a bad grad).
-        self._read_seen = self._read_versions = None
+        self._read_valid, self._read_versions = False, None
         params = self.params
         grads = list(map(_GRAD, params))
         param_ptrs = list(map(_DATA_PTR, params))
@@ -547,27 +562,39 @@ class FlatState:
 
     def _plan_by_reader(self, reader: ParamReader) -> StepPlan | None:
         """The plan of a step in which every param has a contiguous grad that fits it,
-        from one native pass (:mod:`triton_adadelta.reader`); None in any other case."""
+        from one native pass (:mod:`triton_adadelta.reader`); None in any other case.
+
+        The pass writes the addresses into a host table of its own, which on the CPU
+        is the plan's table: a step whose grads moved runs no torch op to re-plan.
+        """
         n = len(self.params)
         with_versions = self._versions is not None
         if self._read_out is None:
-            self._read_out = torch.empty(3 if with_versions else 2, n, dtype=torch.int64)
-        if reader(self.params, self._read_out.data_ptr(), int(with_versions)) != 0:
-            return None
-        pointers = self._read_out[:2]
-        if self._read_seen is None or not torch.equal(pointers, self._read_seen):
-            # (The params' addresses are those of the last plan, or checked against
-            # what _check_params saw.)
-            same_params = self._read_seen is not None and torch.equal(pointers[0], self._read_seen[0])
-            if not same_params and pointers[0].tolist() != self._param_ptrs:
-                return None  # a param's data was replaced: _check_params decides what follows
-            self._read_seen = pointers.clone()
-            table = _make_table(
-                self._pieces_for(list(range(n))), self._read_seen[0], self._read_seen[1], list(self.params), [],
-                self.dtype, self.device,
+            pieces = self._pieces_for(self._all_segments)
+            self._read_out = torch.zeros(3 if with_versions else 2, n, dtype=torch.int64)
+            self._read_table = pieces.static.clone()
+            self._read_args = (
+                self._read_out.data_ptr(), int(with_versions), self._read_table.data_ptr(),
+                pieces.piece_bytes.data_ptr(), PARAM_ROW, GRAD_ROW, ALIGNED_ROW,
             )  # fmt: skip
-            self._plan = StepPlan(table, list(range(n)), None, [], [])
+        found = reader(self.params, *self._read_args)
+        if found == READ_SAME and self._read_valid:
+            pass  # the addresses of the last plan: every steady step
+        elif found in (READ_SAME, READ_NEW_GRADS, READ_NEW_PARAMS):
+            if (found == READ_NEW_PARAMS or not self._read_valid) and self._read_out[0].tolist() != self._param_ptrs:
+                self._read_valid = False
+                return None  # a param's data was replaced: _check_params decides what follows
+            # A new table object all the same: what is cached per table (the chunked
+            # path's param views) must not outlive the addresses it was made for.
+            table = _segment_table(
+                self._pieces_for(self._all_segments), self._read_table, list(self.params), [], self.dtype, self.device
+            )
+            self._plan = StepPlan(table, self._all_segments, None, [], [])
+            self._read_valid = True
             self._seen_ptrs = None  # the Python reads' record no longer describes the plan
+        else:
+            self._read_valid = False
+            return None
         if with_versions:
             self._read_versions = self._read_out[2].tolist()
         # table.read stays empty: each grad is the grad of its param (table.written).

@@ -29,10 +29,17 @@ import torch
 
 from .native_build import BuildError, load_cached
 
-__all__ = ["ParamReader", "param_reader", "reader_status"]
+__all__ = [
+    "READ_IRREGULAR", "READ_NEW_GRADS", "READ_NEW_PARAMS", "READ_SAME", "ParamReader", "param_reader", "reader_status",
+]  # fmt: skip
 
-# (params, out pointer, with versions) -> 0, or 1 + the first param to read in Python.
-ParamReader = Callable[[list[torch.Tensor], int, int], int]
+# (params, out, with versions, table, piece bytes, param row, grad row, aligned row)
+# -> one of these (pointers as ints; see csrc/read_params.cpp):
+ParamReader = Callable[[list[torch.Tensor], int, int, int, int, int, int, int], int]
+READ_SAME = 0  # the addresses the buffer held already
+READ_NEW_GRADS = 1  # other grad addresses, the same params'
+READ_NEW_PARAMS = 2  # other param addresses
+READ_IRREGULAR = 3  # and up (or negative): a step for the Python reads
 
 _SOURCE = Path(__file__).parent / "csrc" / "read_params.cpp"
 
@@ -74,7 +81,8 @@ def _build() -> None:
         )  # fmt: skip
         function = library.triton_adadelta_read_params
         function.restype = ctypes.c_int64
-        function.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_int64]
+        function.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+        function.argtypes += [ctypes.c_int64] * 3
         _reader = function
     except (BuildError, AttributeError, OSError) as error:
         _failure = str(error)

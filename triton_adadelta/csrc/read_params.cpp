@@ -8,6 +8,8 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <ATen/core/Tensor.h>
 
+#include <vector>
+
 namespace {
 
 // A tensor the kernel can reach through its address exactly as torch sees it.
@@ -39,40 +41,55 @@ void prefetch_storage(const c10::TensorImpl* impl) {
 
 }  // namespace
 
+// What triton_adadelta_read_params found (the caller's READ_* constants).
+constexpr int64_t kSame = 0;             // the addresses `out` held already
+constexpr int64_t kNewGrads = 1;         // other grad addresses, the same params'
+constexpr int64_t kNewParams = 2;        // other param addresses
+constexpr int64_t kIrregular = 3;        // + i: param i is a case for Python
+constexpr int64_t kRaised = -1;          // ATen raised
+
 // params: a list of torch tensors, all meant to be of one device and dtype.
 // out: int64[2n] (int64[3n] with versions): the params' data pointers, then their
-//   grads' data pointers, then the params' version counters.
-// Returns 0 when every param is contiguous, of params[0]'s device and dtype, and has
-// a contiguous grad of its own dtype, device and size: then `out` is filled. Else
-// 1 + the index of the first param that is not so (-1: ATen raised); the caller
-// then reads that case in Python, which says what is wrong where something is.
-extern "C" int64_t triton_adadelta_read_params(PyObject* params, int64_t* out, int64_t with_versions) {
+//   grads' data pointers, then the params' version counters. On entry it holds the
+//   last call's pointers, which the return value compares with.
+// table: a segment table (kernels/adadelta.py) over all n params, int64
+//   [rows, 2n] row-major: its address rows are written from the same pointers. Piece
+//   2i is param i's bulk, starting piece_bytes[2i] bytes in (0); piece 2i + 1 its
+//   tail, piece_bytes[2i + 1] bytes in. A bulk is aligned when both its param and
+//   grad start on a 16-byte vector; a tail never is.
+// When every param is contiguous, of params[0]'s device and dtype, and has a
+// contiguous grad of its own dtype, device and size, `out` and `table` are filled
+// and kSame, kNewGrads or kNewParams returned. Else kIrregular + the index of the
+// first param that is not so (or kRaised), with both partly overwritten: the caller
+// reads that step in Python, which says what is wrong where something is.
+extern "C" int64_t triton_adadelta_read_params(PyObject* params, int64_t* out, int64_t with_versions, int64_t* table,
+                                               const int64_t* piece_bytes, int64_t param_row, int64_t grad_row,
+                                               int64_t aligned_row) {
   const Py_ssize_t n = PyList_GET_SIZE(params);
-  if (n == 0) return 0;
+  if (n == 0) return kSame;
   PyObject** items = &PyList_GET_ITEM(params, 0);
   try {
-    // The prefetching passes keep their pointers in `out`, overwritten at the end.
+    // The prefetching passes keep their pointers here, and `out` the last call's.
+    std::vector<const c10::TensorImpl*> impls(2 * n);
     for (Py_ssize_t i = 0; i < n; ++i) prefetch(items[i]);
     for (Py_ssize_t i = 0; i < n; ++i) {
-      c10::TensorImpl* impl = THPVariable_Unpack(items[i]).unsafeGetTensorImpl();
-      out[i] = reinterpret_cast<int64_t>(impl);
-      prefetch(impl);
+      impls[i] = THPVariable_Unpack(items[i]).unsafeGetTensorImpl();
+      prefetch(impls[i]);
     }
     for (Py_ssize_t i = 0; i < n; ++i) {
-      const auto* impl = reinterpret_cast<const c10::TensorImpl*>(out[i]);
-      prefetch_storage(impl);
-      if (impl->autograd_meta() != nullptr) prefetch(impl->autograd_meta());
+      prefetch_storage(impls[i]);
+      if (impls[i]->autograd_meta() != nullptr) prefetch(impls[i]->autograd_meta());
     }
     for (Py_ssize_t i = 0; i < n; ++i) {
       const at::Tensor& grad = THPVariable_Unpack(items[i]).grad();
-      const c10::TensorImpl* grad_impl = grad.defined() ? grad.unsafeGetTensorImpl() : nullptr;
-      out[n + i] = reinterpret_cast<int64_t>(grad_impl);
-      if (grad_impl != nullptr) prefetch(grad_impl);
+      impls[n + i] = grad.defined() ? grad.unsafeGetTensorImpl() : nullptr;
+      if (impls[n + i] != nullptr) prefetch(impls[n + i]);
     }
     for (Py_ssize_t i = 0; i < n; ++i) {
-      if (out[n + i] != 0) prefetch_storage(reinterpret_cast<const c10::TensorImpl*>(out[n + i]));
+      if (impls[n + i] != nullptr) prefetch_storage(impls[n + i]);
     }
 
+    bool new_params = false, new_grads = false;
     const at::Tensor& first = THPVariable_Unpack(items[0]);
     const c10::Device device = first.device();
     const c10::ScalarType dtype = first.scalar_type();
@@ -82,16 +99,25 @@ extern "C" int64_t triton_adadelta_read_params(PyObject* params, int64_t* out, i
       if (!by_address(param) || param.device() != device || param.scalar_type() != dtype || !grad.defined() ||
           !by_address(grad) || grad.scalar_type() != dtype || grad.device() != device ||
           grad.numel() != param.numel()) {
-        return i + 1;
+        return kIrregular + i;
       }
       // The kernel writes the param (a copy-on-write param is materialized, as by
       // any in-place op) and only reads the grad.
-      out[i] = reinterpret_cast<int64_t>(param.mutable_data_ptr());
-      out[n + i] = reinterpret_cast<int64_t>(grad.const_data_ptr());
+      const auto param_address = reinterpret_cast<int64_t>(param.mutable_data_ptr());
+      const auto grad_address = reinterpret_cast<int64_t>(grad.const_data_ptr());
+      new_params |= out[i] != param_address;
+      new_grads |= out[n + i] != grad_address;
+      out[i] = param_address;
+      out[n + i] = grad_address;
       if (with_versions) out[2 * n + i] = static_cast<int64_t>(param._version());
+      for (int64_t k = 0; k < 2; ++k) {
+        table[param_row * 2 * n + 2 * i + k] = param_address + piece_bytes[2 * i + k];
+        table[grad_row * 2 * n + 2 * i + k] = grad_address + piece_bytes[2 * i + k];
+      }
+      table[aligned_row * 2 * n + 2 * i] = ((param_address | grad_address) & 15) == 0;
     }
+    return new_params ? kNewParams : new_grads ? kNewGrads : kSame;
   } catch (...) {
-    return -1;
+    return kRaised;
   }
-  return 0;
 }
