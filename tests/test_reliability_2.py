@@ -296,3 +296,390 @@ def test_the_compilers_time_limit_is_bounded():
     # over the slowest build measured (see cpu._NATIVE_BUILD_TIMEOUT_S).
     assert cpu._NATIVE_BUILD_TIMEOUT_S <= 20
     assert native_build.BUILD_TIMEOUT_S <= 60
+
+
+# ------------------------------------------------- atomic load_state_dict
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from tolerances import TOLERANCES  # noqa: E402
+from triton_adadelta import Adadelta  # noqa: E402
+from triton_adadelta.puzzlelib import AdaDelta  # noqa: E402
+
+# On the CPU path with torch's sqrt, ours is bit-identical to torch (tests/tolerances.py).
+EXACT = {"rtol": TOLERANCES["torch_parity_cpu_fp32_torch_sqrt"].value, "atol": TOLERANCES["torch_parity_cpu_fp32_torch_sqrt"].value}
+
+# Hypothesis runs the examples of one test call: the function-scoped monkeypatch
+# holds the same environment for all of them.
+PROPERTY_SETTINGS = settings(
+    suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture]
+)
+
+
+@pytest.fixture
+def exact_cpu_path(monkeypatch):
+    """The torch CPU path with torch's sqrt: bit-identical to torch.optim.Adadelta."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("TRITON_ADADELTA_CPU_SQRT", "torch")
+
+
+def small_model(seed: int) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+
+
+def fixed_grads(model: torch.nn.Module, seed: int) -> None:
+    """The same grads for any copy of the model; the last bias keeps None (it never has state)."""
+    generator = torch.Generator().manual_seed(seed)
+    params = list(model.parameters())
+    for param in params[:-1]:
+        param.grad = torch.randn(param.shape, generator=generator)
+    params[-1].grad = None
+
+
+def two_groups(model: torch.nn.Module) -> list[dict]:
+    first, second = model[0], model[2]
+    return [
+        {"params": list(first.parameters()), "lr": 0.5, "weight_decay": 0.01},
+        {"params": list(second.parameters()), "rho": 0.8},
+    ]
+
+
+def trained_pair(seed: int, make) -> tuple[torch.nn.Module, Any]:
+    model = small_model(seed)
+    optimizer = make(model)
+    for step in range(2):
+        fixed_grads(model, seed * 10 + step)
+        optimizer.step()
+    return model, optimizer
+
+
+# Corruptions of a valid state_dict: what a wrong checkpoint, a bug, or a hand edit gives.
+STATE_KEYS = st.sampled_from([0, 1, 2])  # the params with state (3 never had a grad)
+STEP_VALUES = st.sampled_from(
+    [torch.tensor([3.0]), torch.tensor([[3.0]]), 3, 3.0, torch.tensor(3), torch.tensor(5.0, dtype=torch.float64),
+     True, float("nan"), -2.0, 10**40, 10**400, "3", None, torch.tensor([1.0, 2.0]), torch.tensor([]),
+     torch.tensor([True]), 3 + 0j, torch.tensor(3 + 0j), torch.tensor(3.0, device="meta")]
+)  # fmt: skip
+GROUP_VALUES = st.sampled_from(
+    [0.25, 0.0, -1.0, 2.0, float("nan"), float("inf"), 1e39, 10**400, "x", None, True, torch.tensor(0.3),
+     torch.tensor([0.1, 0.2])]
+)  # fmt: skip
+CORRUPTIONS = st.one_of(
+    st.tuples(st.just("shape"), STATE_KEYS, st.sampled_from(["square_avg", "acc_delta"]),
+              st.sampled_from(["flat", "transposed", "unsqueezed", "shorter", "empty"])),
+    st.tuples(st.just("dtype"), STATE_KEYS, st.sampled_from(["square_avg", "acc_delta"]),
+              st.sampled_from([torch.float64, torch.bfloat16, torch.float16, torch.int32, torch.bool, torch.complex64])),
+    st.tuples(st.just("layout"), STATE_KEYS, st.sampled_from(["square_avg", "acc_delta"]), st.sampled_from(["sparse", "meta"])),
+    st.tuples(st.just("drop key"), STATE_KEYS, st.sampled_from(["step", "square_avg", "acc_delta"])),
+    st.tuples(st.just("extra key"), STATE_KEYS),
+    st.tuples(st.just("drop state"), STATE_KEYS),
+    st.tuples(st.just("empty state"), STATE_KEYS),
+    st.tuples(st.just("not a dict"), STATE_KEYS),
+    st.tuples(st.just("unknown param"), STATE_KEYS),
+    st.tuples(st.just("step"), STATE_KEYS, STEP_VALUES),
+    st.tuples(st.just("group value"), st.sampled_from([0, 1]),
+              st.sampled_from(["lr", "rho", "eps", "weight_decay", "maximize"]), GROUP_VALUES),
+    st.tuples(st.just("drop group key"), st.sampled_from([0, 1]),
+              st.sampled_from(["params", "lr", "rho", "eps", "weight_decay", "maximize", "foreach"])),
+    st.tuples(st.just("group params"), st.sampled_from([0, 1]), st.sampled_from(["extra", "fewer", "repeated", "string"])),
+    st.tuples(st.just("groups"), st.sampled_from(["fewer", "more", "none", "not a list"])),
+    st.tuples(st.just("top key"), st.sampled_from(["state", "param_groups"])),
+)  # fmt: skip
+
+
+def corrupt(state_dict: dict, corruption: tuple) -> None:
+    """Apply one corruption in place (a no-op where what it names is gone already)."""
+    kind, *args = corruption
+    state, groups = state_dict.get("state"), state_dict.get("param_groups")
+    if kind in ("shape", "dtype", "layout", "drop key", "extra key", "step"):
+        entry = state.get(args[0]) if isinstance(state, dict) else None
+        if not isinstance(entry, dict):
+            return
+        field = args[1] if kind != "extra key" else None
+        if field is not None and kind != "step" and not isinstance(entry.get(field), torch.Tensor):
+            return
+        if kind == "shape":
+            tensor = entry[field]
+            entry[field] = {
+                "flat": lambda: tensor.reshape(-1),
+                "transposed": lambda: tensor.t() if tensor.dim() == 2 and tensor.shape[0] != tensor.shape[1] else tensor[None],
+                "unsqueezed": lambda: tensor[None],
+                "shorter": lambda: tensor[:-1],
+                "empty": lambda: torch.empty(0),
+            }[args[2]]()
+        elif kind == "dtype":
+            entry[field] = entry[field].to(args[2])
+        elif kind == "layout":
+            entry[field] = entry[field].to_sparse() if args[2] == "sparse" else entry[field].to("meta")
+        elif kind == "drop key":
+            del entry[field]
+        elif kind == "extra key":
+            entry["unexpected"] = torch.ones(1)
+        else:
+            entry["step"] = copy.deepcopy(args[1])
+    elif kind in ("drop state", "empty state", "not a dict", "unknown param"):
+        if not isinstance(state, dict) or args[0] not in state:
+            return
+        if kind == "drop state":
+            del state[args[0]]
+        elif kind == "empty state":
+            state[args[0]] = {}
+        elif kind == "not a dict":
+            state[args[0]] = [1, 2]
+        else:
+            state[99] = state.pop(args[0])
+    elif kind in ("group value", "drop group key", "group params"):
+        if not isinstance(groups, list) or args[0] >= len(groups) or not isinstance(groups[args[0]], dict):
+            return
+        group = groups[args[0]]
+        if kind == "group value":
+            group[args[1]] = copy.deepcopy(args[2])
+        elif kind == "drop group key":
+            group.pop(args[1], None)
+        elif isinstance(group.get("params"), list):
+            group["params"] = {
+                "extra": lambda ids: ids + [99],
+                "fewer": lambda ids: ids[:-1],
+                "repeated": lambda ids: [ids[0]] * len(ids),
+                "string": lambda ids: "ab",
+            }[args[1]](group["params"])
+    elif kind == "groups":
+        if not isinstance(groups, list):
+            return
+        state_dict["param_groups"] = {
+            "fewer": lambda: groups[:-1],
+            "more": lambda: groups + [copy.deepcopy(groups[-1]) if groups else {}],
+            "none": lambda: [],
+            "not a list": lambda: {"params": []},
+        }[args[0]]()
+    else:
+        state_dict.pop(args[0], None)
+
+
+def frozen(value: Any) -> Any:
+    """A deep copy to compare later bit for bit."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: frozen(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(frozen(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def assert_identical(actual: Any, expected: Any, where: str = "") -> None:
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype and actual.shape == expected.shape, where
+        assert torch.equal(actual, expected) or torch.equal(actual.isnan(), expected.isnan()) and torch.equal(
+            actual.nan_to_num(), expected.nan_to_num()
+        ), where
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), f"{where}: {actual.keys()} != {expected.keys()}"
+        for key in expected:
+            assert_identical(actual[key], expected[key], f"{where}/{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert type(actual) is type(expected) and len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_identical(a, e, f"{where}[{i}]")
+    else:
+        assert actual == expected or (actual != actual and expected != expected), f"{where}: {actual!r} != {expected!r}"
+
+
+def everything(model: torch.nn.Module, optimizer: Any, extra: dict | None = None) -> dict:
+    """Params, state (steps included) and groups, as they are now."""
+    inner = optimizer.optimizer if isinstance(optimizer, AdaDelta) else optimizer
+    return frozen({"params": list(model.parameters()), "state_dict": inner.state_dict(), **(extra or {})})
+
+
+def as_float32_step(step: Any) -> torch.Tensor:
+    """A step as the fp32 count it is kept as (torch's own counts are fp32 tensors too)."""
+    return torch.as_tensor(step).to(torch.float32).reshape(())
+
+
+def assert_loaded_as_torch(model, optimizer: Adadelta, reference, torch_optimizer) -> None:
+    """After a load into both: the same groups and state, then the same step."""
+    for _ in range(2):
+        for group, torch_group in zip(optimizer.param_groups, torch_optimizer.param_groups):
+            for name in ("lr", "rho", "eps", "weight_decay", "maximize"):
+                assert_identical(float(group[name]), float(torch_group[name]), name)
+        for param, torch_param in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(param.detach(), torch_param.detach(), equal_nan=True, **EXACT)
+            state, torch_state = optimizer.state.get(param, {}), torch_optimizer.state.get(torch_param, {})
+            assert bool(state) == bool(torch_state)
+            if state:
+                assert_identical(as_float32_step(state["step"]), as_float32_step(torch_state["step"]), "step")
+                for name in ("square_avg", "acc_delta"):
+                    torch.testing.assert_close(state[name], torch_state[name].to(state[name].dtype), equal_nan=True, **EXACT)
+        fixed_grads(model, 7)
+        fixed_grads(reference, 7)
+        optimizer.step()
+        torch_optimizer.step()
+
+
+def check_load(model, optimizer, bad: dict, load, reference_load) -> None:
+    """The property: ``load(bad)`` either raises ValueError and changes nothing, or
+    loads what ``reference_load(bad)`` (torch) loads."""
+    twin_model, twin_optimizer = copy.deepcopy((model, optimizer))
+    before = everything(model, optimizer, getattr(optimizer, "__dict__", None) and _facade_fields(optimizer))
+    try:
+        load(optimizer, copy.deepcopy(bad))
+    except ValueError:
+        assert_identical(everything(model, optimizer, _facade_fields(optimizer)), before, "after a failed load")
+        # Nothing hidden changed either: the next step is the step of a twin that never saw the load.
+        for m, o in ((model, optimizer), (twin_model, twin_optimizer)):
+            fixed_grads(m, 3)
+            (o.update if isinstance(o, AdaDelta) else o.step)()
+        assert_identical(everything(model, optimizer), everything(twin_model, twin_optimizer), "the next step")
+        return
+    inner = optimizer.optimizer if isinstance(optimizer, AdaDelta) else optimizer
+    reference, torch_optimizer = reference_load(twin_model, copy.deepcopy(bad))
+    assert_loaded_as_torch(model, inner, reference, torch_optimizer)
+
+
+def _facade_fields(optimizer: Any) -> dict:
+    return {"rho": optimizer.rho, "epsilon": optimizer.epsilon, "t": optimizer.t} if isinstance(optimizer, AdaDelta) else {}
+
+
+def torch_loaded(model: torch.nn.Module, state_dict: dict) -> tuple[torch.nn.Module, torch.optim.Adadelta]:
+    torch_optimizer = torch.optim.Adadelta(two_groups(model))
+    torch_optimizer.load_state_dict(state_dict)
+    return model, torch_optimizer
+
+
+@PROPERTY_SETTINGS
+@given(corruptions=st.lists(CORRUPTIONS, min_size=1, max_size=2))
+def test_corrupt_state_dict_loads_as_torch_or_raises_and_changes_nothing(exact_cpu_path, corruptions):
+    _, source = trained_pair(1, lambda m: Adadelta(two_groups(m)))
+    model, optimizer = trained_pair(2, lambda m: Adadelta(two_groups(m)))
+    bad = copy.deepcopy(source.state_dict())
+    for corruption in corruptions:
+        corrupt(bad, corruption)
+    check_load(model, optimizer, bad, Adadelta.load_state_dict, torch_loaded)
+
+
+def puzzlelib_pair(seed: int) -> tuple[torch.nn.Module, AdaDelta]:
+    def make(model):
+        optimizer = AdaDelta(rho=0.9)
+        optimizer.setupOn(model)
+        optimizer.step = optimizer.update
+        return optimizer
+
+    return trained_pair(seed, make)
+
+
+def torch_loaded_as_puzzlelib(model: torch.nn.Module, state_dict: dict) -> tuple[torch.nn.Module, torch.optim.Adadelta]:
+    torch_optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
+    (group,) = state_dict["param_groups"]
+    # PuzzleLib's states may leave out lr and weight decay, which it fixes at 1 and 0.
+    state_dict["param_groups"] = [{"lr": 1.0, "weight_decay": 0.0, **group}]
+    torch_optimizer.load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+    return model, torch_optimizer
+
+
+T_VALUES = st.sampled_from([5, 0, -1, 2.5, "x", None, torch.tensor(4), True])
+
+
+@PROPERTY_SETTINGS
+@given(
+    corruptions=st.lists(st.one_of(CORRUPTIONS, st.tuples(st.just("t"), T_VALUES)), min_size=1, max_size=2),
+)
+def test_puzzlelib_corrupt_state_loads_as_torch_or_raises_and_changes_nothing(exact_cpu_path, corruptions):
+    _, source = puzzlelib_pair(1)
+    model, optimizer = puzzlelib_pair(2)
+    bad = copy.deepcopy(source.state_dict())
+    for corruption in corruptions:
+        if corruption[0] == "t":
+            bad["t"] = corruption[1]
+        elif not (corruption[0] == "group value" and corruption[2] in ("lr", "weight_decay")):
+            corrupt(bad, corruption)  # (a group's lr and weight decay are PuzzleLib's to refuse)
+    check_load(model, optimizer, bad, AdaDelta.load_state_dict, torch_loaded_as_puzzlelib)
+
+
+def test_step_as_a_one_element_tensor_loads_as_torch(exact_cpu_path):
+    """The issue's repro: torch loads ``step=torch.tensor([3.])``; ours raised half-way."""
+    _, source = trained_pair(1, lambda m: Adadelta(two_groups(m)))
+    model, optimizer = trained_pair(2, lambda m: Adadelta(two_groups(m)))
+    saved = source.state_dict()
+    for entry in saved["state"].values():
+        entry["step"] = torch.tensor([3.0])
+    reference, torch_optimizer = torch_loaded(copy.deepcopy(model), copy.deepcopy(saved))
+    optimizer.load_state_dict(saved)
+    assert_loaded_as_torch(model, optimizer, reference, torch_optimizer)
+
+
+def test_puzzlelib_bad_step_in_the_last_param_changes_no_param_state(exact_cpu_path):
+    """PuzzleLib's load had overwritten the first params' state when the last one failed."""
+    _, source = puzzlelib_pair(1)
+    model, optimizer = puzzlelib_pair(2)
+    saved = source.state_dict()
+    saved["state"][2]["step"] = "3"
+    saved["t"] = 9
+    before = everything(model, optimizer, _facade_fields(optimizer))
+    with pytest.raises(ValueError, match="state 'step' of param 2"):
+        optimizer.load_state_dict(saved)
+    assert_identical(everything(model, optimizer, _facade_fields(optimizer)), before)
+
+
+# ---------------------------------------- hyper-parameters past a dtype's range
+OVERFLOW = "value cannot be converted to type {} without overflow"
+
+
+def torch_step_error(dtype: torch.dtype, **hyper_parameters) -> str:
+    """The error torch.optim.Adadelta's first step raises with these hyper-parameters."""
+    param = torch.nn.Parameter(torch.ones(3, dtype=dtype))
+    param.grad = torch.ones(3, dtype=dtype)
+    with pytest.raises(RuntimeError) as raised:
+        torch.optim.Adadelta([param], **hyper_parameters).step()
+    return str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "dtype,value,type_name",
+    [(torch.float32, 1e39, "float"), (torch.bfloat16, 1e39, "c10::BFloat16"), (torch.float16, 1e5, "c10::Half"),
+     (torch.complex64, 1e39, "c10::complex<float>")],
+)  # fmt: skip
+@pytest.mark.parametrize("name", ["lr", "weight_decay"])
+def test_lr_or_weight_decay_past_the_params_range_raises_torchs_error_at_construction(backend, dtype, value, type_name, name):
+    message = torch_step_error(dtype, **{name: value})
+    assert message == OVERFLOW.format(type_name)
+    param = torch.nn.Parameter(torch.ones(3, dtype=dtype))
+    with pytest.raises(RuntimeError) as raised:
+        Adadelta([param], **{name: value})
+    assert str(raised.value) == message
+    with pytest.raises(RuntimeError) as raised:
+        Adadelta([{"params": [torch.nn.Parameter(torch.ones(2))]}, {"params": [param], name: value}])
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize("name", ["lr", "weight_decay"])
+def test_lr_or_weight_decay_set_in_a_group_past_fp32_range_raises_at_step_and_changes_nothing(backend, name):
+    model, optimizer = trained_pair(0, lambda m: Adadelta(two_groups(m)))
+    fixed_grads(model, 5)
+    before = everything(model, optimizer)
+    optimizer.param_groups[1][name] = 1e39
+    with pytest.raises(RuntimeError) as raised:
+        optimizer.step()
+    assert str(raised.value) == torch_step_error(torch.float32, **{name: 1e39}) == OVERFLOW.format("float")
+    assert_identical(everything(model, optimizer), {**before, "state_dict": {**before["state_dict"], "param_groups": [
+        before["state_dict"]["param_groups"][0], {**before["state_dict"]["param_groups"][1], name: 1e39}]}})
+    # A group whose params have no grad this step is not updated, and torch does not raise.
+    for param in model[2].parameters():
+        param.grad = None
+    optimizer.step()
+
+
+@pytest.mark.parametrize("name", ["lr", "weight_decay", "eps"])
+def test_values_that_fit_or_that_torch_does_not_check_give_what_torch_gives(backend, name):
+    """fp64 params take 1e39 as torch does; an eps past fp32's range is added unchecked
+    by torch too (both give NaN)."""
+    for dtype in (torch.float64, torch.float32):
+        if dtype == torch.float32 and name != "eps":
+            continue
+        param = torch.nn.Parameter(torch.linspace(-1, 1, 9, dtype=dtype))
+        reference = copy.deepcopy(param)
+        optimizer, torch_optimizer = Adadelta([param], **{name: 1e39}), torch.optim.Adadelta([reference], **{name: 1e39})
+        for p, o in ((param, optimizer), (reference, torch_optimizer)):
+            p.grad = torch.linspace(3, -2, 9, dtype=dtype)
+            o.step()
+        torch.testing.assert_close(param.detach(), reference.detach(), equal_nan=True, rtol=1e-5, atol=0)

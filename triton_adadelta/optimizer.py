@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections import defaultdict
 from copy import deepcopy
@@ -28,6 +29,129 @@ _GET_DEVICE = torch.Tensor.get_device
 def _same_objects(current: list[Any], seen: list[Any]) -> bool:
     """Whether two lists hold the same objects (by identity: tensors' == is elementwise)."""
     return len(current) == len(seen) and all(map(operator.is_, current, seen))
+
+
+# ---------------------------------------------------------- hyper-parameter checks
+# The group values torch passes as an op's scalar (``alpha``), which ATen checks
+# against the param's dtype ("value cannot be converted to type float without
+# overflow"), in the order torch's update uses them. rho is in [0, 1]; eps is added
+# unchecked by torch too (an eps past fp32's range gives NaN in both).
+_SCALAR_HPARAMS = ("weight_decay", "lr")
+
+# fp16's largest value, the smallest of any param dtype: a number within it fits
+# every dtype, so step() probes nothing further.
+_FITS_EVERY_DTYPE = torch.finfo(torch.float16).max
+
+
+def _may_overflow(value: object) -> bool:
+    """Whether a Python number is past the range of some param dtype (a tensor is not
+    read here: at step() that would be a host sync)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return value != 0 and not -_FITS_EVERY_DTYPE <= value <= _FITS_EVERY_DTYPE and value not in (float("inf"), float("-inf"))
+
+
+def _check_scalars_fit(group: dict[str, Any], dtypes: Iterable[torch.dtype], *, read_tensors: bool) -> None:
+    """Raise what torch's update raises where lr or weight_decay is past the range of a
+    param dtype of the group (RuntimeError, torch's message; OverflowError for an int
+    past int64).
+
+    Each dtype is probed by the very conversion torch makes, so the error and its
+    message are torch's. Cheap unless a value is past fp16's range.
+
+    Args:
+        read_tensors: also check a tensor lr (a host read: at construction and load,
+            never at ``step()``).
+    """
+    for name in _SCALAR_HPARAMS:
+        value = group[name]
+        if read_tensors and isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta:
+            value = value.item()
+        if _may_overflow(value):
+            for dtype in set(dtypes):
+                probe = torch.zeros((), dtype=dtype)
+                probe.add_(probe, alpha=value)
+
+
+def _check_step_scalars(param_groups: list[dict[str, Any]]) -> None:
+    """At each step, before anything changes: torch's overflow error for an lr or
+    weight_decay set in a group (``param_groups[0]["lr"] = 1e39``) past the range of
+    the dtype of a param that has a grad, as torch's update raises it."""
+    for group in param_groups:
+        if _may_overflow(group["lr"]) or _may_overflow(group["weight_decay"]):
+            _check_scalars_fit(group, (p.dtype for p in group["params"] if p.grad is not None), read_tensors=False)
+
+
+def _check_group_values(group: dict[str, Any], where: str) -> None:
+    """The constructor's checks of a group's hyper-parameters (torch's messages).
+
+    Raises:
+        ValueError: a missing or invalid value, naming ``where`` it is.
+    """
+    missing = [name for name in ("params", "lr", "rho", "eps", "weight_decay") if name not in group]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}")
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or lr.is_complex() or lr.is_meta:
+            raise ValueError(f"{where}: Tensor lr must be 1-element")
+        lr = lr.item()
+    checks = (
+        ("lr", lr, "Invalid learning rate", lambda v: 0.0 <= v),
+        ("rho", group["rho"], "Invalid rho value", lambda v: 0.0 <= v <= 1.0),
+        ("eps", group["eps"], "Invalid epsilon value", lambda v: 0.0 <= v),
+        ("weight_decay", group["weight_decay"], "Invalid weight_decay value", lambda v: 0.0 <= v),
+    )
+    for name, value, message, valid in checks:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not valid(value):
+            raise ValueError(f"{where}: {message}: {value!r}")
+    if group.get("differentiable", False):
+        raise ValueError(f"{where}: differentiable=True is not supported by triton_adadelta.Adadelta")
+    if group.get("master_weights", False) and group.get("stochastic_rounding", False):
+        raise ValueError(f"{where}: master_weights and stochastic_rounding are exclusive")
+
+
+def _loaded_step(key: object, step: object) -> torch.Tensor:
+    """A saved ``step`` as the 0-d fp32 tensor it is kept as; what torch accepts (a
+    1-element tensor of any shape, an int, a float, a bool).
+
+    Raises:
+        ValueError: anything else (a string, None, a complex or empty tensor, ...).
+    """
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool or step.is_meta:
+            raise ValueError(
+                f"state 'step' of param {key} must be a 1-element real tensor, an int or a float; "
+                f"it is a {step.dtype} tensor of shape {tuple(step.shape)}"
+            )
+        return step.detach().to("cpu", torch.float32).reshape(())
+    if isinstance(step, numbers.Real):
+        try:
+            return torch.tensor(float(step), dtype=torch.float32)  # as torch: float(step)
+        except OverflowError as error:
+            raise ValueError(f"state 'step' of param {key} is past a float's range: {error}") from error
+    raise ValueError(f"state 'step' of param {key} must be a 1-element tensor, an int or a float, not {type(step).__name__}")
+
+
+def _loaded_param_state(key: object, param: torch.Tensor, value: object) -> dict[str, Any]:
+    """One param's saved state, checked and with its step as a 0-d fp32 tensor, ready to
+    copy in without anything left that can fail.
+
+    Raises:
+        ValueError: naming the param (by its key in the state_dict) and the mismatch.
+    """
+    if not isinstance(value, dict):
+        raise ValueError(f"state of param {key} is a {type(value).__name__}, not a dict")
+    if "step" in value:
+        value = {**value, "step": _loaded_step(key, value["step"])}
+    check_param_state(key, param, value)  # the keys, shapes and dtypes
+    for name in ("square_avg", "acc_delta", "master_param"):
+        tensor = value.get(name)
+        if tensor is not None and tensor.layout != torch.strided:
+            raise ValueError(f"state '{name}' of param {key} is a {tensor.layout} tensor, not a dense one")
+        if tensor is not None and tensor.is_meta:
+            raise ValueError(f"state '{name}' of param {key} is on the meta device: it holds no values")
+    return value
 
 
 class Adadelta(Optimizer):
@@ -172,6 +296,12 @@ class Adadelta(Optimizer):
                     "(FSDP2 fully_shard and tensor parallelism give DTensor params: support is issue #8); "
                     "use torch.optim.Adadelta there"
                 )
+        # torch raises this at the first step; here already (the group is not added).
+        _check_scalars_fit(
+            {**self.defaults, **param_group},
+            (t.dtype for t in tensors if isinstance(t, torch.Tensor)),
+            read_tensors=True,
+        )
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -304,6 +434,7 @@ class Adadelta(Optimizer):
 
         grad_scale: torch.Tensor | None = getattr(self, "grad_scale", None)
         found_inf: torch.Tensor | None = getattr(self, "found_inf", None)
+        _check_step_scalars(self.param_groups)
         # Check every grad of every state before any update, so a bad grad changes nothing.
         plans = self._plans()
         for flat, plan in plans:
@@ -397,57 +528,105 @@ class Adadelta(Optimizer):
         """Load an optimizer state from ours or :class:`torch.optim.Adadelta`'s.
 
         Loading is atomic: the whole dict is checked first, and a dict that does not
-        fit raises ``ValueError`` naming the mismatch and changes nothing. fp32 state
-        is never downcast: it is copied into the optimizer's own state buffers.
+        fit raises ``ValueError`` naming the mismatch and changes nothing (params,
+        state, step counts and groups). A ``step`` may be what torch accepts: a
+        1-element tensor of any shape, an int or a float. Group values are checked as
+        the constructor checks them. fp32 state is never downcast: it is copied into
+        the optimizer's own state buffers.
 
         Args:
             state_dict (dict): optimizer state, as returned by :meth:`state_dict`.
+
+        Raises:
+            ValueError: the dict does not fit this optimizer, saying why.
         """
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"an optimizer state_dict is a dict, not a {type(state_dict).__name__}")
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             hook_result = pre_hook(self, state_dict)
             if hook_result is not None:
                 state_dict = hook_result
+        new_groups, loaded = self._checked_state_dict(state_dict)
+
+        # Everything fits. Should laying the state out fail all the same (out of
+        # memory), the optimizer is put back as it was.
+        kept = {
+            name: self.__dict__[name]
+            for name in ("state", "param_groups", "_flat_states", "_laid_out", "_state_seen", "_state_size")
+        }
+        try:
+            self.__setstate__({"state": defaultdict(dict), "param_groups": new_groups})
+            for flat in self._lay_out():
+                for i, param in enumerate(flat.params):
+                    value = loaded.get(id(param))
+                    if value is None:
+                        flat.reset_param_state(i)
+                    else:
+                        flat.load_param_state(i, value)
+                        self.state[param] = flat.param_state(i)
+        except BaseException:
+            self.__dict__.update(kept)
+            raise
+        self._remember_state()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _checked_state_dict(self, state_dict: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
+        """Check a whole state_dict against this optimizer, changing nothing.
+
+        Returns:
+            The new param groups (the saved ones, holding this optimizer's params) and
+            each param's state to load, by ``id(param)`` (a step as a 0-d fp32 tensor).
+
+        Raises:
+            ValueError: the first mismatch found.
+        """
         if "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("an optimizer state_dict has the keys 'state' and 'param_groups'")
+        saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
+        if not isinstance(saved_state, dict):
+            raise ValueError(f"'state' of a state_dict is a dict, not a {type(saved_state).__name__}")
+        if not isinstance(saved_groups, (list, tuple)) or not all(isinstance(g, dict) for g in saved_groups):
+            raise ValueError("'param_groups' of a state_dict is a list of dicts")
         groups = self.param_groups
-        saved_groups = deepcopy(state_dict["param_groups"])
         if len(groups) != len(saved_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
-        if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
-            raise ValueError(
-                "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+        for index, (group, saved) in enumerate(zip(groups, saved_groups)):
+            _check_group_values(saved, f"param group {index} of the state_dict")
+            if not isinstance(saved["params"], (list, tuple)) or len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+                )
+            try:
+                _check_scalars_fit(saved, (p.dtype for p in group["params"]), read_tensors=True)
+            except (RuntimeError, OverflowError) as error:
+                raise ValueError(f"param group {index} of the state_dict: {error}") from error
+        try:
+            id_map = dict(
+                zip(
+                    chain.from_iterable(g["params"] for g in saved_groups),
+                    chain.from_iterable(g["params"] for g in groups),
+                )
             )
-        id_map = dict(
-            zip(
-                chain.from_iterable(g["params"] for g in saved_groups),
-                chain.from_iterable(g["params"] for g in groups),
-            )
-        )
-        loaded: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in state_dict["state"].items():
+        except TypeError as error:  # an unhashable param id
+            raise ValueError(f"the param ids of the state_dict's groups are not keys: {error}") from error
+        loaded: dict[int, dict[str, Any]] = {}
+        for key, value in saved_state.items():
             if key not in id_map:
                 raise ValueError(f"loaded state dict has state for param {key!r}, which no param group lists")
             param = id_map[key]
-            check_param_state(key, param, value)
-            loaded[id(param)] = value
-
-        # Everything fits: from here on nothing raises for the dict's sake.
+            if isinstance(value, dict) and not value:
+                continue  # an empty state: the param starts afresh, as with torch
+            loaded[id(param)] = _loaded_param_state(key, param, value)
+        try:
+            copied_groups = deepcopy(list(saved_groups))
+        except Exception as error:  # deepcopy raises what the object's own __deepcopy__ raises
+            raise ValueError(f"the state_dict's param groups cannot be copied: {error}") from error
         new_groups = []
-        for group, saved in zip(groups, saved_groups):
+        for group, saved in zip(groups, copied_groups):
             saved["params"] = group["params"]
             if "param_names" in group and "param_names" not in saved:
                 saved["param_names"] = group["param_names"]
             new_groups.append(saved)
-        self.__setstate__({"state": defaultdict(dict), "param_groups": new_groups})
-        for flat in self._lay_out():
-            for i, param in enumerate(flat.params):
-                value = loaded.get(id(param))
-                if value is None:
-                    flat.reset_param_state(i)
-                else:
-                    flat.load_param_state(i, value)
-                    self.state[param] = flat.param_state(i)
-        self._remember_state()
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+        return new_groups, loaded

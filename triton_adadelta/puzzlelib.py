@@ -18,6 +18,7 @@ math, packing or state code of its own.
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import Any
 
@@ -239,26 +240,39 @@ class AdaDelta:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state from :meth:`state_dict` (or a one-group ``torch.optim.Adadelta``'s).
 
-        Loading is atomic: the whole dict is checked first, and a dict that does not
-        fit raises ``ValueError`` and changes nothing.
+        Loading is atomic: the whole dict is checked first (then by
+        :meth:`triton_adadelta.Adadelta.load_state_dict`, itself atomic), and a dict
+        that does not fit raises ``ValueError`` and changes nothing: params, state,
+        ``rho``, ``epsilon`` and ``t``.
+
+        Raises:
+            ValueError: the dict does not fit, saying why.
         """
         optimizer = self.optimizer
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("an AdaDelta state has the keys 'state' and 'param_groups'")
         groups = state_dict["param_groups"]
-        if len(groups) != 1:
-            raise ValueError(f"an AdaDelta state has one param group, this one has {len(groups)}")
-        group = groups[0]
+        if not isinstance(groups, (list, tuple)) or len(groups) != 1 or not isinstance(groups[0], dict):
+            raise ValueError("an AdaDelta state has one param group (a dict)")
+        # PuzzleLib's own states may leave lr and weight decay out: they are 1 and 0.
+        group = {"lr": 1.0, "weight_decay": 0.0, **groups[0]}
         n_params = len(optimizer.param_groups[0]["params"])
-        if len(group["params"]) != n_params:
-            raise ValueError(f"the state is for {len(group['params'])} params but the module has {n_params}")
-        if float(group.get("lr", 1.0)) != 1.0 or float(group.get("weight_decay", 0.0)) != 0.0:
+        if not isinstance(group.get("params"), (list, tuple)) or len(group["params"]) != n_params:
+            raise ValueError(f"the state is not for the {n_params} params of the module")
+        try:
+            lr, weight_decay = float(group["lr"]), float(group["weight_decay"])
+            rho, epsilon = _check_rho(float(group["rho"])), _check_epsilon(float(group["eps"]))
+            t = operator.index(state_dict.get("t", 0))
+        except KeyError as error:
+            raise ValueError(f"an AdaDelta state's param group has {error}") from error
+        except (TypeError, ValueError, RuntimeError) as error:  # float() of a non-number, an invalid value
+            raise ValueError(f"an AdaDelta state with invalid values: {error}") from error
+        if lr != 1.0 or weight_decay != 0.0:
             raise ValueError("PuzzleLib's AdaDelta has lr=1 and no weight decay; the state has other values")
-        rho = _check_rho(float(group["rho"]))
-        epsilon = _check_epsilon(float(group["eps"]))
+        if t < 0:
+            raise ValueError(f"an AdaDelta state counts t={t} updates")
         optimizer.load_state_dict({"state": state_dict["state"], "param_groups": [group]})
-        self._rho, self._epsilon = rho, epsilon
-        self.t = int(state_dict.get("t", 0))
+        self._rho, self._epsilon, self.t = rho, epsilon, t
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the optimizer state to ``path`` with :func:`torch.save`."""
