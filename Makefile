@@ -6,8 +6,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+OUT_DIR ?= perf/results/gpu
+GPU_CHECK_ARGS ?=
 
-.PHONY: install test demo clean
+.PHONY: install test demo gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -22,6 +24,14 @@ test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) -m triton_adadelta.demo
+
+# Proves the kernel on a GPU in at most 8 minutes (README, "GPU check"). It uses
+# $(PYTHON) and the torch and triton it has as they are, and downloads nothing: the
+# package is installed without dependencies or an index, and where even that fails,
+# perf/gpu_check.py runs it from this source tree.
+gpu-check:
+	-$(PYTHON) -m pip install -q --no-deps --no-build-isolation --no-index --disable-pip-version-check -e .
+	$(PYTHON) perf/gpu_check.py --out $(OUT_DIR) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -41,10 +41,11 @@ import torch  # noqa: E402
 
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# After any installed copy: an editable install maps triton_adadelta.kernels, a bare checkout cannot.
+sys.path.append(str(REPO))
 
 import triton_adadelta  # noqa: E402
-from machine import machine_info  # noqa: E402
+from machine import machine_info, write_json  # noqa: E402
 from triton_adadelta.update import update_  # noqa: E402
 
 # Bytes one fp32 param moves in a fused step: read p g v u, write p v u.
@@ -236,7 +237,8 @@ def native_build_delay() -> dict[str, dict[str, float | bool]]:
     """First-call delay of each compiled library: built in a fresh cache, then loaded from it."""
     delays: dict[str, dict[str, float | bool]] = {}
     with tempfile.TemporaryDirectory() as cache_dir:
-        env = dict(os.environ, TRITON_ADADELTA_CACHE_DIR=cache_dir, PYTHONPATH=str(REPO))
+        python_path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))
+        env = dict(os.environ, TRITON_ADADELTA_CACHE_DIR=cache_dir, PYTHONPATH=python_path)
         for label, module, function in NATIVE_LIBRARIES:
             code = (
                 f"import time, torch; from triton_adadelta import {module}; start = time.perf_counter(); "
@@ -313,21 +315,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=REPO / "perf" / "results")
     parser.add_argument("--shapes", nargs="*", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--budget-s", type=float, default=None, help="seconds of timed rounds per shape (default 40, --quick 8)")
+    parser.add_argument("--no-build-timing", action="store_true", help="CPU: skip timing the native library's first build")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"no CUDA device: torch {torch.__version__} sees none")
     warmup, budget_s, max_rounds = (2, 8.0, 15) if args.quick else (5, 40.0, 60)
+    if args.budget_s is not None:
+        budget_s = args.budget_s
     info = machine_info(device)
     print(f"{info['cpu_model']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads), "
           f"{info.get('gpu', 'no GPU')}; torch {info['torch']}, triton {info['triton']}")  # fmt: skip
 
-    build = native_build_delay() if device.type == "cpu" else {}
+    build = native_build_delay() if device.type == "cpu" and not args.no_build_timing else {}
     if build:
         for label, delay in build.items():
             print(f"{label}: available={delay['available']}, first call in a fresh cache "
                   f"{delay['cold_cache_s']:.2f} s (compile), from the cache {delay['warm_cache_s']:.2f} s")  # fmt: skip
 
-    results = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_step_{device.type}"
+    record: dict[str, object] = {
+        "machine": info,
+        "quick": args.quick,
+        "budget_s_per_shape": budget_s,
+        "floor_bytes_per_param": FLOOR_BYTES_PER_PARAM,
+        "native_cpu_build": build,
+        "complete": False,
+        "results": [],
+    }
+    results: list[dict[str, object]] = []
     for name in args.shapes:
         result = bench_shape(
             name, SHAPES[name], device, warmup=warmup, budget_s=budget_s, max_rounds=max_rounds,
@@ -335,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         results.append(result)
         print(f"  {name}: {result['rounds']} rounds, ours {result['timings_ms']['triton_adadelta']['median']:.3f} ms")
+        # After every shape, so a run cut short keeps the shapes it timed.
+        write_json(args.out / f"{stem}.json", {**record, "results": results})
     table = format_table(results)
     print(table)
 
@@ -344,20 +365,14 @@ def main(argv: list[str] | None = None) -> int:
         for label, micros in overhead.items():
             print(f"  {label:<34} {micros:8.1f}")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_step_{device.type}"
-    record = {
-        "machine": info,
-        "quick": args.quick,
-        "floor_bytes_per_param": FLOOR_BYTES_PER_PARAM,
-        "native_cpu_build": build,
-        "results": results,
-        "step_overhead_us_1000x100": overhead,
-        "table": table,
-    }
-    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2))
-    plot(results, args.out / f"{stem}.png", f"AdaDelta step(), fp32, {info.get('gpu', info['cpu_model'])}")
-    print(f"\nwrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
+    record.update({"complete": True, "results": results, "step_overhead_us_1000x100": overhead, "table": table})
+    write_json(args.out / f"{stem}.json", record)
+    print(f"\nwrote {args.out / (stem + '.json')}")
+    try:
+        plot(results, args.out / f"{stem}.png", f"AdaDelta step(), fp32, {info.get('gpu', info['cpu_model'])}")
+        print(f"wrote {args.out / (stem + '.png')}")
+    except ImportError as error:
+        print(f"plot skipped: {error.name} not installed")
     return 0
 
 

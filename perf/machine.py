@@ -1,13 +1,59 @@
-"""What every perf results file records: the machine, the versions and the date."""
+"""What every perf results file records (the machine, the versions and the date), and how it is written.
+
+Run as a script, it prints the record as one line of JSON (``perf/gpu_check.py``
+reads it in a process of its own, so a broken GPU driver cannot stop the check)::
+
+    python perf/machine.py --device cuda
+"""
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import importlib.metadata
+import json
 import os
 import platform
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
 
 import torch
 import triton
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _command_output(command: list[str]) -> str | None:
+    """The stripped stdout of ``command``, or None where it is missing or fails."""
+    if shutil.which(command[0]) is None:
+        return None
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=20, cwd=REPO)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def gpu_info(device: torch.device | None = None) -> dict[str, object]:
+    """The GPU that ``device`` names (the current one by default): name, count, memory, driver."""
+    index = device.index if device is not None and device.type == "cuda" and device.index is not None else None
+    index = torch.cuda.current_device() if index is None else index
+    properties = torch.cuda.get_device_properties(index)
+    info: dict[str, object] = {
+        "gpu": properties.name,
+        "gpu_count": torch.cuda.device_count(),
+        "gpu_capability": f"{properties.major}.{properties.minor}",
+        "gpu_memory_GiB": round(properties.total_memory / 2**30, 1),
+        "gpu_multiprocessors": properties.multi_processor_count,
+        "cuda": torch.version.cuda,
+        "hip": torch.version.hip,
+    }
+    driver = _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    if driver:
+        info["driver"] = driver.splitlines()[0]
+    return info
 
 
 def machine_info(device: torch.device | None = None) -> dict[str, object]:
@@ -29,16 +75,39 @@ def machine_info(device: torch.device | None = None) -> dict[str, object]:
         "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    try:
-        import triton_adadelta
-
-        info["triton_adadelta"] = triton_adadelta.__version__
-    except ImportError:
+    try:  # from the install's metadata: importing the package takes seconds
+        info["triton_adadelta"] = importlib.metadata.version("triton-adadelta")
+    except importlib.metadata.PackageNotFoundError:
         pass
+    # A copy of the working tree (as on a lent GPU machine) may have no git history.
+    commit = _command_output(["git", "rev-parse", "HEAD"])
+    if commit:
+        info["git_commit"] = commit
     if device is not None:
         info["device"] = str(device)
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(device if device is not None and device.type == "cuda" else None)
-        info["cuda"] = torch.version.cuda
-        info["hip"] = torch.version.hip
+        info.update(gpu_info(device))
     return info
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` whole or not at all: a run cut short keeps the last complete file."""
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(record, indent=2))
+    partial.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None, help="the device the record is for (cuda, cuda:1, cpu)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device) if args.device else None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        print(json.dumps(machine_info(None)))
+        raise SystemExit(f"no CUDA device: torch {torch.__version__} (CUDA {torch.version.cuda}) sees none")
+    print(json.dumps(machine_info(device)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,13 +5,19 @@ param (and its grad) as a one-segment table, every config ``configs_for`` keeps 
 the mode and the warp size timed with ``triton.testing.do_bench``, the written
 buffers (the param, reached through the table, and the state) restored before every
 run (the restore is timed alone and subtracted); ``torch.optim.Adadelta`` (foreach
-and for-loop) runs on the same size in the same run. Reported: GB/s at the mode's
-bytes floor and % of the measured device-to-device copy bandwidth. The best config
-per size bucket goes to a results JSON (machine, versions, date), with a PNG of GB/s
-against size and the roofline. ``--offset 1`` starts the param and grad one element
-into their storage, so the kernel's unaligned (scalar) branch is what is timed::
+and for-loop, and ``torch.compile``'d) runs on the same size in the same run.
+Reported: GB/s at the mode's bytes floor and % of the measured device-to-device copy
+bandwidth, and per mode the worst of these over buffers of 16M elements or more
+against issue 14's goals. The best config per size bucket goes to a results JSON
+(machine, versions, date; rewritten after every row, so a run cut short keeps what it
+measured), with a PNG of GB/s against size and the roofline. ``--offset 1`` starts the
+param and grad one element into their storage, so the kernel's unaligned (scalar)
+branch is what is timed. ``--device cpu`` with ``TRITON_INTERPRET=1`` runs the same
+code through the interpreter with a wall-clock timer: a dry run of the plumbing, not a
+measurement::
 
     python perf/sweep.py --out perf/results
+    python perf/sweep.py --log2 24 28 --modes fp32 bf16   # some sizes and modes
 
 Without a GPU, ``--target sm_90`` (or ``sm_80``, ``gfx942``) compiles every config
 of ``AUTOTUNE_CONFIGS`` in every dtype mode ahead of time
@@ -32,18 +38,43 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import triton
-from tqdm import tqdm
+from torch.optim.adadelta import adadelta as torch_adadelta
+
+try:
+    from tqdm import tqdm
+except ImportError:  # optional (a GPU machine may lack it): no progress bars
+
+    class tqdm:  # type: ignore[no-redef]  # noqa: N801
+        """The part of tqdm's interface used here, showing nothing."""
+
+        def __init__(self, iterable: Any = None, **_: Any) -> None:
+            self.iterable = iterable
+
+        def __iter__(self) -> Any:
+            return iter(self.iterable)
+
+        def __enter__(self) -> "tqdm":
+            return self
+
+        def __exit__(self, *_: Any) -> None:
+            return None
+
+        def update(self, _: int = 1) -> None:
+            return None
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# After any installed copy: an editable install maps triton_adadelta.kernels, a bare checkout cannot.
+sys.path.append(str(REPO))
 
-from machine import machine_info  # noqa: E402
+from machine import machine_info, write_json  # noqa: E402
 from triton_adadelta.flat import hparams_table, table_for_tensors  # noqa: E402
 from triton_adadelta.kernels import aot  # noqa: E402
 from triton_adadelta.kernels.adadelta import (  # noqa: E402
@@ -283,92 +314,221 @@ class Buffers:
         )
 
 
-def time_restored(launch: Callable[[], None], restore: Callable[[], None]) -> float:
-    """Median ms of ``launch`` alone: do_bench of restore+launch minus do_bench of restore."""
-    from triton.testing import do_bench
+def bench_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Median ms of ``fn``: ``triton.testing.do_bench`` (CUDA events) on a GPU; on the
+    CPU, for the interpreter dry run, the wall-clock median of three calls after one."""
+    if device.type != "cpu":
+        from triton.testing import do_bench
 
-    both = do_bench(lambda: (restore(), launch()), return_mode="median")
-    restore_only = do_bench(restore, return_mode="median")
-    return max(both - restore_only, 1e-6)
+        return do_bench(fn, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def time_restored(launch: Callable[[], None], restore: Callable[[], None], restore_ms: float, device: torch.device) -> float:
+    """Median ms of ``launch`` alone: the median of restore+launch minus ``restore_ms``."""
+    both = bench_ms(lambda: (restore(), launch()), device)
+    return max(both - restore_ms, 1e-6)
 
 
 def copy_bandwidth(device: torch.device, n_bytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + written)."""
-    from triton.testing import do_bench
-
+    """Device-to-device copy bandwidth in bytes/s (read + written), by ``copy_`` of ``n_bytes``."""
     source = torch.empty(n_bytes // 4, device=device)
     target = torch.empty_like(source)
-    milliseconds = do_bench(lambda: target.copy_(source), return_mode="median")
+    milliseconds = bench_ms(lambda: target.copy_(source), device)
     return 2 * n_bytes / (milliseconds * 1e-3)
 
 
 def time_torch_adadelta(mode: aot.DtypeMode, n_elements: int, device: torch.device, foreach: bool) -> float:
     """Median ms of one torch.optim.Adadelta step on one param of the mode's dtype."""
-    from triton.testing import do_bench
-
     param = torch.nn.Parameter(torch.randn(n_elements, device=device, dtype=_TORCH_DTYPES[mode.param]))
     param.grad = torch.randn_like(param)
     optimizer = torch.optim.Adadelta([param], lr=1.0, foreach=foreach)
     optimizer.step()
-    return do_bench(optimizer.step, return_mode="median")
+    return bench_ms(optimizer.step, device)
 
 
-def device_warp_size() -> int:
-    """32 on NVIDIA GPUs, 64 on AMD CDNA (the configs are pruned by it)."""
+def _torch_adadelta_step(params: list[torch.Tensor], grads: list[torch.Tensor], square_avgs: list[torch.Tensor],
+                         acc_deltas: list[torch.Tensor], steps: list[torch.Tensor]) -> None:  # fmt: skip
+    """torch's own Adadelta update (what ``torch.optim.Adadelta.step`` runs), to be compiled.
+
+    On a GPU the step counts live on the params' device (``capturable``), so the
+    compiled graph has no CPU part (torch allows ``capturable`` on accelerators only).
+    """
+    torch_adadelta(
+        params, grads, square_avgs, acc_deltas, steps, capturable=steps[0].device.type != "cpu", foreach=False,
+        lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False,
+    )  # fmt: skip
+
+
+# One compiled function for every row: with dynamic shapes a new size is no new
+# compile (dynamo stops compiling a function after 8 recompiles and runs it eagerly).
+_compiled_torch_step: Callable[..., None] | None = None
+
+
+def time_torch_compiled(mode: aot.DtypeMode, n_elements: int, device: torch.device) -> tuple[float, float]:
+    """``torch.compile``'d torch Adadelta on one param of the mode's dtype.
+
+    Returns:
+        The median ms of a step, and the seconds its first call took (the compile).
+    """
+    global _compiled_torch_step
+    if _compiled_torch_step is None:
+        _compiled_torch_step = torch.compile(_torch_adadelta_step, dynamic=True, fullgraph=True)
+    dtype = _TORCH_DTYPES[mode.param]
+    params = [torch.randn(n_elements, device=device, dtype=dtype)]
+    buffers = (params, [torch.randn_like(params[0])], [torch.zeros_like(params[0])], [torch.zeros_like(params[0])],
+               [torch.zeros((), device=device, dtype=torch.float32)])  # fmt: skip
+    start = time.perf_counter()
+    _compiled_torch_step(*buffers)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    compile_s = time.perf_counter() - start
+    return bench_ms(lambda: _compiled_torch_step(*buffers), device), compile_s
+
+
+def device_warp_size(device: torch.device) -> int:
+    """32 on NVIDIA GPUs (and in the interpreter, which runs NVIDIA's configs), 64 on AMD CDNA."""
+    if device.type == "cpu":
+        return 32
     return triton.runtime.driver.active.get_current_target().warp_size
 
 
-def sweep_gpu(sizes: list[int], modes: list[str], device: torch.device, offset: int = 0) -> dict[str, Any]:
-    bandwidth = copy_bandwidth(device)
+def _torch_baselines(mode: aot.DtypeMode, n_elements: int, device: torch.device, milliseconds: float,
+                     compiled: bool) -> dict[str, Any]:  # fmt: skip
+    """torch's Adadelta on the same size: foreach, for-loop and compiled; times and our speed-ups."""
+    row: dict[str, Any] = {}
+    for foreach in (True, False):
+        torch_ms = time_torch_adadelta(mode, n_elements, device, foreach)
+        key = "torch_foreach" if foreach else "torch_forloop"
+        row[f"{key}_ms"] = torch_ms
+        row[f"{key}_speedup"] = torch_ms / milliseconds
+    if compiled:
+        try:
+            torch_ms, compile_s = time_torch_compiled(mode, n_elements, device)
+        except Exception as error:  # noqa: BLE001 - a compiler failure is a result to report, not a crash
+            row["torch_compiled_error"] = f"{type(error).__name__}: {error}"[:500]
+        else:
+            row["torch_compiled_ms"] = torch_ms
+            row["torch_compiled_speedup"] = torch_ms / milliseconds
+            row["torch_compiled_first_call_s"] = compile_s
+    return row
+
+
+def sweep_gpu(
+    sizes: list[int],
+    modes: list[str],
+    device: torch.device,
+    offset: int = 0,
+    *,
+    compiled_torch: bool = True,
+    copy_bytes: int = 1 << 30,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Time every config of every mode on every size, beside torch's Adadelta.
+
+    Sizes run largest first, every mode at each size, so a run cut short keeps the
+    sizes the goals are judged on. ``on_row`` gets the result so far after each row.
+    """
+    bandwidth = copy_bandwidth(device, copy_bytes)
     print(f"device-to-device copy: {bandwidth / 1e9:.0f} GB/s")
-    rows = []
-    best: dict[str, dict[str, dict[str, int]]] = {}
-    jobs = [(mode, size) for mode in modes for size in sizes]
+    result: dict[str, Any] = {"copy_bandwidth_GBps": bandwidth / 1e9, "offset": offset, "rows": [], "best_config_per_bucket": {}}
+    jobs = [(mode, size) for size in sorted(sizes, reverse=True) for mode in modes]
     for mode_name, n_elements in tqdm(jobs, desc="sweep", unit="size"):
         mode = aot.DTYPE_MODES[mode_name]
         buffers = Buffers(mode, n_elements, device, offset)
         floor_bytes = mode.floor_bytes * n_elements
+        configs = aot.mode_configs(mode, device_warp_size(device))
+        restore_ms = bench_ms(buffers.restore, device)
         timings = {}
-        configs = aot.mode_configs(mode, device_warp_size())
         for config in configs:
             block_size, num_warps = config.kwargs["BLOCK_SIZE"], config.num_warps
-            timings[config_label(config)] = time_restored(lambda: buffers.launch(block_size, num_warps), buffers.restore)
+            launch = lambda: buffers.launch(block_size, num_warps)  # noqa: E731
+            timings[config_label(config)] = time_restored(launch, buffers.restore, restore_ms, device)
         label, milliseconds = min(timings.items(), key=lambda item: item[1])
         bucket = str(size_bucket(n_elements))
         winner = next(c for c in configs if config_label(c) == label)
-        best.setdefault(mode_name, {})[bucket] = {"BLOCK_SIZE": winner.kwargs["BLOCK_SIZE"], "num_warps": winner.num_warps}
+        best = result["best_config_per_bucket"].setdefault(mode_name, {})
+        best[bucket] = {"BLOCK_SIZE": winner.kwargs["BLOCK_SIZE"], "num_warps": winner.num_warps}
         row: dict[str, Any] = {
             "mode": mode_name,
             "n_elements": n_elements,
             "size_bucket": int(bucket),
             "config_ms": timings,
+            "restore_ms": restore_ms,
             "best_config": label,
             "best_ms": milliseconds,
             "GBps": floor_bytes / (milliseconds * 1e-3) / 1e9,
             "pct_of_copy": 100 * floor_bytes / (milliseconds * 1e-3) / bandwidth,
         }
+        del buffers
         if mode_name in ("fp32", "bf16", "fp16", "fp64"):
             # torch keeps its state in the param dtype; GB/s here is our floor's bytes / its time.
-            for foreach in (True, False):
-                torch_ms = time_torch_adadelta(mode, n_elements, device, foreach)
-                key = "torch_foreach" if foreach else "torch_forloop"
-                row[f"{key}_ms"] = torch_ms
-                row[f"{key}_speedup"] = torch_ms / milliseconds
-        rows.append(row)
-        del buffers
-        torch.cuda.empty_cache()
-    return {"copy_bandwidth_GBps": bandwidth / 1e9, "offset": offset, "rows": rows, "best_config_per_bucket": best}
+            row.update(_torch_baselines(mode, n_elements, device, milliseconds, compiled_torch))
+        result["rows"].append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if on_row is not None:
+            on_row(result)
+    return result
+
+
+# The goals of issue 14, judged on buffers of at least 16M elements.
+GOAL_MIN_ELEMENTS = 1 << 24
+GOAL_PCT_OF_COPY = 90.0
+GOAL_SPEEDUP_VS_FOREACH = 3.0
+
+
+def summarize_gpu(result: dict[str, Any]) -> dict[str, Any]:
+    """Per mode, the worst figures over the sizes the goals are judged on, and whether each goal is met.
+
+    Returns:
+        ``{mode: {"min_pct_of_copy", "min_speedup_vs_foreach", ...}}`` over the rows of
+        at least ``GOAL_MIN_ELEMENTS``, and ``goals_met`` (None when no row is that large).
+    """
+    by_mode: dict[str, Any] = {}
+    for row in result["rows"]:
+        if row["n_elements"] < GOAL_MIN_ELEMENTS:
+            continue
+        figures = by_mode.setdefault(row["mode"], {"sizes": []})
+        figures["sizes"].append(row["n_elements"])
+        for key, source in (("min_pct_of_copy", "pct_of_copy"), ("min_GBps", "GBps"),
+                            ("min_speedup_vs_foreach", "torch_foreach_speedup"),
+                            ("min_speedup_vs_forloop", "torch_forloop_speedup"),
+                            ("min_speedup_vs_compiled", "torch_compiled_speedup")):  # fmt: skip
+            if source in row:
+                figures[key] = min(figures.get(key, float("inf")), row[source])
+    goals_met = None
+    if by_mode:
+        copy_met = all(figures["min_pct_of_copy"] >= GOAL_PCT_OF_COPY for figures in by_mode.values())
+        foreach = [figures["min_speedup_vs_foreach"] for figures in by_mode.values() if "min_speedup_vs_foreach" in figures]
+        goals_met = {
+            f"pct_of_copy>={GOAL_PCT_OF_COPY:.0f}": copy_met,
+            f"speedup_vs_foreach>={GOAL_SPEEDUP_VS_FOREACH:.0f}": bool(foreach) and min(foreach) >= GOAL_SPEEDUP_VS_FOREACH,
+        }
+    return {"min_elements": GOAL_MIN_ELEMENTS, "by_mode": by_mode, "goals_met": goals_met}
 
 
 def format_gpu_table(result: dict[str, Any]) -> str:
-    header = f"{'mode':<12} {'elements':>11} {'best':<9} {'ms':>9} {'GB/s':>7} {'% copy':>6} {'vs foreach':>10} {'vs for-loop':>11}"
+    header = (
+        f"{'mode':<12} {'elements':>11} {'best':<9} {'ms':>9} {'GB/s':>7} {'% copy':>6} "
+        f"{'vs foreach':>10} {'vs for-loop':>11} {'vs compiled':>11}"
+    )
     lines = [header, "-" * len(header)]
+
+    def speedup(row: dict[str, Any], key: str) -> str:
+        return f"{row[key]:.1f}x" if key in row else "-"
+
     for row in result["rows"]:
-        foreach = f"{row['torch_foreach_speedup']:.1f}x" if "torch_foreach_speedup" in row else "-"
-        forloop = f"{row['torch_forloop_speedup']:.1f}x" if "torch_forloop_speedup" in row else "-"
         lines.append(
             f"{row['mode']:<12} {row['n_elements']:>11} {row['best_config']:<9} {row['best_ms']:>9.4f} "
-            f"{row['GBps']:>7.0f} {row['pct_of_copy']:>5.0f}% {foreach:>10} {forloop:>11}"
+            f"{row['GBps']:>7.0f} {row['pct_of_copy']:>5.0f}% {speedup(row, 'torch_foreach_speedup'):>10} "
+            f"{speedup(row, 'torch_forloop_speedup'):>11} {speedup(row, 'torch_compiled_speedup'):>11}"
         )
     lines.append(f"copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s; GB/s = floor bytes / kernel time")
     return "\n".join(lines)
@@ -383,15 +543,16 @@ def plot_gpu(result: dict[str, Any], path: Path, title: str) -> None:
     figure, axis = plt.subplots(figsize=(8, 4.5))
     modes = sorted({row["mode"] for row in result["rows"]}, key=list(aot.DTYPE_MODES).index)
     for mode in modes:
-        rows = [row for row in result["rows"] if row["mode"] == mode]
+        rows = sorted((row for row in result["rows"] if row["mode"] == mode), key=lambda row: row["n_elements"])
         axis.plot([r["n_elements"] for r in rows], [r["GBps"] for r in rows], marker="o", label=mode)
-    fp32 = [row for row in result["rows"] if row["mode"] == "fp32" and "torch_foreach_ms" in row]
-    if fp32:
-        axis.plot(
-            [r["n_elements"] for r in fp32],
-            [28 * r["n_elements"] / (r["torch_foreach_ms"] * 1e-3) / 1e9 for r in fp32],
-            linestyle=":", color="grey", label="torch foreach, fp32",
-        )  # fmt: skip
+    fp32 = sorted((row for row in result["rows"] if row["mode"] == "fp32"), key=lambda row: row["n_elements"])
+    for key, style, label in (("torch_foreach_ms", ":", "torch foreach, fp32"),
+                              ("torch_compiled_ms", "-.", "torch.compile'd torch, fp32")):  # fmt: skip
+        rows = [row for row in fp32 if key in row]
+        if rows:
+            # torch's own traffic is larger: this is our floor's bytes over its time.
+            axis.plot([r["n_elements"] for r in rows], [28 * r["n_elements"] / (r[key] * 1e-3) / 1e9 for r in rows],
+                      linestyle=style, color="grey", label=label)  # fmt: skip
     axis.axhline(result["copy_bandwidth_GBps"], color="black", linestyle="--", label="roofline: copy bandwidth")
     axis.set_xscale("log", base=2)
     axis.set_xlabel("buffer size, elements")
@@ -403,46 +564,72 @@ def plot_gpu(result: dict[str, Any], path: Path, title: str) -> None:
     plt.close(figure)
 
 
+def _sweep_on_device(args: argparse.Namespace, parser: argparse.ArgumentParser, info: dict[str, Any]) -> None:
+    """The timed sweep (``--device``): writes the JSON after every row and the plot at the end."""
+    device = torch.device(args.device)
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device.type == "cpu" and not interpreted:
+        parser.error("--device cpu is the interpreter dry run: set TRITON_INTERPRET=1")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no GPU: use --target sm_90 (or sm_80, gfx942) to compile ahead of time")
+    if device.type == "cuda" and interpreted:
+        parser.error("unset TRITON_INTERPRET to time the compiled kernel")
+    if args.log2:
+        sizes = [2**k for k in args.log2]
+    else:
+        sizes = [2**k for k in range(args.min_log2, args.max_log2 + 1, 2 if args.quick else 1)]
+    stem = ("sweep_gpu" if device.type == "cuda" else "sweep_cpu_interpreter") + (f"_offset{args.offset}" if args.offset else "")
+    path = args.out / f"{stem}.json"
+    run = {"device": str(device), "interpreter_dry_run": interpreted, "sizes": sizes, "modes": args.modes}
+
+    def save(partial: dict[str, Any], complete: bool = False) -> None:
+        write_json(path, {"machine": info, **run, "complete": complete, **partial, "summary": summarize_gpu(partial)})
+
+    result = sweep_gpu(sizes, args.modes, device, args.offset, compiled_torch=not args.no_compiled_torch,
+                       copy_bytes=args.copy_mib << 20, on_row=save)  # fmt: skip
+    table = format_gpu_table(result)
+    print(table)
+    result["table"] = table
+    save(result, complete=True)
+    name = info.get("gpu", "the CPU (interpreter dry run: not a measurement)")
+    try:
+        plot_gpu(result, args.out / f"{stem}.png", f"adadelta_kernel on {name}")
+    except ImportError as error:
+        print(f"plot skipped: {error.name} not installed")
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", choices=list(aot.TARGETS), help="compile ahead of time for this target (no GPU needed)")
+    parser.add_argument("--device", default="cuda", help="timed sweep: cuda, or cpu for an interpreter dry run (TRITON_INTERPRET=1)")
     parser.add_argument("--out", type=Path, default=REPO / "perf" / "results")
     parser.add_argument("--modes", nargs="*", choices=list(aot.DTYPE_MODES), default=list(aot.DTYPE_MODES))
     parser.add_argument("--min-log2", type=int, default=12, help="GPU sweep: smallest size, 2**N elements")
     parser.add_argument("--max-log2", type=int, default=28, help="GPU sweep: largest size, 2**N elements")
     parser.add_argument("--quick", action="store_true", help="GPU sweep: every other power of two")
+    parser.add_argument("--log2", type=int, nargs="*", help="GPU sweep: exactly these sizes, 2**N elements (overrides the range)")
     parser.add_argument(
         "--offset", type=int, default=0, help="GPU sweep: param/grad start N elements into their storage (1: unaligned branch)"
     )
+    parser.add_argument("--copy-mib", type=int, default=1024, help="GPU sweep: MiB copied to measure the copy bandwidth")
+    parser.add_argument("--no-compiled-torch", action="store_true", help="GPU sweep: skip the torch.compile'd baseline")
     parser.add_argument("--jobs", type=int, default=None, help="--target: compiling processes (default: one per CPU)")
     args = parser.parse_args(argv)
 
-    info = machine_info()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.target:
-        result = sweep_ahead_of_time(args.target, args.out, args.modes, args.jobs)
-        table = format_aot_table(result)
-        print(table)
-        stem = f"sweep_aot_{args.target}"
-        failures = [row for row in result["rows"] if not row["ok"]]
-    else:
-        if not torch.cuda.is_available():
-            parser.error("no GPU: use --target sm_90 (or sm_80, gfx942) to compile ahead of time")
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
-            parser.error("unset TRITON_INTERPRET to time the compiled kernel")
-        step = 2 if args.quick else 1
-        sizes = [2**k for k in range(args.min_log2, args.max_log2 + 1, step)]
-        device = torch.device("cuda")
-        result = sweep_gpu(sizes, args.modes, device, args.offset)
-        table = format_gpu_table(result)
-        print(table)
-        stem = "sweep_gpu" if args.offset == 0 else f"sweep_gpu_offset{args.offset}"
-        plot_gpu(result, args.out / f"{stem}.png", f"adadelta_kernel on {info['gpu']}")
-        failures = []
-    record = {"machine": info, **result, "table": table}
-    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2))
+    if not args.target:
+        info = machine_info(torch.device(args.device))
+        _sweep_on_device(args, parser, info)
+        return 0
+    info = machine_info()
+    result = sweep_ahead_of_time(args.target, args.out, args.modes, args.jobs)
+    table = format_aot_table(result)
+    print(table)
+    stem = f"sweep_aot_{args.target}"
+    write_json(args.out / f"{stem}.json", {"machine": info, **result, "table": table})
     print(f"wrote {args.out / (stem + '.json')}")
-    return 1 if failures else 0
+    return 1 if any(not row["ok"] for row in result["rows"]) else 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,11 @@
 ``TRITON_INTERPRET`` must be set before triton decorates the kernel, so it is set
 here, before anything imports the package. Tests of the torch CPU path switch it
 off per test with the ``cpu_path`` fixture; the backend is chosen at each step.
+
+Tests marked ``gpu`` (``pytest -m gpu``, run by ``perf/gpu_check.py``) run on a GPU:
+``@gpu`` ones need CUDA; ``@gpu_or_cpu`` ones run on ``device_under_test()``
+(``TRITON_ADADELTA_TEST_DEVICE``, default ``cuda``), which ``cpu`` points at the
+interpreter so that their plumbing is checked without a GPU.
 """
 
 import os
@@ -11,33 +16,41 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
 
-# CI: bounded and derandomized, so a run is repeatable and fits the time limit.
-settings.register_profile(
-    "ci",
-    max_examples=40,
-    derandomize=True,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-# For long runs: HYPOTHESIS_PROFILE=thorough make test
-settings.register_profile(
-    "thorough",
-    max_examples=1000,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # a GPU machine may lack it: the tests that need no hypothesis still run
+    settings = None
+if settings is not None:
+    _QUIET = {"deadline": None, "print_blob": True, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
+    # CI: bounded and derandomized, so a run is repeatable and fits the time limit.
+    settings.register_profile("ci", max_examples=40, derandomize=True, **_QUIET)
+    # For long runs: HYPOTHESIS_PROFILE=thorough make test
+    settings.register_profile("thorough", max_examples=1000, **_QUIET)
+    # The GPU check's CPU plumbing run (perf/gpu_check.py --tiny): a few examples each.
+    settings.register_profile("smoke", max_examples=3, derandomize=True, **_QUIET)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-gpu = pytest.mark.skipif(not has_gpu(), reason="needs a CUDA or ROCm device")
+def device_under_test() -> torch.device:
+    """The device of the ``@gpu_or_cpu`` tests: ``$TRITON_ADADELTA_TEST_DEVICE``, default ``cuda``."""
+    return torch.device(os.environ.get("TRITON_ADADELTA_TEST_DEVICE", "cuda"))
+
+
+def gpu(test):
+    """A ``gpu`` test that needs CUDA (a CUDA or ROCm device); skipped without one."""
+    return pytest.mark.gpu(pytest.mark.skipif(not has_gpu(), reason="needs a CUDA or ROCm device")(test))
+
+
+def gpu_or_cpu(test):
+    """A ``gpu`` test that runs on ``device_under_test()``; skipped where that device is absent."""
+    device = device_under_test()
+    absent = device.type == "cuda" and not has_gpu()
+    return pytest.mark.gpu(pytest.mark.skipif(absent, reason="needs a CUDA or ROCm device")(test))
 
 
 @pytest.fixture(params=["triton-interpreter", "torch"])
@@ -52,3 +65,12 @@ def cpu_path(monkeypatch):
     """Run a test on the torch CPU path."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     return "torch"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _native_reader_built():
+    """Build the native param reader before the first test (it is built in the
+    background at first use), so that every test steps through the same path."""
+    from triton_adadelta.reader import param_reader
+
+    param_reader(wait=True)

@@ -71,6 +71,19 @@ def test_the_host_read_detector_detects(cpu_path, monkeypatch):
     assert reads
 
 
+def capture_step(optimizer: Adadelta) -> torch.cuda.CUDAGraph:
+    """One ``step()`` captured in a CUDA graph, after a warm-up step on a side stream (as graphs require)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        optimizer.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        optimizer.step()
+    return graph
+
+
 @gpu
 def test_cuda_graph_capture_and_replay_matches_eager():
     torch.manual_seed(0)
@@ -85,17 +98,11 @@ def test_cuda_graph_capture_and_replay_matches_eager():
     optimizer.step()  # packs the buffers and compiles/tunes outside the capture
     for p, g in zip(params, grads[0]):
         p.grad.copy_(g)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        optimizer.step()  # warm-up on a side stream, as CUDA graphs require
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        optimizer.step()
+    graph = capture_step(optimizer)
     for p, g in zip(eager_params, grads[0]):
         p.grad = g.clone()
-    for _ in range(3):
+    # Two steps ran: the first and the warm-up. Work issued while capturing does not run.
+    for _ in range(2):
         eager.step()
     for step_grads in grads[1:]:
         for p, g in zip(params, step_grads):

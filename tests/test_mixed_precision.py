@@ -15,13 +15,14 @@ from triton_adadelta.update import step_flat_
 HYPER = {"lr": 1.0, "rho": 0.9}
 
 
-def regression_loss(dtype: torch.dtype, make, steps: int = 300, seed: int = 0) -> float:
+def regression_loss(dtype: torch.dtype, make, steps: int = 300, seed: int = 0, device: torch.device = torch.device("cpu")) -> float:
     """The issue's bf16 linear regression: 512x64, full batch, 300 steps, lr 1, rho 0.9."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(512, 64, generator=generator)
     y = x @ torch.randn(64, 1, generator=generator) + 0.1 * torch.randn(512, 1, generator=generator)
+    x, y = x.to(device), y.to(device)
     torch.manual_seed(seed)
-    model = torch.nn.Linear(64, 1).to(dtype)
+    model = torch.nn.Linear(64, 1).to(device, dtype)
     optimizer = make(model.parameters())
     x_low = x.to(dtype)
     for _ in range(steps):
@@ -46,19 +47,18 @@ def test_bf16_master_weights_and_stochastic_rounding_track_the_fp32_run(backend)
     assert ours_bf16 < torch_bf16, report
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("backend", ["triton", "torch"], ids=["kernel", "cpu"])
-def test_stochastic_rounding_is_unbiased(backend, dtype):
+def assert_stochastic_rounding_is_unbiased(dtype: torch.dtype, backend: str | None = None, device: torch.device = torch.device("cpu")) -> None:
+    """Every element is an independent stochastic rounding of the same value: their mean is that value."""
     n = 1 << 17
-    param = torch.ones(n, dtype=dtype)
-    grad = torch.full((n,), 1e3, dtype=dtype)
-    square_avg, acc_delta = torch.zeros(n), torch.zeros(n)
+    param = torch.ones(n, dtype=dtype, device=device)
+    grad = torch.full((n,), 1e3, dtype=dtype, device=device)
+    square_avg, acc_delta = torch.zeros(n, device=device), torch.zeros(n, device=device)
     # One step from zero state: d = sqrt(eps) / sqrt((1-rho) g^2 + eps) * g, the same
     # fp32 value in every element; each element is an independent rounding of 1 - d.
     hyper = {"lr": 1.0, "rho": 0.0, "eps": 1e-6, "weight_decay": 0.0}
     step_flat_(param, grad, square_avg, acc_delta, **hyper, stochastic_rounding=True, seed=1234, backend=backend)
     exact = 1.0 - (torch.tensor(1e-6).sqrt() / torch.tensor(1e6 + 1e-6).sqrt() * 1e3).item()
-    values = param.double()
+    values = param.double().cpu()
     low, high = values.min().item(), values.max().item()
     assert low < exact < high, "the stores are the two neighbours of the fp32 value"
     assert set(values.unique().tolist()) == {low, high}
@@ -66,6 +66,12 @@ def test_stochastic_rounding_is_unbiased(backend, dtype):
     fraction = (exact - low) / (high - low)
     standard_error = (high - low) * (fraction * (1 - fraction) / n) ** 0.5
     assert abs(values.mean().item() - exact) < 6 * standard_error
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["triton", "torch"], ids=["kernel", "cpu"])
+def test_stochastic_rounding_is_unbiased(backend, dtype):
+    assert_stochastic_rounding_is_unbiased(dtype, backend)
 
 
 def test_stochastic_rounding_is_reproducible_under_manual_seed(backend):
@@ -144,12 +150,13 @@ def test_state_is_fp32_for_low_precision_params(backend, dtype):
     assert "master_param" not in optimizer.state[param]
 
 
-def amp_training(make_optimizer, inf_at: int | None, steps: int = 6):
+def amp_training(make_optimizer, inf_at: int | None, steps: int = 6, device: torch.device = torch.device("cpu")):
+    """``steps`` steps under a GradScaler; at step ``inf_at`` a grad is made inf (the step is skipped)."""
     torch.manual_seed(0)
-    model = torch.nn.Linear(8, 4)
+    model = torch.nn.Linear(8, 4).to(device)
     optimizer = make_optimizer(model.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
-    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, growth_interval=2)
+    x, y = torch.randn(32, 8).to(device), torch.randn(32, 4).to(device)
     scales = []
     for step in range(steps):
         optimizer.zero_grad()

@@ -78,7 +78,7 @@ def check_within(name: str, actual: torch.Tensor, exact: np.ndarray, magnitude: 
     nearest, which is monotone, so the store lies in [RN(exact - bound), RN(exact + bound)].
     A stochastic store may take the other neighbour: one step further out each side.
     """
-    actual64 = actual.double().numpy()
+    actual64 = actual.double().cpu().numpy()
     bound = roundoff_units() * UNIT_ROUNDOFF[mode.compute] * magnitude
     nan = np.isnan(exact)
     wrong_nan = np.flatnonzero(np.isnan(actual64) != nan)
@@ -102,16 +102,18 @@ def check_within(name: str, actual: torch.Tensor, exact: np.ndarray, magnitude: 
         )
 
 
-def run_and_check(backend: str, mode: Mode, size: int, hyper: dict, seed: int, steps: int, specials: bool, grad_scale: float | None = None) -> None:
+def run_and_check(backend: str, mode: Mode, size: int, hyper: dict, seed: int, steps: int, specials: bool,
+                  grad_scale: float | None = None, device: torch.device = torch.device("cpu")) -> None:  # fmt: skip
+    """``steps`` steps of ``backend`` on buffers on ``device``, each checked against the oracle."""
     rng = np.random.default_rng(seed)
     master = None
     if mode.master:
-        master = torch.from_numpy(rng.standard_normal(size)).float()
+        master = torch.from_numpy(rng.standard_normal(size)).float().to(device)
         param = master.to(mode.param_dtype)
     else:
-        param = torch.from_numpy(rng.standard_normal(size)).to(mode.param_dtype)
-    square_avg = torch.from_numpy(rng.uniform(0, 10, size) * (rng.random(size) < 0.5)).to(mode.state_dtype)
-    acc_delta = torch.from_numpy(rng.uniform(0, 10, size) * (rng.random(size) < 0.5)).to(mode.state_dtype)
+        param = torch.from_numpy(rng.standard_normal(size)).to(device, mode.param_dtype)
+    square_avg = torch.from_numpy(rng.uniform(0, 10, size) * (rng.random(size) < 0.5)).to(device, mode.state_dtype)
+    acc_delta = torch.from_numpy(rng.uniform(0, 10, size) * (rng.random(size) < 0.5)).to(device, mode.state_dtype)
     fp32_range = mode.compute == "float32"
     # The contract, as in torch: hyper-parameters act as fp32 scalars on fp32 math
     # (an lr of 1e-103 is 0 there). 1 - rho is computed in fp64 first, as torch does.
@@ -119,17 +121,17 @@ def run_and_check(backend: str, mode: Mode, size: int, hyper: dict, seed: int, s
     oracle_hyper = {k: (to_scalar(v) if k != "maximize" else v) for k, v in hyper.items()}
     oracle_hyper["one_minus_rho"] = to_scalar(1.0 - hyper["rho"])
     for t in range(steps):
-        grad = torch.from_numpy(gradients(rng, size, specials)).to(mode.param_dtype)
+        grad = torch.from_numpy(gradients(rng, size, specials)).to(device, mode.param_dtype)
         # Copies: for fp64 buffers .double() is the buffer itself, which the step overwrites.
-        weights_in = (master if master is not None else param).double().numpy().copy()
-        v_in, u_in = square_avg.double().numpy().copy(), acc_delta.double().numpy().copy()
-        scale_tensor = None if grad_scale is None else torch.tensor([grad_scale])
+        weights_in = (master if master is not None else param).double().cpu().numpy().copy()
+        v_in, u_in = square_avg.double().cpu().numpy().copy(), acc_delta.double().cpu().numpy().copy()
+        scale_tensor = None if grad_scale is None else torch.tensor([grad_scale], device=device)
         step_flat_(
             param, grad, square_avg, acc_delta, **hyper, master=master,
             stochastic_rounding=mode.stochastic_rounding, seed=seed + t, grad_scale=scale_tensor,
             backend=BACKENDS[backend],
         )
-        exact = oracle.adadelta_step(weights_in, grad.double().numpy(), v_in, u_in, **oracle_hyper, grad_scale=grad_scale, fp32_range=fp32_range)
+        exact = oracle.adadelta_step(weights_in, grad.double().cpu().numpy(), v_in, u_in, **oracle_hyper, grad_scale=grad_scale, fp32_range=fp32_range)
         check_within("square_avg", square_avg, exact.square_avg, exact.square_avg_magnitude, mode, mode.state_dtype)
         check_within("acc_delta", acc_delta, exact.acc_delta, exact.acc_delta_magnitude, mode, mode.state_dtype)
         if master is not None:
