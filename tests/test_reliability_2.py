@@ -17,6 +17,7 @@ import textwrap
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -683,3 +684,108 @@ def test_values_that_fit_or_that_torch_does_not_check_give_what_torch_gives(back
             p.grad = torch.linspace(3, -2, 9, dtype=dtype)
             o.step()
         torch.testing.assert_close(param.detach(), reference.detach(), equal_nan=True, rtol=1e-5, atol=0)
+
+
+# ------------------------------------------------------------------ checkpoints
+from triton_adadelta.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for a test (restored after it)."""
+    previous = os.umask(0o022)
+    os.umask(previous)
+    yield lambda mask: os.umask(mask)
+    os.umask(previous)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002], ids=oct)
+def test_new_checkpoint_gets_the_mode_torch_save_gives(tmp_path, umask, mask):
+    umask(mask)
+    obj = {"weights": torch.arange(4.0)}
+    torch.save(obj, tmp_path / "by_torch.pt")
+    save_checkpoint(obj, tmp_path / "ours.pt")
+    mode = stat.S_IMODE((tmp_path / "ours.pt").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "by_torch.pt").stat().st_mode) == 0o666 & ~mask
+
+
+def test_existing_checkpoint_keeps_its_mode_as_with_torch_save(tmp_path, umask):
+    umask(0o022)
+    for name, save in (("by_torch.pt", torch.save), ("ours.pt", save_checkpoint)):
+        path = tmp_path / name
+        save({"old": torch.zeros(1)}, path)
+        path.chmod(0o600)  # a private checkpoint stays private when rewritten
+        save({"new": torch.ones(1)}, path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, name
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_saving_to_a_symlink_writes_through_it_and_keeps_the_link(tmp_path, dangling):
+    """As torch.save does: the file the link points to gets the checkpoint; the link stays."""
+    (tmp_path / "store").mkdir()
+    (tmp_path / "runs").mkdir()
+    target, link = tmp_path / "store" / "checkpoint.pt", tmp_path / "runs" / "latest.pt"
+    if not dangling:
+        save_checkpoint({"step": 1}, target)
+    link.symlink_to(target)
+    save_checkpoint({"step": 2}, link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert load_checkpoint(target) == {"step": 2}
+    assert sorted(os.listdir(tmp_path / "store")) == ["checkpoint.pt"], "no partial file is left behind"
+    assert sorted(os.listdir(tmp_path / "runs")) == ["latest.pt"]
+
+
+# ------------------------------------------------- GradScaler and Lightning
+def lightning_optimizer_handles_unscaling(optimizer: Any) -> bool:
+    """Lightning's rule, as written in ``lightning/fabric/plugins/precision/amp.py``
+    (``_optimizer_handles_unscaling``): an optimizer whose step unscales the grads
+    itself. Lightning's MixedPrecision plugin (``"16-mixed"`` and ``"bf16-mixed"``)
+    raises in ``clip_gradients`` for such an optimizer when ``gradient_clip_val > 0``,
+    and with a scaler it skips ``scaler.unscale_``. (Lightning is not installed here.)"""
+    return getattr(optimizer, "_step_supports_amp_scaling", False)
+
+
+class UnscaledByGradScaler(Adadelta):
+    """README's workaround for gradient clipping under Lightning: GradScaler unscales
+    the grads and skips the step on inf, as for torch's own Adadelta. (A class
+    attribute: an instance attribute is lost by ``copy.deepcopy`` and pickling, which
+    keep only ``defaults``, ``state`` and ``param_groups``.)"""
+
+    _step_supports_amp_scaling = False
+
+
+def test_lightning_sees_ours_as_unscaling_itself_unless_told_otherwise():
+    param = torch.nn.Parameter(torch.ones(2))
+    assert lightning_optimizer_handles_unscaling(Adadelta([param]))
+    assert not lightning_optimizer_handles_unscaling(torch.optim.Adadelta([param]))
+    optimizer = UnscaledByGradScaler([param])
+    assert not lightning_optimizer_handles_unscaling(optimizer)
+    assert not lightning_optimizer_handles_unscaling(copy.deepcopy(optimizer))
+
+
+@pytest.mark.parametrize("handles_unscaling", [True, False], ids=["as-is", "lightning-workaround"])
+def test_grad_scaler_unscale_then_clip_then_step_matches_torch(exact_cpu_path, handles_unscaling):
+    """torch's recipe for clipping under GradScaler: ``unscale_``, clip, ``step``. After
+    ``unscale_`` the scaler passes no scale again (only ``found_inf``); a step with an
+    inf grad is skipped and its count not advanced, as torch skips its optimizer."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    reference = copy.deepcopy(model)
+    optimizer_class = Adadelta if handles_unscaling else UnscaledByGradScaler
+    optimizer, torch_optimizer = optimizer_class(model.parameters(), lr=0.5), torch.optim.Adadelta(reference.parameters(), lr=0.5)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**12) for _ in range(2)]
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    for step in range(6):
+        for m, o, scaler in ((model, optimizer, scalers[0]), (reference, torch_optimizer, scalers[1])):
+            o.zero_grad()
+            loss = torch.nn.functional.mse_loss(m(x), y) * (float("inf") if step == 2 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.unscale_(o)
+            torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm=0.05)
+            scaler.step(o)
+            scaler.update()
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        for ours, theirs in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(ours, theirs, **EXACT)
+            expected_count = step + 1 if step < 2 else step  # step 2 was skipped
+            assert float(optimizer.state[ours]["step"]) == float(torch_optimizer.state[theirs]["step"]) == expected_count
