@@ -308,6 +308,7 @@ from triton_adadelta import Adadelta  # noqa: E402
 from triton_adadelta.puzzlelib import AdaDelta  # noqa: E402
 
 # On the CPU path with torch's sqrt, ours is bit-identical to torch (tests/tolerances.py).
+KERNEL_TOLERANCE = {"rtol": TOLERANCES["torch_parity_kernel_rtol"].value, "atol": TOLERANCES["torch_parity_kernel_atol"].value}
 EXACT = {"rtol": TOLERANCES["torch_parity_cpu_fp32_torch_sqrt"].value, "atol": TOLERANCES["torch_parity_cpu_fp32_torch_sqrt"].value}
 
 # Hypothesis runs the examples of one test call: the function-scoped monkeypatch
@@ -789,3 +790,37 @@ def test_grad_scaler_unscale_then_clip_then_step_matches_torch(exact_cpu_path, h
             torch.testing.assert_close(ours, theirs, **EXACT)
             expected_count = step + 1 if step < 2 else step  # step 2 was skipped
             assert float(optimizer.state[ours]["step"]) == float(torch_optimizer.state[theirs]["step"]) == expected_count
+
+
+# -------------------------------------------------- complex params and NaN
+def complex_step(optimizer_class, weight_decay: float, **options) -> torch.Tensor:
+    """One step on a complex param whose grad has NaN and inf in its real or imaginary
+    parts (and, with weight decay, a param with NaN in one part)."""
+    param = torch.nn.Parameter(
+        torch.tensor([1 + 1j, 2 - 1j, 0.5 + 0.25j, complex(float("nan"), 1), 3 + 1j], dtype=torch.complex64)
+    )
+    optimizer = optimizer_class([param], weight_decay=weight_decay, **options)
+    param.grad = torch.tensor(
+        [complex(float("nan"), 1), 1 + 1j, complex(1, float("inf")), 1 - 1j, complex(-float("inf"), 2)],
+        dtype=torch.complex64,
+    )
+    optimizer.step()
+    return torch.view_as_real(param.detach())
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_complex_nan_propagates_as_in_torchs_foreach_implementation(backend, weight_decay):
+    """Complex params are updated as their real and imaginary parts, as torch's foreach
+    implementation (its default on CUDA) updates them: a NaN or inf in one part of a
+    grad leaves the other part finite. torch's single-tensor implementation
+    (``foreach=False``, its default on CPU) differs from its own foreach one here: its
+    complex ``add(alpha=)`` multiplies by ``alpha + 0j``, and ``0 * nan`` turns the
+    other part NaN too. Ours cannot follow both; it follows the foreach one, on every
+    device (README, Reliability)."""
+    ours = complex_step(Adadelta, weight_decay)
+    foreach = complex_step(torch.optim.Adadelta, weight_decay, foreach=True)
+    single_tensor = complex_step(torch.optim.Adadelta, weight_decay, foreach=False)
+    assert torch.equal(ours.isnan(), foreach.isnan())
+    torch.testing.assert_close(ours, foreach, equal_nan=True, **KERNEL_TOLERANCE)
+    # The divergence inside torch, which this test pins down: the first element.
+    assert not foreach[0].isnan().all() and single_tensor[0].isnan().all()
