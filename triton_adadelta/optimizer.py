@@ -42,6 +42,10 @@ _SCALAR_HPARAMS = ("weight_decay", "lr")
 # every dtype, so step() probes nothing further.
 _FITS_EVERY_DTYPE = torch.finfo(torch.float16).max
 
+# What step() checks by exact type, for speed (bool is neither; a NumPy scalar is
+# checked at construction and load only).
+_PYTHON_NUMBERS = (float, int)
+
 
 def _may_overflow(value: object) -> bool:
     """Whether a Python number is past the range of some param dtype (a tensor is not
@@ -77,9 +81,16 @@ def _check_step_scalars(param_groups: list[dict[str, Any]]) -> None:
     """At each step, before anything changes: torch's overflow error for an lr or
     weight_decay set in a group (``param_groups[0]["lr"] = 1e39``) past the range of
     the dtype of a param that has a grad, as torch's update raises it."""
+    fits = _FITS_EVERY_DTYPE
     for group in param_groups:
-        if _may_overflow(group["lr"]) or _may_overflow(group["weight_decay"]):
-            _check_scalars_fit(group, (p.dtype for p in group["params"] if p.grad is not None), read_tensors=False)
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        # The usual case in tens of ns: both within fp16's range, or not a Python number
+        # (a tensor lr is not read; NaN goes on to the probe, which lets it through).
+        if (type(lr) not in _PYTHON_NUMBERS or -fits <= lr <= fits) and (
+            type(weight_decay) not in _PYTHON_NUMBERS or -fits <= weight_decay <= fits
+        ):
+            continue
+        _check_scalars_fit(group, (p.dtype for p in group["params"] if p.grad is not None), read_tensors=False)
 
 
 def _check_group_values(group: dict[str, Any], where: str) -> None:
