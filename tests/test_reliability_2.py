@@ -291,6 +291,14 @@ def test_hanging_compiler_is_bounded_remembered_and_falls_back(tmp_path):
     assert len(calls.read_text().split()) == 1, "the hanging compiler was started again"
     assert second.stderr.count("native CPU loop is off") == 1 and "remembered" in second.stderr, second.stderr
 
+    # Once the memory has expired, a process tries the compiler again.
+    (marker,) = (tmp_path / "cache").glob("*.failed")
+    expired = time.time() - native_build.FAILURE_MEMORY_S - 60
+    os.utime(marker, (expired, expired))
+    third = run_python(STEP_SCRIPT, **env)
+    assert third.returncode == 0 and "did not finish in 2 s" in third.stderr, third.stderr
+    assert len(calls.read_text().split()) == 2
+
 
 def test_the_compilers_time_limit_is_bounded():
     # 300 s blocked the first step of every new process; the bound is a few seconds

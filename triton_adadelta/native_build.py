@@ -62,9 +62,10 @@ _STDERR_TAIL_CHARS = 2000
 BUILD_TIMEOUT_S = 35.0
 
 # How long a timed-out build is remembered: later processes fall back at once for
-# this long, then try again (a transient overload should not switch the loop off
-# for good). Deleting the ``.failed`` file retries at once.
-FAILURE_MEMORY_S = 24 * 3600.0
+# this long, then try again. An hour: a hanging compiler costs one wait an hour, and
+# a build that timed out once under a passing overload is not off for long. Deleting
+# the ``.failed`` file retries at once.
+FAILURE_MEMORY_S = 3600.0
 
 # Mode bits that let someone other than the owner change a file or a directory.
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
