@@ -41,6 +41,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -369,6 +370,8 @@ def _torch_adadelta_step(params: list[torch.Tensor], grads: list[torch.Tensor], 
 # One compiled function for every row: with dynamic shapes a new size is no new
 # compile (dynamo stops compiling a function after 8 recompiles and runs it eagerly).
 _compiled_torch_step: Callable[..., None] | None = None
+# Why torch.compile failed, once it has: later rows report it without trying again.
+_compiled_torch_error: str | None = None
 
 
 def time_torch_compiled(mode: aot.DtypeMode, n_elements: int, device: torch.device) -> tuple[float, float]:
@@ -408,11 +411,15 @@ def _torch_baselines(mode: aot.DtypeMode, n_elements: int, device: torch.device,
         key = "torch_foreach" if foreach else "torch_forloop"
         row[f"{key}_ms"] = torch_ms
         row[f"{key}_speedup"] = torch_ms / milliseconds
-    if compiled:
+    global _compiled_torch_error
+    if compiled and _compiled_torch_error is not None:
+        row["torch_compiled_error"] = _compiled_torch_error  # tried once: each try costs a compile
+    elif compiled:
         try:
             torch_ms, compile_s = time_torch_compiled(mode, n_elements, device)
         except Exception as error:  # noqa: BLE001 - a compiler failure is a result to report, not a crash
-            row["torch_compiled_error"] = f"{type(error).__name__}: {error}"[:500]
+            traceback.print_exc()
+            _compiled_torch_error = row["torch_compiled_error"] = f"{type(error).__name__}: {error}"[:500]
         else:
             row["torch_compiled_ms"] = torch_ms
             row["torch_compiled_speedup"] = torch_ms / milliseconds

@@ -91,3 +91,20 @@ def test_goals_are_judged_on_the_worst_large_row_of_every_mode():
     missed = {"rows": met["rows"] + [_row("bf16+sr", 1 << 26, 89.0, None), _row("fp16", 1 << 24, 95.0, 2.9)]}
     assert not any(sweep.summarize_gpu(missed)["goals_met"].values())
     assert sweep.summarize_gpu({"rows": [small]})["goals_met"] is None
+
+
+def test_a_failing_torch_compile_is_reported_once_and_the_row_kept(monkeypatch):
+    calls = []
+
+    def failing_compile(fn, **_):
+        calls.append(fn)
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    monkeypatch.setattr(sweep, "_compiled_torch_step", None)
+    monkeypatch.setattr(sweep, "_compiled_torch_error", None)
+    mode = sweep.aot.DTYPE_MODES["fp32"]
+    rows = [sweep._torch_baselines(mode, 1000, torch.device("cpu"), 1.0, compiled=True) for _ in range(2)]
+    assert len(calls) == 1, "a failed compile is not tried again"
+    assert all(row["torch_compiled_error"] == "RuntimeError: no compiler here" for row in rows)
+    assert all(row["torch_foreach_ms"] > 0 and "torch_compiled_ms" not in row for row in rows)
