@@ -220,6 +220,20 @@ def test_library_that_others_can_write_is_rebuilt(cache):
 
 
 @needs_compiler
+def test_library_built_under_a_group_writable_umask_is_reused(tmp_path):
+    """With umask 002 (common where each user has a group of their own) new files are
+    group-writable; the cache's own files must still be trusted, not rebuilt each time."""
+    previous = os.umask(0o002)
+    try:
+        library = cached_library(tmp_path / "cache")
+        built = library.stat().st_ino
+        assert cached_library(tmp_path / "cache") == library
+    finally:
+        os.umask(previous)
+    assert library.stat().st_ino == built, "rebuilt: the cache did not trust its own files"
+
+
+@needs_compiler
 def test_cache_directory_is_created_private(tmp_path, monkeypatch):
     directory = tmp_path / "new" / "cache"
     monkeypatch.setenv("TRITON_ADADELTA_CACHE_DIR", str(directory))

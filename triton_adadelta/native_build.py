@@ -210,6 +210,8 @@ def _write_file(path: Path, data: bytes, scratch: Path) -> None:
     """Write ``data`` to ``path`` atomically: a file in ``scratch``, fsynced, renamed."""
     temporary = scratch / (path.name + ".partial")
     with open(temporary, "wb") as file:
+        # Whatever the umask (002 would make it group-writable, and so never trusted).
+        os.fchmod(file.fileno(), 0o644)
         file.write(data)
         file.flush()
         os.fsync(file.fileno())
