@@ -52,7 +52,8 @@ def _may_overflow(value: object) -> bool:
     read here: at step() that would be a host sync)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    return value != 0 and not -_FITS_EVERY_DTYPE <= value <= _FITS_EVERY_DTYPE and value not in (float("inf"), float("-inf"))
+    infinite = value in (float("inf"), float("-inf"))  # inf converts to inf: torch lets it through
+    return value != 0 and not infinite and not -_FITS_EVERY_DTYPE <= value <= _FITS_EVERY_DTYPE
 
 
 def _check_scalars_fit(group: dict[str, Any], dtypes: Iterable[torch.dtype], *, read_tensors: bool) -> None:
@@ -141,7 +142,9 @@ def _loaded_step(key: object, step: object) -> torch.Tensor:
             return torch.tensor(float(step), dtype=torch.float32)  # as torch: float(step)
         except OverflowError as error:
             raise ValueError(f"state 'step' of param {key} is past a float's range: {error}") from error
-    raise ValueError(f"state 'step' of param {key} must be a 1-element tensor, an int or a float, not {type(step).__name__}")
+    raise ValueError(
+        f"state 'step' of param {key} must be a 1-element tensor, an int or a float, not {type(step).__name__}"
+    )
 
 
 def _loaded_param_state(key: object, param: torch.Tensor, value: object) -> dict[str, Any]:
