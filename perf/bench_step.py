@@ -24,7 +24,6 @@ Writes ``perf/results/bench_step_<device>.json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess

@@ -149,7 +149,15 @@ class Stage:
 
 
 def missing_modules(names: tuple[str, ...]) -> list[str]:
-    return [name for name in names if importlib.util.find_spec(name) is None]
+    """Those of ``names`` that cannot be imported here (found without importing them)."""
+    missing = []
+    for name in names:
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):  # a broken install counts as none
+            missing.append(name)
+    return missing
 
 
 # ----------------------------------------------------------------- judges
@@ -438,8 +446,9 @@ def run_stage(stage: Stage, out: Path, log: StageLog, time_left_s: float, base_e
         result.duration_s = round(time.monotonic() - start, 1)
         result.note = traceback.format_exc().strip().splitlines()[-1]
         log.note(traceback.format_exc())
-    if absent_optional:
-        result.note = "; ".join(filter(None, [result.note, f"{', '.join(absent_optional)} not installed"]))
+    unmentioned = [name for name in absent_optional if name not in result.note]
+    if unmentioned:
+        result.note = "; ".join(filter(None, [result.note, f"{', '.join(unmentioned)} not installed"]))
     result.files = [name for name in stage.outputs if (out / name).is_file()]
     log.note(f"----- {stage.name}: {result.status} (exit {result.returncode}) in {result.duration_s} s; {result.note}")
     return result

@@ -36,7 +36,6 @@ same figures, as the evidence for dropping them. Each kept kernel's ``.ptx`` and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -49,27 +48,31 @@ import torch
 import triton
 from torch.optim.adadelta import adadelta as torch_adadelta
 
+
+class NoProgress:
+    """The part of tqdm's interface used here, showing nothing: for machines without tqdm."""
+
+    def __init__(self, iterable: Any = None, **_: Any) -> None:
+        self.iterable = iterable
+
+    def __iter__(self) -> Any:
+        return iter(self.iterable)
+
+    def __enter__(self) -> "NoProgress":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        return None
+
+    def update(self, _: int = 1) -> None:
+        return None
+
+
 try:
     from tqdm import tqdm
 except ImportError:  # optional (a GPU machine may lack it): no progress bars
+    tqdm = NoProgress  # type: ignore[assignment,misc]
 
-    class tqdm:  # type: ignore[no-redef]  # noqa: N801
-        """The part of tqdm's interface used here, showing nothing."""
-
-        def __init__(self, iterable: Any = None, **_: Any) -> None:
-            self.iterable = iterable
-
-        def __iter__(self) -> Any:
-            return iter(self.iterable)
-
-        def __enter__(self) -> "tqdm":
-            return self
-
-        def __exit__(self, *_: Any) -> None:
-            return None
-
-        def update(self, _: int = 1) -> None:
-            return None
 
 REPO = Path(__file__).resolve().parents[1]
 # After any installed copy: an editable install maps triton_adadelta.kernels, a bare checkout cannot.

@@ -191,3 +191,15 @@ def test_the_package_never_imports_the_perf_scripts():
     pattern = re.compile(rf"^\s*(from|import)\s+(perf\b|({perf_modules})\b)", re.MULTILINE)
     for path in [*(REPO / "triton_adadelta").glob("*.py"), *(REPO / "kernels").glob("*.py")]:
         assert not pattern.search(path.read_text()), path
+
+
+def test_without_matplotlib_no_plot_is_expected_and_without_xdist_tests_run_in_one_process(monkeypatch, tmp_path):
+    monkeypatch.setattr(gpu_check, "missing_modules", lambda names: [name for name in names if name in ("matplotlib", "xdist")])
+    stages = {stage.name: stage for stage in gpu_check.build_stages("cuda", gpu_check.PROFILES["default"], tmp_path)}
+    assert stages["sweep"].outputs == ["sweep_gpu.json"] and stages["bench"].outputs == ["bench_step_cuda.json"]
+    assert "-n" not in stages["tests"].command
+    # Where pytest-xdist is there, a GPU run compiles the kernel's variants in four processes.
+    monkeypatch.setattr(gpu_check, "missing_modules", lambda names: [])
+    stages = {stage.name: stage for stage in gpu_check.build_stages("cuda", gpu_check.PROFILES["default"], tmp_path)}
+    assert stages["tests"].command[-2:] == ["-n", "4"]
+    assert stages["tests"].env["TRITON_INTERPRET"] == "0" and stages["sweep"].env["TRITON_INTERPRET"] == "0"

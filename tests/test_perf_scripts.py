@@ -8,9 +8,8 @@ On the CPU the sweep times with a wall-clock median instead of do_bench (CUDA ev
 
 from __future__ import annotations
 
-import statistics
+import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +107,18 @@ def test_a_failing_torch_compile_is_reported_once_and_the_row_kept(monkeypatch):
     assert len(calls) == 1, "a failed compile is not tried again"
     assert all(row["torch_compiled_error"] == "RuntimeError: no compiler here" for row in rows)
     assert all(row["torch_foreach_ms"] > 0 and "torch_compiled_ms" not in row for row in rows)
+
+
+def test_the_sweep_without_matplotlib_or_tqdm_writes_its_results_and_says_so(cpu_sweep, monkeypatch, tmp_path, capsys):
+    # What a GPU machine without them runs: no plot, no progress bar, the same JSON.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(sweep, "tqdm", sweep.NoProgress)
+    args = ["--device", "cpu", "--log2", "12", "--modes", "fp32", "--no-compiled-torch", "--out", str(tmp_path)]
+    assert sweep.main(args) == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["sweep_cpu_interpreter.json"]
+    assert "plot skipped: matplotlib not installed" in capsys.readouterr().out
+    record = json.loads((tmp_path / "sweep_cpu_interpreter.json").read_text())
+    assert record["complete"] and [row["mode"] for row in record["rows"]] == ["fp32"]
+    with sweep.NoProgress(total=3) as bar:
+        bar.update()
+    assert list(sweep.NoProgress([1, 2])) == [1, 2]
