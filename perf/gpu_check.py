@@ -276,8 +276,13 @@ def judge_bench(result: StageResult, lines: list[str], out: Path, outputs: list[
 
 
 # ----------------------------------------------------------------- stages
-def build_stages(device: str, profile: Profile, out: Path) -> list[Stage]:
-    """The four stages for ``device`` (``cuda`` or ``cpu``) at ``profile``'s sizes."""
+def build_stages(device: str, profile: Profile, out: Path, from_source: bool = False) -> list[Stage]:
+    """The four stages for ``device`` (``cuda`` or ``cpu``) at ``profile``'s sizes.
+
+    ``from_source``: the package comes from ``source_tree_path()``, which the
+    checkout's own ``triton_adadelta/`` must not shadow (``python -m`` puts the
+    working folder first on the path; ``PYTHONSAFEPATH`` keeps it off, Python 3.11+).
+    """
     python = sys.executable
     on_gpu = device != "cpu"
     interpret = "0" if on_gpu else "1"  # the interpreter only for the CPU plumbing
@@ -299,7 +304,8 @@ def build_stages(device: str, profile: Profile, out: Path) -> list[Stage]:
               profile.budgets["machine"], [], judge_machine),  # fmt: skip
         Stage(
             "tests", tests,
-            {"TRITON_INTERPRET": interpret, "TRITON_ADADELTA_TEST_DEVICE": device, "HYPOTHESIS_PROFILE": profile.hypothesis_profile},
+            {"TRITON_INTERPRET": interpret, "TRITON_ADADELTA_TEST_DEVICE": device, "HYPOTHESIS_PROFILE": profile.hypothesis_profile,
+             **({"PYTHONSAFEPATH": "1"} if from_source else {})},
             profile.budgets["tests"], [], judge_tests, needs=("pytest",), optional=("hypothesis", "numpy"),
         ),  # fmt: skip
         Stage(
@@ -582,11 +588,11 @@ def main(argv: list[str] | None = None) -> int:
     profile = PROFILES["tiny" if args.tiny else "quick" if args.quick else "default"]
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    stages = build_stages(args.device, profile, out)
+    shim = source_tree_path()
+    stages = build_stages(args.device, profile, out, from_source=shim is not None)
     if args.stages is not None:
         stages = [stage for stage in stages if stage.name == "machine" or stage.name in args.stages]
     base_env = dict(os.environ)
-    shim = source_tree_path()
     if shim is not None:
         print(f"triton_adadelta is not installed from {REPO}: running it from the source tree ({shim})", flush=True)
         base_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), base_env.get("PYTHONPATH")]))

@@ -137,7 +137,7 @@ def test_a_run_out_of_time_skips_the_stages_left(tmp_path):
 def test_main_exits_nonzero_when_a_stage_fails(tmp_path, monkeypatch, capsys):
     stages = [_stage("machine", "print('{\"torch\": \"t\", \"triton\": \"r\"}')"), _stage("tests", "raise SystemExit(1)")]
     stages[0].judge = gpu_check.judge_machine
-    monkeypatch.setattr(gpu_check, "build_stages", lambda device, profile, out: stages)
+    monkeypatch.setattr(gpu_check, "build_stages", lambda *_, **__: stages)
     assert gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--tiny"]) == 1
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [stage["status"] for stage in summary["stages"]] == ["passed", "failed"]
@@ -203,3 +203,7 @@ def test_without_matplotlib_no_plot_is_expected_and_without_xdist_tests_run_in_o
     stages = {stage.name: stage for stage in gpu_check.build_stages("cuda", gpu_check.PROFILES["default"], tmp_path)}
     assert stages["tests"].command[-2:] == ["-n", "4"]
     assert stages["tests"].env["TRITON_INTERPRET"] == "0" and stages["sweep"].env["TRITON_INTERPRET"] == "0"
+    # Run from the source tree, pytest must not find the checkout's bare triton_adadelta/ first.
+    assert "PYTHONSAFEPATH" not in stages["tests"].env
+    from_source = gpu_check.build_stages("cuda", gpu_check.PROFILES["default"], tmp_path, from_source=True)
+    assert from_source[1].name == "tests" and from_source[1].env["PYTHONSAFEPATH"] == "1"
