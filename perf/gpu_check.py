@@ -584,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", nargs="*", choices=["tests", "sweep", "bench"], default=None,
                         help="run only these (the machine record always runs)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.device == "cpu" and not args.tiny:
+        parser.error("--device cpu goes with --tiny: the interpreter takes hours over the GPU sizes")
 
     profile = PROFILES["tiny" if args.tiny else "quick" if args.quick else "default"]
     out = args.out.resolve()
