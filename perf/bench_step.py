@@ -45,6 +45,7 @@ sys.path.append(str(REPO))
 
 import triton_adadelta  # noqa: E402
 from machine import machine_info, write_json  # noqa: E402
+from triton_adadelta.reader import param_reader, reader_status  # noqa: E402
 from triton_adadelta.update import update_  # noqa: E402
 
 # Bytes one fp32 param moves in a fused step: read p g v u, write p v u.
@@ -228,8 +229,8 @@ def step_overhead(device: torch.device, n_params: int = 1000, size: int = 100, r
     return {label: statistics.median(values) * 1e6 for label, values in samples.items()}
 
 
-# The libraries compiled at first use: (label, module, function that builds or loads it).
-NATIVE_LIBRARIES = [("native CPU loop", "cpu", "native_library")]
+# The libraries compiled at first use: (label, module, call that builds or loads it).
+NATIVE_LIBRARIES = [("native CPU loop", "cpu", "native_library()"), ("param reader", "reader", "param_reader(wait=True)")]
 
 
 def native_build_delay() -> dict[str, dict[str, float | bool]]:
@@ -241,7 +242,7 @@ def native_build_delay() -> dict[str, dict[str, float | bool]]:
         for label, module, function in NATIVE_LIBRARIES:
             code = (
                 f"import time, torch; from triton_adadelta import {module}; start = time.perf_counter(); "
-                f"library = {module}.{function}(); print(time.perf_counter() - start, library is not None)"
+                f"library = {module}.{function}; print(time.perf_counter() - start, library is not None)"
             )
             delays[label] = {}
             for key in ("cold_cache_s", "warm_cache_s"):
@@ -334,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label}: available={delay['available']}, first call in a fresh cache "
                   f"{delay['cold_cache_s']:.2f} s (compile), from the cache {delay['warm_cache_s']:.2f} s")  # fmt: skip
 
+    # Every timed step reads its params through the native reader (built in the
+    # background at first use otherwise, so the warm-ups would time the Python reads).
+    param_reader(wait=True)
+    print(f"param reader: {reader_status()}")
+
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"bench_step_{device.type}"
     record: dict[str, object] = {
@@ -342,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "budget_s_per_shape": budget_s,
         "floor_bytes_per_param": FLOOR_BYTES_PER_PARAM,
         "native_cpu_build": build,
+        "param_reader": reader_status(),
         "complete": False,
         "results": [],
     }

@@ -6,6 +6,12 @@ range: a result past 3.4e38 overflows to inf (a gradient of 1e30 squares to inf 
 fp32 and in torch alike), and one below half the smallest subnormal underflows to 0
 (a gradient of 1e-30 squares to 0, and with eps=0 that makes 0/0 = NaN).
 
+Where the contract fuses a product into a sum (README, "Numerics contract": the
+weight decay, the two running averages and the param update are each one fma), the
+product is not rounded, so the range model applies to the sum only: ``p - lr * d``
+with ``lr * d`` just past fp32's range is still finite, or an infinite ``p`` stays
+infinite, where a rounded product would overflow first (and ``-inf + inf`` = NaN).
+
 Besides the result, :func:`adadelta_step` returns a magnitude for each output: the
 same computation run on absolute values, with the ratio's sensitivity added. A
 correctly rounded fp32 evaluation differs from the exact result by at most a few
@@ -92,10 +98,10 @@ def adadelta_step(
         # u * max(|x|, min_normal) there (a subnormal g*g loses most of its bits).
         g_magnitude = np.abs(g) + min_normal
         if weight_decay != 0:
-            g_magnitude = r(np.abs(g) + r(weight_decay * np.abs(p))) + min_normal
-            g = r(g + r(weight_decay * p))
-        v_new = r(r(rho * v) + r(r(one_minus_rho * g) * g))
-        v_magnitude = r(r(rho * v) + r(times(r(times(one_minus_rho, g_magnitude)), g_magnitude))) + min_normal
+            g_magnitude = r(np.abs(g) + weight_decay * np.abs(p)) + min_normal
+            g = r(g + weight_decay * p)  # fused
+        v_new = r(r(rho * v) + r(one_minus_rho * g) * g)  # fused
+        v_magnitude = r(r(rho * v) + times(r(times(one_minus_rho, g_magnitude)), g_magnitude)) + min_normal
         ratio = np.sqrt(r(u + eps)) / np.sqrt(r(v_new + eps))
         d = r(ratio * g)
         # |error of d| <= ratio * |error of g| + |d| * (relative error of the ratio),
@@ -105,10 +111,10 @@ def adadelta_step(
         d_magnitude = r(
             times(ratio, g_magnitude) + times(np.abs(d), 1 + relative)
         ) + min_normal
-        u_new = r(r(rho * u) + r(r(one_minus_rho * d) * d))
-        u_magnitude = r(r(rho * u) + r(times(r(times(one_minus_rho, d_magnitude)), d_magnitude))) + min_normal
-        p_new = r(p - r(lr * d))
-        p_magnitude = r(np.abs(p) + r(times(lr, d_magnitude))) + min_normal
+        u_new = r(r(rho * u) + r(one_minus_rho * d) * d)  # fused
+        u_magnitude = r(r(rho * u) + times(r(times(one_minus_rho, d_magnitude)), d_magnitude)) + min_normal
+        p_new = r(p - lr * d)  # fused
+        p_magnitude = r(np.abs(p) + times(lr, d_magnitude)) + min_normal
     return Step(p_new, v_new, u_new, p_magnitude, v_magnitude, u_magnitude)
 
 

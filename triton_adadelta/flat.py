@@ -584,12 +584,19 @@ class FlatState:
             if (found == READ_NEW_PARAMS or not self._read_valid) and self._read_out[0].tolist() != self._param_ptrs:
                 self._read_valid = False
                 return None  # a param's data was replaced: _check_params decides what follows
-            # A new table object all the same: what is cached per table (the chunked
-            # path's param views) must not outlive the addresses it was made for.
-            table = _segment_table(
-                self._pieces_for(self._all_segments), self._read_table, list(self.params), [], self.dtype, self.device
-            )
-            self._plan = StepPlan(table, self._all_segments, None, [], [])
+            if found == READ_NEW_GRADS and self._read_valid:
+                # Only grads moved (torch's default zero_grad() loop, where the allocator
+                # hands out other blocks): the pass rewrote the table in place.
+                if self.device.type != "cpu":
+                    self._plan.table.pieces = self._read_table.to(self.device)
+            else:
+                # A new table object: what is cached per table (the chunked path's
+                # param views) must not outlive the param addresses it was made for.
+                table = _segment_table(
+                    self._pieces_for(self._all_segments), self._read_table, list(self.params), [], self.dtype,
+                    self.device,
+                )  # fmt: skip
+                self._plan = StepPlan(table, self._all_segments, None, [], [])
             self._read_valid = True
             self._seen_ptrs = None  # the Python reads' record no longer describes the plan
         else:
