@@ -241,7 +241,7 @@ def test_steps_are_bit_identical_with_and_without_the_reader(
             assert torch.equal(value, without[1]["state"][key][name]), (key, name)
 
 
-def test_a_steady_loop_reuses_its_table_and_a_new_grad_address_gets_a_new_one(reader, cpu_path) -> None:
+def test_a_steady_loop_reuses_its_table_and_new_addresses_are_written_into_it(reader, cpu_path) -> None:
     params = [torch.nn.Parameter(torch.randn(10)) for _ in range(3)]
     for param in params:
         param.grad = torch.randn(10)
@@ -249,13 +249,20 @@ def test_a_steady_loop_reuses_its_table_and_a_new_grad_address_gets_a_new_one(re
     optimizer.step()
     (flat,) = optimizer.flat_states()
     table = flat.plan().table
+    before = table.pieces.clone()
     optimizer.step()
-    assert flat.plan().table is table
+    assert flat.plan().table is table and torch.equal(table.pieces, before)
     kept = params[1].grad
     params[1].grad = kept.clone()  # kept stays alive: the new grad has a new address
     plan = flat.plan()
-    assert plan.table is not table
     assert plan.table.pieces[triton_adadelta.flat.GRAD_ROW, 2].item() == params[1].grad.data_ptr()
+    assert plan.table.pieces[triton_adadelta.flat.GRAD_ROW, 3].item() == params[1].grad.data_ptr() + 8 * 4
+    # A param's new data (checked by the Python reads first) gets a new table object:
+    # what is cached per table must not outlive the param addresses it was made for.
+    params[0].data = params[0].data.clone()
+    optimizer.step()
+    assert flat.plan().table is not plan.table
+    assert flat.plan().table.pieces[triton_adadelta.flat.PARAM_ROW, 0].item() == params[0].data_ptr()
 
 
 def test_a_grad_resized_through_data_raises_with_the_reader_and_changes_nothing(reader, cpu_path) -> None:
