@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -276,3 +280,46 @@ def test_a_grad_resized_through_data_raises_with_the_reader_and_changes_nothing(
     with pytest.raises(ValueError):
         optimizer.step()
     assert all(torch.equal(param, old) for param, old in zip(params, before))
+
+
+# ----------------------------------------------------------------- the build
+_STEP_ONCE = (
+    "import torch, triton_adadelta\n"
+    "model = torch.nn.Linear(4, 2)\n"
+    "optimizer = triton_adadelta.Adadelta(model.parameters())\n"
+    "model(torch.randn(3, 4)).sum().backward()\n"
+    "optimizer.step()\n"
+    "from triton_adadelta.reader import param_reader, reader_status\n"
+    "print(reader_status())\n"
+)
+
+
+def _python(code: str, cache: Path, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "TRITON_ADADELTA_CACHE_DIR": str(cache), "TRITON_INTERPRET": "0", **env}
+    return subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=300)
+
+
+def test_a_process_that_exits_during_the_build_leaves_it_to_finish_for_the_next(tmp_path: Path) -> None:
+    first = _python(_STEP_ONCE, tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split()[-1] == "building"  # the step did not wait for the compile
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("read_params_*.so.sha256")) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert list(tmp_path.glob("read_params_*.so.sha256")), "the build did not finish after its process exited"
+    # The next process loads it from the cache at once.
+    second = _python(_STEP_ONCE.replace("print(reader_status())", "print(param_reader(wait=True) is not None)"), tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.split()[-1] == "True"
+
+
+def test_a_failed_build_warns_once_and_steps_read_through_python(tmp_path: Path) -> None:
+    code = _STEP_ONCE.replace(
+        "print(reader_status())",
+        "param_reader(wait=True)\noptimizer.step()\nprint(reader_status().splitlines()[0])",
+    )
+    # `false` as the C++ compiler: it exits 1 without a word.
+    result = _python(code, tmp_path, CXX="false", PYTHONWARNINGS="always")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("failed: `false "), result.stdout
+    assert result.stderr.count("read params and grads through Python") == 1, result.stderr

@@ -45,6 +45,7 @@ __all__ = [
     "BUILD_TIMEOUT_S",
     "FAILURE_MEMORY_S",
     "BuildError",
+    "NotBuilt",
     "build_cached",
     "cache_dir",
     "cpu_model",
@@ -73,6 +74,10 @@ _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 
 class BuildError(RuntimeError):
     """A native library could not be built or loaded; the message says why."""
+
+
+class NotBuilt(BuildError):
+    """``cache_only=True`` and the library is not in the cache yet."""
 
 
 def cache_dir() -> Path:
@@ -250,6 +255,7 @@ def build_cached(
     flags: list[str],
     key_extra: str = "",
     timeout_s: float = BUILD_TIMEOUT_S,
+    cache_only: bool = False,
 ) -> Path:
     """Compile the source file ``source`` into a shared library, or find it in the cache.
 
@@ -261,6 +267,8 @@ def build_cached(
         key_extra: anything else the binary depends on (a CPU model, a torch version).
         timeout_s: the compiler's time limit, a few seconds more than the slowest
             build measured (``$TRITON_ADADELTA_BUILD_TIMEOUT`` overrides it).
+        cache_only: never compile: raise :class:`NotBuilt` where the cache has no
+            library (one built elsewhere, by another process, is found).
 
     Returns:
         The path of a library that passed the trust checks (see the module docstring).
@@ -283,6 +291,8 @@ def build_cached(
     _private_dir(directory)
     if _verified(path):
         return path
+    if cache_only:
+        raise NotBuilt(f"{path.name} is not in {directory} yet")
     remembered = _remembered_failure(path)
     if remembered is not None:
         raise BuildError(f"{remembered} (remembered from an earlier process; delete {_failure_path(path)} to retry)")
@@ -327,6 +337,7 @@ def load_cached(
     loader: Callable[[str], Library],
     symbols: tuple[str, ...] = (),
     timeout_s: float = BUILD_TIMEOUT_S,
+    cache_only: bool = False,
 ) -> Library:
     """:func:`build_cached`, then load the library with ``loader`` (``ctypes.CDLL``).
 
@@ -335,12 +346,14 @@ def load_cached(
             file: it is removed from the cache (the next process rebuilds it) and
             this one gets a ``BuildError``. (The process cannot load the rebuilt file
             itself: the dynamic loader hands back the handle it has for that path.)
-        timeout_s: see :func:`build_cached`.
+        timeout_s, cache_only: see :func:`build_cached`.
 
     Raises:
         BuildError: where it cannot be built or loaded, saying why.
     """
-    path = build_cached(name, source, language=language, flags=flags, key_extra=key_extra, timeout_s=timeout_s)
+    path = build_cached(
+        name, source, language=language, flags=flags, key_extra=key_extra, timeout_s=timeout_s, cache_only=cache_only
+    )
     try:
         library = loader(str(path))
     except OSError as error:

@@ -8,8 +8,10 @@ we measure on: on 1000 small params it was most of a step. ``csrc/read_params.cp
 does the same reads through ATen's public C++ API in one pass, about 40 ns a param.
 
 It is compiled once per machine against the installed torch's own headers (so its
-ABI is that torch's), in a background thread at first use, since the compile takes
-10-20 s: steps taken meanwhile read through Python, with the same result. Where it
+ABI is that torch's), at first use, by a process of its own that a background thread
+waits for, since the compile takes 15-20 s: steps taken meanwhile read through
+Python, with the same result, and a process that exits first leaves the build to
+finish and be cached for the next one. Where it
 cannot be built (no C++ compiler, no Python headers, ``TRITON_ADADELTA_NATIVE_READER=0``),
 every step reads through Python; one warning says why.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
 import sys
 import sysconfig
 import threading
@@ -27,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from .native_build import BuildError, load_cached
+from .native_build import BuildError, NotBuilt, load_cached
 
 __all__ = [
     "READ_IRREGULAR", "READ_NEW_GRADS", "READ_NEW_PARAMS", "READ_SAME", "ParamReader", "param_reader", "reader_status",
@@ -71,14 +74,41 @@ def _abi_key() -> str:
     return " ".join([torch.__version__, str(torch.version.git_version), sys.version, sysconfig.get_platform()])
 
 
+def _load(*, cache_only: bool) -> ctypes.PyDLL:
+    # PyDLL: the function holds the GIL, as it reads Python objects.
+    return load_cached(
+        "read_params", _SOURCE, language="c++", flags=_flags(), key_extra=_abi_key(), loader=ctypes.PyDLL,
+        timeout_s=_BUILD_TIMEOUT_S, symbols=("triton_adadelta_read_params",), cache_only=cache_only,
+    )  # fmt: skip
+
+
+def _build_detached() -> None:
+    """Compile in a process of its own session, which finishes and caches the library
+    even when this one exits first (a short script, a test run): else every short
+    process would start a compile and kill it at exit, and none would get the reader."""
+    code = (
+        f"import sys; sys.path[:0] = {sys.path!r}\n"
+        "from triton_adadelta import reader\n"
+        "try:\n    reader._load(cache_only=False)\n"
+        "except Exception as error:\n    sys.exit(str(error))"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+    _, stderr = process.communicate()
+    if process.returncode != 0:
+        raise BuildError(stderr.decode(errors="replace").strip() or f"the build process exited with {process.returncode}")
+
+
 def _build() -> None:
     global _reader, _failure
     try:
-        # PyDLL: the function holds the GIL, as it reads Python objects.
-        library = load_cached(
-            "read_params", _SOURCE, language="c++", flags=_flags(), key_extra=_abi_key(), loader=ctypes.PyDLL,
-            timeout_s=_BUILD_TIMEOUT_S,
-        )  # fmt: skip
+        try:
+            library = _load(cache_only=True)
+        except NotBuilt:
+            _build_detached()
+            library = _load(cache_only=True)
         function = library.triton_adadelta_read_params
         function.restype = ctypes.c_int64
         function.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
