@@ -366,6 +366,14 @@ class StageLog:
         self.file.close()
 
 
+def _heed_sigint() -> None:
+    """In a stage's process, before it starts: SIGINT does what it does by default.
+    A background job of a non-interactive shell (a CI runner's, `cmd &`) starts with
+    SIGINT ignored, which its children inherit; then Python installs no
+    KeyboardInterrupt, and a stage past its budget would wait out the grace."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stop_process_group(process: subprocess.Popen[str]) -> None:
     """SIGINT to the stage's process group (pytest prints its summary), SIGKILL if it lingers."""
     for sig, grace in ((signal.SIGINT, STOP_GRACE_S), (signal.SIGKILL, 10.0)):
@@ -391,7 +399,7 @@ def run_command(command: list[str], env: dict[str, str], timeout_s: float, log: 
     group = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        text=True, errors="replace", bufsize=1, **group,
+        text=True, errors="replace", bufsize=1, preexec_fn=_heed_sigint, **group,
     )  # fmt: skip
     lines: collections.deque[str] = collections.deque(maxlen=KEPT_LINES)
 

@@ -11,6 +11,7 @@ stage still runs, and that the exit status says it.
 from __future__ import annotations
 
 import json
+import signal
 import re
 import subprocess
 import sys
@@ -207,3 +208,17 @@ def test_without_matplotlib_no_plot_is_expected_and_without_xdist_tests_run_in_o
     assert "PYTHONSAFEPATH" not in stages["tests"].env
     from_source = gpu_check.build_stages("cuda", gpu_check.PROFILES["default"], tmp_path, from_source=True)
     assert from_source[1].name == "tests" and from_source[1].env["PYTHONSAFEPATH"] == "1"
+
+
+def test_a_stage_past_its_budget_stops_at_once_where_sigint_is_ignored(tmp_path):
+    # A background job of a non-interactive shell (CI runners, `cmd &`) starts with
+    # SIGINT ignored, and its children inherit that: the stage must still heed it.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stage = _stage("hangs", "import time; print('waiting', flush=True); time.sleep(120)", budget_s=1.0)
+        _, summary = gpu_check.run_check([stage], tmp_path, "cpu", "tiny", 60.0, echo=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    (result,) = summary["stages"]
+    assert result["status"] == "timeout"
+    assert result["duration_s"] < gpu_check.STOP_GRACE_S, "it waited out the grace: SIGINT was ignored"
