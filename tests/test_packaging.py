@@ -28,6 +28,7 @@ def test_wheel_holds_only_the_triton_adadelta_package(tmp_path):
         "triton_adadelta/kernels/adadelta.py",
         "triton_adadelta/py.typed",
         "triton_adadelta/csrc/adadelta_cpu.c",  # the CPU path's native loop, compiled at first use
+        "triton_adadelta/csrc/read_params.cpp",  # the step's param reader, compiled at first use
     )
     for module in shipped:
         assert module in names, module
