@@ -245,12 +245,18 @@ def test_steps_are_bit_identical_with_and_without_the_reader(
             assert torch.equal(value, without[1]["state"][key][name]), (key, name)
 
 
-def test_a_steady_loop_reuses_its_table_and_new_addresses_are_written_into_it(reader, cpu_path) -> None:
-    params = [torch.nn.Parameter(torch.randn(10)) for _ in range(3)]
+def _stepped_once(count: int, size: int) -> tuple[list[torch.nn.Parameter], Adadelta]:
+    """``count`` params of ``size`` elements with grads, and an optimizer that stepped once."""
+    params = [torch.nn.Parameter(torch.randn(size)) for _ in range(count)]
     for param in params:
-        param.grad = torch.randn(10)
+        param.grad = torch.randn(size)
     optimizer = Adadelta(params)
     optimizer.step()
+    return params, optimizer
+
+
+def test_a_steady_loop_reuses_its_table_and_new_addresses_are_written_into_it(reader, cpu_path) -> None:
+    params, optimizer = _stepped_once(count=3, size=10)
     (flat,) = optimizer.flat_states()
     table = flat.plan().table
     before = table.pieces.clone()
@@ -270,11 +276,7 @@ def test_a_steady_loop_reuses_its_table_and_new_addresses_are_written_into_it(re
 
 
 def test_a_grad_resized_through_data_raises_with_the_reader_and_changes_nothing(reader, cpu_path) -> None:
-    params = [torch.nn.Parameter(torch.randn(6)) for _ in range(2)]
-    for param in params:
-        param.grad = torch.randn(6)
-    optimizer = Adadelta(params)
-    optimizer.step()
+    params, optimizer = _stepped_once(count=2, size=6)
     before = [param.detach().clone() for param in params]
     params[1].grad.data = torch.randn(2)
     with pytest.raises(ValueError):

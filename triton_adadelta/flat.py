@@ -193,17 +193,15 @@ def _static_pieces(
     )
 
 
-def _int64_tensor(values: list[int] | torch.Tensor) -> torch.Tensor:
-    if isinstance(values, torch.Tensor):
-        return values
+def _int64_tensor(values: list[int]) -> torch.Tensor:
     # array -> frombuffer: a third of the time torch.tensor takes on a list of ints.
     return torch.frombuffer(array.array("q", values), dtype=torch.int64)
 
 
 def _make_table(
     pieces: _Pieces,
-    param_ptrs: list[int] | torch.Tensor,
-    grad_ptrs: list[int] | torch.Tensor,
+    param_ptrs: list[int],
+    grad_ptrs: list[int],
     written: list[torch.Tensor],
     read: list[torch.Tensor],
     dtype: torch.dtype,

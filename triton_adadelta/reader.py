@@ -5,15 +5,16 @@ every param's and grad's data pointer, and that each grad can update its param a
 it is (contiguous, its param's dtype, device and size). Through Python that is one
 attribute read per tensor and property, about 1 us a param on the 2-core machine
 we measure on: on 1000 small params it was most of a step. ``csrc/read_params.cpp``
-does the same reads through ATen's public C++ API in one pass, about 40 ns a param.
+does the same reads through ATen's public C++ API in one pass: 40-57 us for 1000
+params with warm caches there.
 
 It is compiled once per machine against the installed torch's own headers (so its
 ABI is that torch's), at first use, by a process of its own that a background thread
 waits for, since the compile takes 15-20 s: steps taken meanwhile read through
 Python, with the same result, and a process that exits first leaves the build to
-finish and be cached for the next one. Where it
-cannot be built (no C++ compiler, no Python headers, ``TRITON_ADADELTA_NATIVE_READER=0``),
-every step reads through Python; one warning says why.
+finish and be cached for the next one. With ``TRITON_ADADELTA_NATIVE_READER=0``, or
+where it cannot be built (no C++ compiler, no Python headers: one warning says why),
+every step reads through Python.
 """
 
 from __future__ import annotations

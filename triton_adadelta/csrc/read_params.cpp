@@ -1,6 +1,6 @@
 // One pass over an optimizer's params: what FlatState.plan needs to know from each
-// param and its grad, read through ATen's public API at C++ speed (about 0.1 us a
-// param, against several for the same reads through Python's attribute lookups).
+// param and its grad, read through ATen's public API at C++ speed (40-57 us for 1000
+// params with warm caches, against about 400 us for the same reads in Python).
 // (Prefetching the chain of objects behind each tensor in earlier passes was tried:
 // in a step that followed torch's own optimizers it made the pass 10x slower.)
 //
