@@ -5,8 +5,9 @@ every param's and grad's data pointer, and that each grad can update its param a
 it is (contiguous, its param's dtype, device and size). Through Python that is one
 attribute read per tensor and property, about 1 us a param on the 2-core machine
 we measure on: on 1000 small params it was most of a step. ``csrc/read_params.cpp``
-does the same reads through ATen's public C++ API in one pass: 40-57 us for 1000
-params with warm caches there.
+does the same reads through ATen's public C++ API in one pass: a steady step's plan
+on 1000 params took 70 us with it, 435-541 us without (``perf/bench_step.py``, in
+``perf/results/reader_ab/``).
 
 It is compiled once per machine against the installed torch's own headers (so its
 ABI is that torch's), at first use, by a process of its own that a background thread
@@ -47,8 +48,8 @@ READ_IRREGULAR = 3  # and up (or negative): a step for the Python reads
 
 _SOURCE = Path(__file__).parent / "csrc" / "read_params.cpp"
 
-# The compile against torch's headers took 14-19 s on the 2-core machine we test on
-# (while other work ran); it runs in the background, so the bound can be generous.
+# The compile against torch's headers took 16.3 s on the 2-core machine we test on
+# (perf/bench_step.py); it runs in the background, so the bound can be generous.
 _BUILD_TIMEOUT_S = 90.0
 
 _lock = threading.Lock()

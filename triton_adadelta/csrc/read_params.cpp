@@ -1,8 +1,9 @@
 // One pass over an optimizer's params: what FlatState.plan needs to know from each
-// param and its grad, read through ATen's public API at C++ speed (40-57 us for 1000
-// params with warm caches, against about 400 us for the same reads in Python).
+// param and its grad, read through ATen's public API at C++ speed (a steady step's
+// plan on 1000 params: 70 us with it, 435-541 us through Python; perf/bench_step.py,
+// perf/results/reader_ab/).
 // (Prefetching the chain of objects behind each tensor in earlier passes was tried:
-// in a step that followed torch's own optimizers it made the pass 10x slower.)
+// in a step that followed torch's own optimizers it made the pass slower.)
 //
 // Built once per machine against the installed torch's headers
 // (triton_adadelta/reader.py); where it is not built, the same reads run in Python.
