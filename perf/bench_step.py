@@ -73,6 +73,7 @@ SHAPES: dict[str, list[tuple[int, ...]]] = {
     "1000 x 100": [(100,)] * 1000,
     "1000 x 100, zero_grad": [(100,)] * 1000,
     "1000 x 100, zero_grad(False)": [(100,)] * 1000,
+    "1000 x 100, zero_grad, grads set in Python": [(100,)] * 1000,
     "16M in 100": [(160_000,)] * 100,
     "16M in 4": [(4_000_000,)] * 4,
     "transformer 23M": transformer_shapes(),
@@ -93,13 +94,27 @@ def make_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
 
 
 # Shapes timed as a training loop, with zero_grad() each step. The timed call is
-# step() + zero_grad(), the optimizer's share of an iteration; what backward does is
-# simulated before the timer starts.
-# - "set_to_none" (torch's default zero_grad()): backward gives every param a new grad
-#   tensor, which both optimizers read where it is; zero_grad() frees them.
-# - "in_place" (zero_grad(set_to_none=False)): backward accumulates into the grads
-#   that are there, and zero_grad() zeroes them.
-LOOPS = {"1000 x 100, zero_grad": "set_to_none", "1000 x 100, zero_grad(False)": "in_place"}
+# step() + zero_grad(), the optimizer's share of an iteration, and each part is also
+# timed on its own. Before the timer starts, a real autograd backward (of
+# sum(param * fixed grad)) gives the grads, as in training:
+# - "set_to_none" (torch's default zero_grad()): autograd gives every param a new grad
+#   tensor, made in C++, which both optimizers read where it is; zero_grad() frees them.
+# - "in_place" (zero_grad(set_to_none=False)): autograd accumulates into the grads that
+#   are there, and zero_grad() zeroes them.
+# - "set_in_python": as "set_to_none", but each grad is assigned from Python
+#   (param.grad = grad.clone()), as this script did before it ran autograd. Such a grad
+#   carries a Python object, which zero_grad() must free as well (about 0.3 us each here).
+LOOPS = {
+    "1000 x 100, zero_grad": "set_to_none",
+    "1000 x 100, zero_grad(False)": "in_place",
+    "1000 x 100, zero_grad, grads set in Python": "set_in_python",
+}
+LOOP_TIMED = {
+    None: "step(), grads kept",
+    "set_to_none": "step() + zero_grad(), new grads from autograd each step",
+    "in_place": "step() + zero_grad(set_to_none=False), grads accumulated by autograd",
+    "set_in_python": "step() + zero_grad(), new grads assigned in Python each step",
+}
 
 
 def make_params(shapes: list[tuple[int, ...]], device: torch.device, seed: int) -> list[torch.nn.Parameter]:
@@ -139,23 +154,37 @@ def bench_shape(
     copy_target = torch.zeros_like(copy_source)
     # Each action is (untimed preparation or None, timed call).
     actions: dict[str, tuple[Callable[[], object] | None, Callable[[], object]]] = {}
+    # Per-round times of step() and of zero_grad() alone, for the loop shapes.
+    parts: dict[str, dict[str, list[float]]] = {}
     for label, optimizer in optimizers.items():
         if loop is None:
             actions[label] = (None, optimizer.step)
             continue
         params = optimizer.param_groups[0]["params"]
         grads = [param.grad.detach().clone() for param in params]
+        ones = [torch.ones_like(grad) for grad in grads]
+        optimizer.zero_grad(set_to_none=loop != "in_place")
+        parts[label] = {"step()": [], "zero_grad()": []}
 
         def backward(params: list[torch.Tensor] = params, grads: list[torch.Tensor] = grads) -> None:
-            for param, grad in zip(params, grads):
-                if loop == "set_to_none":
+            if loop == "set_in_python":
+                for param, grad in zip(params, grads):
                     param.grad = grad.clone()
-                else:
-                    param.grad.add_(grad)
+                return
+            with torch.enable_grad():
+                torch.autograd.backward(torch._foreach_mul(params, grads), ones)
 
-        def step_and_zero_grad(optimizer: torch.optim.Optimizer = optimizer) -> None:
+        def step_and_zero_grad(optimizer: torch.optim.Optimizer = optimizer, split: dict = parts[label]) -> None:
+            start = time.perf_counter()
             optimizer.step()
-            optimizer.zero_grad(set_to_none=loop == "set_to_none")
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            middle = time.perf_counter()
+            optimizer.zero_grad(set_to_none=loop != "in_place")
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            split["step()"].append(middle - start)
+            split["zero_grad()"].append(time.perf_counter() - middle)
 
         actions[label] = (backward, step_and_zero_grad)
     actions["copy"] = (None, lambda: copy_target.copy_(copy_source))
@@ -172,6 +201,9 @@ def bench_shape(
     # As many rounds as fit the budget, judged from one timed round.
     first_round = {label: run(label) for label in actions}
     rounds = max(5, min(max_rounds, int(budget_s / sum(first_round.values()))))
+    for split in parts.values():
+        for part_samples in split.values():
+            part_samples.clear()
     samples: dict[str, list[float]] = {label: [] for label in actions}
     labels = list(actions)
     for round_index in range(rounds):
@@ -188,8 +220,7 @@ def bench_shape(
     ours = stats["triton_adadelta"]["median"]
     return {
         "shape": name,
-        "timed": {None: "step(), grads kept", "set_to_none": "step() + zero_grad(), new grads each step",
-                  "in_place": "step() + zero_grad(set_to_none=False)"}[loop],  # fmt: skip
+        "timed": LOOP_TIMED[loop],
         "n_tensors": len(shapes),
         "n_params": n_params,
         "rounds": rounds,
@@ -200,6 +231,11 @@ def bench_shape(
         "ours_x_floor": ours / floor_s,
         "torch_best_x_floor": torch_best / floor_s,
         "backends": optimizers["triton_adadelta"].backends(),  # type: ignore[attr-defined]
+        # Loop shapes: the medians of step() and zero_grad() alone, in the same rounds.
+        "parts_ms": {
+            label: {part: statistics.median(values) * 1e3 for part, values in split.items()}
+            for label, split in parts.items()
+        },
     }
 
 
@@ -255,7 +291,7 @@ def native_build_delay() -> dict[str, dict[str, float | bool]]:
 
 def format_table(results: list[dict[str, object]]) -> str:
     header = (
-        f"{'shape':<28} {'params':>9} {'ours ms':>16} {'foreach ms':>16} {'for-loop ms':>16} "
+        f"{'shape':<42} {'params':>9} {'ours ms':>16} {'foreach ms':>16} {'for-loop ms':>16} "
         f"{'speed-up':>8} {'floor ms':>8} {'ours/floor':>10} {'torch/floor':>11} {'copy GB/s':>9}"
     )
     lines = [header, "-" * len(header)]
@@ -268,13 +304,22 @@ def format_table(results: list[dict[str, object]]) -> str:
             return f"{stats['median']:7.3f} [{stats['q1']:.2f}-{stats['q3']:.2f}]"
 
         lines.append(
-            f"{result['shape']:<28} {result['n_params']:>9} {cell('triton_adadelta'):>16} "
+            f"{result['shape']:<42} {result['n_params']:>9} {cell('triton_adadelta'):>16} "
             f"{cell('torch foreach'):>16} {cell('torch for-loop'):>16} {result['speedup_vs_torch_best']:>7.1f}x "
             f"{result['floor_ms']:>8.3f} {result['ours_x_floor']:>9.2f}x {result['torch_best_x_floor']:>10.2f}x "
             f"{result['copy_bandwidth_GBps']:>9.1f}"
         )
     lines.append("times: median [q1-q3] over interleaved rounds; speed-up: torch's best median / ours")
-    lines.append("zero_grad rows: step() + zero_grad() timed together (zero_grad: a new grad tensor per param each step)")
+    lines.append("zero_grad rows: step() + zero_grad() timed together; grads from a real autograd backward,")
+    lines.append("  or assigned in Python where the row says so. Medians of each part alone:")
+    for result in results:
+        parts = result.get("parts_ms")
+        if parts:
+            cells = "; ".join(
+                f"{label} {split['step()']:.3f} + {split['zero_grad()']:.3f}"  # type: ignore[index]
+                for label, split in parts.items()  # type: ignore[union-attr]
+            )
+            lines.append(f"  {result['shape']}: step() + zero_grad() ms: {cells}")
     return "\n".join(lines)
 
 

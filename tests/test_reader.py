@@ -18,8 +18,11 @@ from typing import Callable
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import triton_adadelta.flat
+import triton_adadelta.optimizer
+import triton_adadelta.reader
 from triton_adadelta import Adadelta
 from triton_adadelta.flat import table_for_tensors
 from triton_adadelta.kernels.adadelta import ALIGNED_ROW, GRAD_ROW, N_TABLE_ROWS, PARAM_ROW
@@ -325,3 +328,183 @@ def test_a_failed_build_warns_once_and_steps_read_through_python(tmp_path: Path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("failed: `false "), result.stdout
     assert result.stderr.count("read params and grads through Python") == 1, result.stderr
+
+
+# ------------------------------------------------------------------ zero_grad
+# Once the reader's library is loaded, zero_grad takes one native pass (csrc/read_params.cpp)
+# where it can. Each test compares with torch.optim.Adadelta doing the same.
+
+
+def _twin_models(grad: Callable[[int], torch.Tensor]) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    ours = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(4)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        a.grad, b.grad = grad(i), grad(i)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_native_zero_grad_does_what_torch_s_does(reader, set_to_none: bool) -> None:
+    ours, theirs = _twin_models(lambda i: torch.full((5, 3), float(i + 1)))
+    kept_ours, kept_theirs = [p.grad for p in ours], [p.grad for p in theirs]
+    versions = [g._version for g in kept_ours]
+    Adadelta(ours).zero_grad(set_to_none)
+    torch.optim.Adadelta(theirs).zero_grad(set_to_none)
+    for a, b, kept_a, kept_b, version in zip(ours, theirs, kept_ours, kept_theirs, versions):
+        if set_to_none:
+            assert a.grad is None and b.grad is None
+            assert torch.equal(kept_a, kept_b)  # a grad the user holds is untouched
+        else:
+            assert a.grad is kept_a  # zeroed in place, the same tensor
+            assert torch.equal(a.grad, b.grad) and not a.grad.any()
+            assert a.grad._version - version == kept_b._version - version == 1
+
+
+def test_native_zero_grad_zeroes_a_grad_that_shares_a_bucket_and_bumps_the_shared_version(reader) -> None:
+    bucket = torch.arange(1.0, 13.0)
+    params = [torch.nn.Parameter(torch.zeros(4)) for _ in range(3)]
+    for i, param in enumerate(params):
+        param.grad = bucket[4 * i : 4 * i + 4]  # DDP's gradient_as_bucket_view
+    before = bucket._version
+    Adadelta(params[:2]).zero_grad(set_to_none=False)
+    assert bucket.tolist() == [0.0] * 8 + [9.0, 10.0, 11.0, 12.0]
+    assert bucket._version == before + 2
+
+
+@pytest.mark.parametrize(
+    "grad",
+    [
+        lambda i: torch.full((3, 5), 2.0).t(),  # not contiguous
+        lambda i: torch.full((5, 3), 2.0, requires_grad=True),  # a leaf that requires grad
+        lambda i: (torch.full((5, 3), 2.0, requires_grad=True) * 1),  # autograd history
+    ],
+    ids=["transposed", "requires_grad", "grad_fn"],
+)
+def test_native_zero_grad_leaves_other_grads_to_torch_s_path(reader, grad: Callable[[int], torch.Tensor]) -> None:
+    ours, theirs = _twin_models(lambda i: grad(i) if i == 2 else torch.full((5, 3), 2.0))
+    with torch.no_grad():
+        Adadelta(ours).zero_grad(set_to_none=False)
+        torch.optim.Adadelta(theirs).zero_grad(set_to_none=False)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.grad, b.grad) and not a.grad.any()
+        assert (a.grad.requires_grad, a.grad.grad_fn is None) == (b.grad.requires_grad, b.grad.grad_fn is None)
+
+
+class _TaggedParameter(torch.nn.Parameter):
+    """A Parameter subclass, as some libraries tag their params."""
+
+
+class _LoggingMode(torch.overrides.TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_native_zero_grad_leaves_subclasses_and_torch_function_modes_to_torch_s_path(reader) -> None:
+    params = [torch.nn.Parameter(torch.randn(3)), _TaggedParameter(torch.randn(3))]
+    for param in params:
+        param.grad = torch.ones(3)
+    Adadelta(params).zero_grad()
+    assert all(p.grad is None for p in params)
+
+    ours, theirs = _twin_models(lambda i: torch.ones(5, 3))
+    logs = []
+    for params, optimizer_class in ((ours, Adadelta), (theirs, torch.optim.Adadelta)):
+        optimizer = optimizer_class(params)
+        with _LoggingMode() as mode:
+            optimizer.zero_grad()
+        logs.append(mode.calls.count("__set__"))
+        assert all(p.grad is None for p in params)
+    assert logs[0] == logs[1] == 4  # the mode saw each grad set, as under torch's zero_grad
+
+
+def test_a_training_loop_is_bit_identical_with_and_without_native_zero_grad(
+    reader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    twin = copy.deepcopy(model)
+    native, python = Adadelta(model.parameters(), lr=1.0), Adadelta(twin.parameters(), lr=1.0)
+    data = torch.randn(16, 6)
+    for step in range(6):
+        set_to_none = step % 2 == 0
+        for net, optimizer, zeroer in ((model, native, triton_adadelta.reader.grad_zeroer), (twin, python, None)):
+            monkeypatch.setattr(triton_adadelta.optimizer, "grad_zeroer", lambda zeroer=zeroer: zeroer and zeroer())
+            net(data).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=set_to_none)
+            if not set_to_none:
+                assert all(not p.grad.any() for p in net.parameters())
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+        assert (a.grad is None) == (b.grad is None)
+
+
+# ------------------------------------------------------- step's wrapper and profiling
+# Our step() wrapper is torch's (Optimizer.profile_hook_step) with the profiler event
+# recorded natively: the same hooks in the same order, the same events.
+
+
+def _hooked_run(optimizer_class: type, calls: list[str]) -> list[torch.nn.Parameter]:
+    params = [torch.nn.Parameter(torch.ones(3))]
+    params[0].grad = torch.full((3,), 0.5)
+    optimizer = optimizer_class(params, lr=1.0)
+
+    def pre(opt, args, kwargs):
+        calls.append(f"pre {type(opt).__module__.split('.')[0]} {args[1:]} {kwargs}")
+        return (args[0],), {"closure": lambda: calls.append("closure") or 3.0}
+
+    def post(opt, args, kwargs):
+        calls.append(f"post {sorted(kwargs)}")
+
+    handles = [
+        optimizer.register_step_pre_hook(pre),
+        optimizer.register_step_post_hook(post),
+        register_optimizer_step_pre_hook(lambda opt, a, k: calls.append("global pre")),
+        register_optimizer_step_post_hook(lambda opt, a, k: calls.append("global post")),
+    ]
+    try:
+        calls.append(f"loss {optimizer.step()}")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return params
+
+
+def test_step_hooks_run_as_under_torch_s_wrapper(reader) -> None:
+    ours: list[str] = []
+    theirs: list[str] = []
+    ours_params = _hooked_run(Adadelta, ours)
+    theirs_params = _hooked_run(torch.optim.Adadelta, theirs)
+    assert [call.replace("triton_adadelta", "torch") for call in ours] == theirs
+    assert theirs == ["global pre", "pre torch () {}", "closure", "post ['closure']", "global post", "loss 3.0"]
+    torch.testing.assert_close(ours_params[0], theirs_params[0])
+
+
+def test_a_pre_hook_returning_something_else_raises_torch_s_error(reader) -> None:
+    param = torch.nn.Parameter(torch.ones(2))
+    param.grad = torch.ones(2)
+    optimizer = Adadelta([param])
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: 5)
+    with pytest.raises(RuntimeError, match="must return None or a tuple"):
+        optimizer.step()
+
+
+def test_the_profiler_sees_step_and_zero_grad_as_with_torch_s_optimizer(reader) -> None:
+    names = {}
+    for optimizer_class in (Adadelta, torch.optim.Adadelta):
+        param = torch.nn.Parameter(torch.ones(4))
+        param.grad = torch.ones(4)
+        optimizer = optimizer_class([param])
+        optimizer.step()  # the first step (layout, first-use checks) is not what is compared
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            param.grad = torch.ones(4)
+            optimizer.step()
+            optimizer.zero_grad()
+        names[optimizer_class] = {event.name for event in profile.events() if event.name.startswith("Optimizer.")}
+    assert names[Adadelta] == {"Optimizer.step#Adadelta.step", "Optimizer.zero_grad#Adadelta.zero_grad"}
+    assert names[torch.optim.Adadelta] == names[Adadelta]

@@ -35,7 +35,8 @@ import torch
 from .native_build import BuildError, NotBuilt, load_cached
 
 __all__ = [
-    "READ_IRREGULAR", "READ_NEW_GRADS", "READ_NEW_PARAMS", "READ_SAME", "ParamReader", "param_reader", "reader_status",
+    "READ_IRREGULAR", "READ_NEW_GRADS", "READ_NEW_PARAMS", "READ_SAME", "GradZeroer", "ParamReader", "grad_zeroer",
+    "param_reader", "reader_status", "record_function",
 ]  # fmt: skip
 
 # (params, out, with versions, table, piece bytes, param row, grad row, aligned row)
@@ -45,6 +46,8 @@ READ_SAME = 0  # the addresses the buffer held already
 READ_NEW_GRADS = 1  # other grad addresses, the same params'
 READ_NEW_PARAMS = 2  # other param addresses
 READ_IRREGULAR = 3  # and up (or negative): a step for the Python reads
+# (params, set_to_none) -> 0 done, else nothing changed and torch's own path must run.
+GradZeroer = Callable[[list[torch.Tensor], int], int]
 
 _SOURCE = Path(__file__).parent / "csrc" / "read_params.cpp"
 
@@ -55,6 +58,9 @@ _BUILD_TIMEOUT_S = 90.0
 _lock = threading.Lock()
 _builder: threading.Thread | None = None
 _reader: ParamReader | None = None
+_zeroer: GradZeroer | None = None
+_record_enter: Callable[[bytes], int | None] | None = None
+_record_exit: Callable[[int], None] | None = None
 _failure: str | None = None
 
 
@@ -80,7 +86,10 @@ def _load(*, cache_only: bool) -> ctypes.PyDLL:
     # PyDLL: the function holds the GIL, as it reads Python objects.
     return load_cached(
         "read_params", _SOURCE, language="c++", flags=_flags(), key_extra=_abi_key(), loader=ctypes.PyDLL,
-        timeout_s=_BUILD_TIMEOUT_S, symbols=("triton_adadelta_read_params",), cache_only=cache_only,
+        timeout_s=_BUILD_TIMEOUT_S, cache_only=cache_only, symbols=(
+            "triton_adadelta_read_params", "triton_adadelta_zero_grads", "triton_adadelta_record_enter",
+            "triton_adadelta_record_exit",
+        ),
     )  # fmt: skip
 
 
@@ -104,7 +113,7 @@ def _build_detached() -> None:
 
 
 def _build() -> None:
-    global _reader, _failure
+    global _reader, _zeroer, _record_enter, _record_exit, _failure
     try:
         try:
             library = _load(cache_only=True)
@@ -115,6 +124,13 @@ def _build() -> None:
         function.restype = ctypes.c_int64
         function.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         function.argtypes += [ctypes.c_int64] * 3
+        zeroer = library.triton_adadelta_zero_grads
+        zeroer.restype = ctypes.c_int64
+        zeroer.argtypes = [ctypes.py_object, ctypes.c_int64]
+        enter, leave = library.triton_adadelta_record_enter, library.triton_adadelta_record_exit
+        enter.restype, enter.argtypes = ctypes.c_void_p, [ctypes.c_char_p]
+        leave.restype, leave.argtypes = None, [ctypes.c_void_p]
+        _zeroer, _record_enter, _record_exit = zeroer, enter, leave
         _reader = function
     except (BuildError, AttributeError, OSError) as error:
         _failure = str(error)
@@ -147,6 +163,43 @@ def param_reader(*, wait: bool = False) -> ParamReader | None:
     if wait:
         _builder.join()
     return _reader
+
+
+def grad_zeroer() -> GradZeroer | None:
+    """The native ``zero_grad`` of ``csrc/read_params.cpp`` once the reader's library
+    is loaded (it never starts or waits for the build), else None."""
+    return _zeroer
+
+
+class record_function:
+    """``torch.autograd.profiler.record_function(name)``, at one C call's cost where
+    no profiler or observer is listening (``csrc/read_params.cpp``).
+
+    torch's Python context manager builds a scripted object through the dispatcher
+    at every entry, observed or not. Under compilation, or before the reader's
+    library is loaded, this is torch's own context manager.
+    """
+
+    __slots__ = ("_name", "_encoded", "_record", "_torch")
+
+    def __init__(self, name: str, encoded: bytes | None = None) -> None:
+        self._name = name
+        self._encoded = name.encode() if encoded is None else encoded  # outlives the record
+        self._record: int | None = None
+        self._torch: torch.autograd.profiler.record_function | None = None
+
+    def __enter__(self) -> None:
+        if _record_enter is None or torch.compiler.is_compiling():
+            self._torch = torch.autograd.profiler.record_function(self._name)
+            self._torch.__enter__()
+        else:
+            self._record = _record_enter(self._encoded)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._torch is not None:
+            self._torch.__exit__(*exc_info)
+        elif self._record and _record_exit is not None:
+            _record_exit(self._record)
 
 
 def reader_status() -> str:

@@ -10,6 +10,9 @@
 #include <Python.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/record_function.h>
+
+#include <cstring>
 
 namespace {
 
@@ -79,5 +82,81 @@ extern "C" int64_t triton_adadelta_read_params(PyObject* params, int64_t* out, i
     return new_params ? kNewParams : new_grads ? kNewGrads : kSame;
   } catch (...) {
     return kRaised;
+  }
+}
+
+// optimizer.zero_grad() over one param group's params, as torch's does it, without a
+// Python attribute read per param (on 1000 small params the Python loop was most of
+// zero_grad; the rest is freeing the grads).
+// set_to_none: every param's grad is reset, as `param.grad = None` does.
+// Else each grad that is defined is zeroed in place and its version bumped, as
+// `grad.zero_()` does: by one memset where the grad is a dense contiguous CPU tensor
+// with no autograd history (torch's zero_grad would first detach it) and no Python
+// dispatch or inference-mode rules of its own.
+// Every param is checked before anything changes. Returns 0 when done, kIrregular +
+// i where param i (not a torch.Tensor or Parameter exactly, as a `__torch_function__`
+// subclass is not, or its grad not as above) must take torch's own path, with nothing
+// changed, or kRaised. The caller does not call it under a torch function mode.
+extern "C" int64_t triton_adadelta_zero_grads(PyObject* params, int64_t set_to_none) {
+  try {
+    const Py_ssize_t n = PyList_GET_SIZE(params);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* item = PyList_GET_ITEM(params, i);
+      if (!THPVariable_CheckExact(item)) return kIrregular + i;
+      if (set_to_none) continue;
+      const at::Tensor& grad = THPVariable_Unpack(item).grad();
+      if (grad.defined() && (!by_address(grad) || grad.device().type() != c10::DeviceType::CPU || grad.is_inference() ||
+                             grad.requires_grad() ||  // (as any grad with autograd history does)
+                             grad.unsafeGetTensorImpl()->is_python_dispatch() || grad.is_nested())) {
+        return kIrregular + i;
+      }
+    }
+    // Freeing a grad may run Python (a weakref callback, a subclass's __del__), so
+    // each item is read from the list again and held while its grad goes.
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
+      PyObject* item = PyList_GET_ITEM(params, i);
+      if (!THPVariable_CheckExact(item)) continue;  // (put there by a __del__)
+      Py_INCREF(item);
+      const at::Tensor& param = THPVariable_Unpack(item);
+      if (set_to_none) {
+        param.mutable_grad().reset();
+      } else if (const at::Tensor& grad = param.grad(); grad.defined() && grad.numel() > 0) {
+        std::memset(grad.mutable_data_ptr(), 0, grad.nbytes());
+        grad.unsafeGetTensorImpl()->bump_version();
+      } else if (grad.defined()) {
+        grad.unsafeGetTensorImpl()->bump_version();
+      }
+      Py_DECREF(item);
+    }
+    return 0;
+  } catch (...) {
+    return kRaised;
+  }
+}
+
+// `with torch.autograd.profiler.record_function(name):` around the optimizer's step()
+// and zero_grad(), as torch's Optimizer wraps them, at the cost of one C call where
+// nothing observes it. The Python context manager creates a scripted object through
+// the dispatcher at every call, observed or not; on a cold cache that was 150-200 us
+// of a 1000-param step. This asks for the same user-scope callbacks as the Python one
+// (so a profiler, an observer or sampling sees the same event) and is a no-op when
+// there are none. `name` must outlive the record (the caller keeps it).
+extern "C" void* triton_adadelta_record_enter(const char* name) {
+  try {
+    auto callbacks = at::getStepCallbacksUnlessEmpty(at::RecordScope::USER_SCOPE);
+    if (!callbacks) return nullptr;
+    auto* record = new at::RecordFunction(std::move(*callbacks));
+    if (record->isActive()) record->before(std::string_view(name));
+    return record;
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+// Ends what triton_adadelta_record_enter began (its end callbacks run here).
+extern "C" void triton_adadelta_record_exit(void* record) {
+  try {
+    delete static_cast<at::RecordFunction*>(record);
+  } catch (...) {
   }
 }
