@@ -330,7 +330,7 @@ def plot(results: list[dict[str, object]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     labels = ["triton_adadelta", "torch foreach", "torch for-loop"]
-    figure, axis = plt.subplots(figsize=(9, 4.5))
+    figure, axis = plt.subplots(figsize=(11, 5))
     width = 0.25
     for i, label in enumerate(labels):
         medians = [r["timings_ms"][label]["median"] for r in results]  # type: ignore[index]
@@ -344,9 +344,9 @@ def plot(results: list[dict[str, object]], path: Path, title: str) -> None:
         floor = result["floor_ms"]
         axis.hlines(floor, j - 1.5 * width, j + 1.5 * width, colors="black", linestyles="--",
                     label="bytes floor (28 B/param at copy bandwidth)" if j == 0 else None)  # fmt: skip
-    axis.set_xticks(range(len(results)), [str(r["shape"]) for r in results])
+    axis.set_xticks(range(len(results)), [str(r["shape"]).replace(", ", ",\n") for r in results], fontsize=8)
     axis.set_yscale("log")
-    axis.set_ylabel("step() time, ms (median, IQR bars)")
+    axis.set_ylabel("ms per timed call (median, IQR bars)")
     axis.set_title(title)
     axis.legend(fontsize=8)
     figure.tight_layout()
