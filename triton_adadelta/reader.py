@@ -51,7 +51,7 @@ GradZeroer = Callable[[list[torch.Tensor], int], int]
 
 _SOURCE = Path(__file__).parent / "csrc" / "read_params.cpp"
 
-# The compile against torch's headers took 16.3 s on the 2-core machine we test on
+# The compile against torch's headers took 16.3-18.1 s on the 2-core machine we test on
 # (perf/bench_step.py); it runs in the background, so the bound can be generous.
 _BUILD_TIMEOUT_S = 90.0
 
