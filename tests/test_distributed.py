@@ -185,20 +185,106 @@ def train_zero(rank: int, parameters_as_bucket_view: bool) -> list[torch.Tensor]
     return [p.detach().clone() for p in model.parameters()]
 
 
-def train_fsdp2(rank: int) -> list[torch.Tensor]:
-    from torch.distributed.fsdp import fully_shard
+FSDP2_STEPS = 20
+# Where a scenario may write files (a checkpoint): set by the worker.
+SCRATCH = Path(".")
 
-    from triton_adadelta import Adadelta
+
+def _fsdp2_model_and_optimizer(optimizer_class: type) -> tuple[nn.Module, torch.optim.Optimizer]:
+    from torch.distributed.fsdp import fully_shard
 
     model = make_model()
     fully_shard(model)
-    optimizer = Adadelta(model.parameters(), **TORCH_HPARAMS)
-    for step in range(STEPS):
+    return model, optimizer_class(model.parameters(), **TORCH_HPARAMS)
+
+
+def _fsdp2_steps(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, steps: range) -> None:
+    for step in steps:
         optimizer.zero_grad()
         loss_of(model, rank, step).backward()
         optimizer.step()
-    model.reshard()
-    return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+def _local_shards_and_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """This rank's local shards, then each param's state (DTensors: their local tensors)."""
+    out = [p.to_local().detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        state = optimizer.state[p]
+        out += [state["square_avg"].to_local().clone(), state["acc_delta"].to_local().clone(), state["step"].clone()]
+    return out
+
+
+def _state_dict_layout(optimizer: torch.optim.Optimizer) -> list[str]:
+    """What a state_dict looks like: its group keys, then each value's type and placements."""
+    state_dict = optimizer.state_dict()
+    layout = sorted(state_dict["param_groups"][0])
+    for index, state in sorted(state_dict["state"].items()):
+        for name, value in sorted(state.items()):
+            placements = getattr(value, "placements", None)
+            layout.append(f"{index} {name} {type(value).__name__} {placements} {tuple(value.shape)} {value.dtype}")
+    return layout
+
+
+def train_fsdp2(rank: int, optimizer_class_name: str) -> dict[str, Any]:
+    from triton_adadelta import Adadelta
+
+    optimizer_class = {"ours": Adadelta, "torch": torch.optim.Adadelta}[optimizer_class_name]
+    model, optimizer = _fsdp2_model_and_optimizer(optimizer_class)
+    _fsdp2_steps(model, optimizer, rank, range(FSDP2_STEPS))
+    result = {"params": _local_shards_and_state(model, optimizer), "layout": _state_dict_layout(optimizer)}
+    if optimizer_class is torch.optim.Adadelta:  # (which takes anything, to fail at its next step)
+        return result
+    # A state_dict of full (plain) tensors for DTensor params: refused, nothing changed.
+    saved = optimizer.state_dict()
+    full = {
+        "param_groups": saved["param_groups"],
+        "state": {
+            index: {**state, "square_avg": state["square_avg"].full_tensor(), "acc_delta": state["acc_delta"].full_tensor()}
+            for index, state in saved["state"].items()
+        },
+    }
+    try:
+        optimizer.load_state_dict(full)
+    except ValueError as error:
+        result["full_state_refused"] = str(error)
+    result["after_refusal"] = _local_shards_and_state(model, optimizer)
+    return result
+
+
+def train_fsdp2_checkpoint(rank: int) -> dict[str, Any]:
+    """Half the steps, a save through torch.distributed.checkpoint, the other half;
+    then a fresh model and optimizer load the save and take the second half again."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from triton_adadelta import Adadelta
+
+    half = FSDP2_STEPS // 2
+    checkpoint = SCRATCH / "fsdp2_checkpoint"
+    model, optimizer = _fsdp2_model_and_optimizer(Adadelta)
+    _fsdp2_steps(model, optimizer, rank, range(half))
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
+        checkpoint_id=checkpoint,
+    )
+    _fsdp2_steps(model, optimizer, rank, range(half, FSDP2_STEPS))
+    uninterrupted = _local_shards_and_state(model, optimizer)
+
+    resumed_model, resumed_optimizer = _fsdp2_model_and_optimizer(Adadelta)
+    state = {
+        "model": get_model_state_dict(resumed_model),
+        "optim": get_optimizer_state_dict(resumed_model, resumed_optimizer),
+    }
+    dcp.load(state, checkpoint_id=checkpoint)
+    set_model_state_dict(resumed_model, state["model"])
+    set_optimizer_state_dict(resumed_model, resumed_optimizer, state["optim"])
+    _fsdp2_steps(resumed_model, resumed_optimizer, rank, range(half, FSDP2_STEPS))
+    return {"params": uninterrupted, "resumed": _local_shards_and_state(resumed_model, resumed_optimizer)}
 
 
 SCENARIOS: dict[str, Callable[[int], list[torch.Tensor]]] = {
@@ -210,12 +296,16 @@ SCENARIOS: dict[str, Callable[[int], list[torch.Tensor]]] = {
     "ddp_bucket_view_optimizer_first": lambda rank: train_ddp(rank, optimizer_first=True, gradient_as_bucket_view=True),
     "zero": lambda rank: train_zero(rank, parameters_as_bucket_view=False),
     "zero_bucket_view": lambda rank: train_zero(rank, parameters_as_bucket_view=True),
-    "fsdp2": train_fsdp2,
+    "fsdp2": lambda rank: train_fsdp2(rank, "ours"),
+    "fsdp2_torch": lambda rank: train_fsdp2(rank, "torch"),
+    "fsdp2_checkpoint": train_fsdp2_checkpoint,
 }
 
 
 def worker(scenarios: list[str], rank: int, port: int, out_dir: Path) -> None:
     """One rank: run each scenario in turn and save its params, or the error it raised."""
+    global SCRATCH
+    SCRATCH = out_dir
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -226,7 +316,8 @@ def worker(scenarios: list[str], rank: int, port: int, out_dir: Path) -> None:
     for scenario in scenarios:
         result: dict[str, Any]
         try:
-            result = {"params": SCENARIOS[scenario](rank)}
+            outcome = SCENARIOS[scenario](rank)
+            result = outcome if isinstance(outcome, dict) else {"params": outcome}
         except Exception as error:  # reported to the test, which decides
             result = {"error_type": type(error).__name__, "error": str(error), "traceback": traceback.format_exc()}
         torch.save(result, out_dir / f"{scenario}-rank{rank}.pt")
@@ -324,7 +415,8 @@ pytestmark = pytest.mark.skipif(
 DDP_SCENARIOS = ["ddp", "ddp_optimizer_first", "ddp_bucket_view", "ddp_bucket_view_optimizer_first"]
 puzzlelib_results = launch(["puzzlelib", "puzzlelib_partly_used"])
 ddp_results = launch(DDP_SCENARIOS)
-sharded_results = launch(["zero", "zero_bucket_view", "fsdp2"])
+sharded_results = launch(["zero", "zero_bucket_view"])
+fsdp2_results = launch(["fsdp2", "fsdp2_torch", "fsdp2_checkpoint"])
 
 
 def test_puzzlelib_nodeinfo_averages_grads_and_ranks_stay_identical(puzzlelib_results):
@@ -357,10 +449,57 @@ def test_zero_parameters_as_bucket_view_matches_single_process(sharded_results):
     assert_ranks_match_reference(sharded_results["zero_bucket_view"], TORCH_HPARAMS, expected)
 
 
-def test_fsdp2_dtensor_params_are_refused(sharded_results):
-    # FSDP2 all-gathers from its own padded copy of each local shard, so params
-    # rebound into a flat buffer would never reach the forward pass.
-    assert_refused(sharded_results["fsdp2"], "TypeError", "DTensor")
+def _assert_trained(results: list[dict[str, Any]]) -> None:
+    for rank, result in enumerate(results):
+        assert "params" in result, f"rank {rank} raised:\n{result['traceback']}"
+
+
+def test_fsdp2_updates_each_rank_s_shards_as_torch_does(fsdp2_results):
+    ours, theirs = fsdp2_results["fsdp2"], fsdp2_results["fsdp2_torch"]
+    _assert_trained(ours)
+    _assert_trained(theirs)
+    for rank in range(WORLD_SIZE):
+        # Local shards, then square_avg, acc_delta and step of every param.
+        assert len(ours[rank]["params"]) == len(theirs[rank]["params"]) == 4 * 4
+        for index, (a, b) in enumerate(zip(ours[rank]["params"], theirs[rank]["params"])):
+            assert a.shape == b.shape, f"rank {rank}, tensor {index}"
+            torch.testing.assert_close(
+                a, b,
+                rtol=TOLERANCES["torch_parity_kernel_rtol"].value,
+                atol=TOLERANCES["torch_parity_kernel_atol"].value,
+                msg=lambda message: f"rank {rank}, tensor {index}: {message}",
+            )  # fmt: skip
+    # The 5 output rows shard unevenly: rank 1 holds 2 of them.
+    assert ours[1]["params"][2].shape == (2, 16)
+
+
+def test_fsdp2_refuses_full_tensor_state_for_dtensor_params_and_changes_nothing(fsdp2_results):
+    for rank, result in enumerate(fsdp2_results["fsdp2"]):
+        assert "DTensor" in result.get("full_state_refused", ""), f"rank {rank}: {result.get('full_state_refused')}"
+        assert "set_optimizer_state_dict" in result["full_state_refused"] or "get_optimizer_state_dict" in (
+            result["full_state_refused"]
+        )
+        assert all(torch.equal(a, b) for a, b in zip(result["params"], result["after_refusal"]))
+
+
+def test_fsdp2_state_dict_looks_like_torch_s(fsdp2_results):
+    _assert_trained(fsdp2_results["fsdp2"])
+    for rank in range(WORLD_SIZE):
+        ours, theirs = fsdp2_results["fsdp2"][rank]["layout"], fsdp2_results["fsdp2_torch"][rank]["layout"]
+        # Our groups carry torch's keys and our own (master_weights, stochastic_rounding).
+        assert set(theirs) - set(ours) == set()
+        assert set(ours) - set(theirs) == {"master_weights", "stochastic_rounding"}
+        states = [line for line in ours if line[0].isdigit()]
+        assert states == [line for line in theirs if line[0].isdigit()] and len(states) == 4 * 3
+        assert "0 square_avg DTensor (Shard(dim=0),) (16, 12) torch.float32" in states
+
+
+def test_fsdp2_resumes_bit_identically_through_distributed_checkpoint(fsdp2_results):
+    results = fsdp2_results["fsdp2_checkpoint"]
+    _assert_trained(results)
+    for rank, result in enumerate(results):
+        for index, (a, b) in enumerate(zip(result["params"], result["resumed"])):
+            assert torch.equal(a, b), f"rank {rank}, tensor {index} differs after the resume"
 
 
 if __name__ == "__main__":

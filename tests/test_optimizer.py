@@ -371,3 +371,18 @@ def test_every_step_count_of_a_flat_state_with_thousands_of_params_advances(cpu_
     expected = torch.tensor([1.0 if i >= 4095 and (i - 4095) % 2 == 0 else 2.0 for i in range(5000)])
     assert torch.equal(flat.steps.cpu(), expected)
     assert all(float(optimizer.state[p]["step"]) == float(e) for p, e in zip(params, expected))
+
+
+class _SubclassTensor(torch.Tensor):
+    """A tensor subclass whose ops could do anything: not updated through its address."""
+
+
+def test_a_tensor_subclass_param_other_than_dtensor_is_refused_with_a_type_error() -> None:
+    plain = torch.nn.Parameter(torch.ones(3))
+    subclass = torch.ones(3).as_subclass(_SubclassTensor).requires_grad_()
+    with pytest.raises(TypeError, match="_SubclassTensor"):
+        Adadelta([plain, subclass])
+    optimizer = Adadelta([plain])
+    with pytest.raises(TypeError, match="_SubclassTensor"):
+        optimizer.add_param_group({"params": [subclass]})
+    assert len(optimizer.param_groups) == 1

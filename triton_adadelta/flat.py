@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import operator
+import sys
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
@@ -53,16 +54,33 @@ _NUMEL = torch.Tensor.numel
 STATE_KEYS = ("step", "square_avg", "acc_delta")
 
 
+def dtensor_type() -> type | None:
+    """``torch.distributed.tensor.DTensor`` once imported (no DTensor exists before)."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def is_dtensor(tensor: object) -> bool:
+    """Whether ``tensor`` is a DTensor (FSDP2's and tensor parallelism's params)."""
+    dtensor = dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard, the plain tensor its in-place ops write; else ``tensor``."""
+    return tensor._local_tensor if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
 def real_dtype_of(dtype: torch.dtype) -> torch.dtype:
     """Complex params are updated as their real and imaginary parts, as torch does."""
     return torch.empty((), dtype=dtype).real.dtype if dtype.is_complex else dtype
 
 
-def state_key(param: torch.Tensor, group: dict[str, Any]) -> tuple[torch.device, torch.dtype, bool, bool]:
+def state_key(param: torch.Tensor, group: dict[str, Any]) -> tuple[torch.device, torch.dtype, bool, bool, bool]:
     """Params with the same key share a :class:`FlatState` and a launch.
 
-    The key is (device, dtype, master weights, stochastic rounding): the two modes
-    apply to bf16/fp16 params only. Complex params have states of their own.
+    The key is (device, dtype, master weights, stochastic rounding, DTensor): the two
+    modes apply to bf16/fp16 params only. Complex params have states of their own, and
+    so do DTensor params (their state is handed out as DTensors).
     """
     low_precision = param.dtype in LOW_PRECISION
     return (
@@ -70,6 +88,7 @@ def state_key(param: torch.Tensor, group: dict[str, Any]) -> tuple[torch.device,
         param.dtype,
         bool(group["master_weights"]) and low_precision,
         bool(group["stochastic_rounding"]) and low_precision,
+        is_dtensor(param),
     )
 
 
@@ -96,6 +115,7 @@ def check_param_state(key: object, param: torch.Tensor, value: object) -> None:
     """
     if not isinstance(value, dict):
         raise ValueError(f"state of param {key} is a {type(value).__name__}, not a dict")
+    sharded = is_dtensor(param)
     missing = [name for name in STATE_KEYS if name not in value]
     if missing:
         raise ValueError(f"state of param {key} lacks {missing}: not an Adadelta state_dict")
@@ -105,6 +125,17 @@ def check_param_state(key: object, param: torch.Tensor, value: object) -> None:
         tensor = value[name]
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"state '{name}' of param {key} is a {type(tensor).__name__}, not a tensor")
+        if is_dtensor(tensor) != sharded:
+            raise ValueError(
+                f"state '{name}' of param {key} is a {type(tensor).__name__} but the param is a "
+                f"{type(param).__name__}: a DTensor param (FSDP2) takes DTensor state, as "
+                "torch.distributed.checkpoint's get_optimizer_state_dict gives it"
+            )
+        if sharded and (tensor.device_mesh != param.device_mesh or tensor.placements != param.placements):
+            raise ValueError(
+                f"state '{name}' of param {key} is sharded as {tensor.placements} but the param as "
+                f"{param.placements}; load it through torch.distributed.checkpoint's set_optimizer_state_dict"
+            )
         if tuple(tensor.shape) != tuple(param.shape):
             raise ValueError(
                 f"state '{name}' of param {key} has shape {tuple(tensor.shape)} "
@@ -354,8 +385,12 @@ class FlatState:
         self.dtype = real_dtype_of(self.param_dtype)
         self.params = list(params)
         self.groups = list(groups)
-        self.shapes = [param.shape for param in params]
-        self._param_numels = [param.numel() for param in params]
+        # DTensor params (FSDP2): the state holds each param's local shard only, and
+        # the kernel updates the shard in place; state is handed out as DTensors.
+        self.sharded = is_dtensor(params[0])
+        local = self.local_tensors()
+        self.shapes = [tensor.shape for tensor in local]
+        self._param_numels = [tensor.numel() for tensor in local]
         # In real elements: a complex param is its real and imaginary parts.
         self.numels = [numel * (2 if param.is_complex() else 1) for numel, param in zip(self._param_numels, params)]
         vector = vector_elements(self.dtype)
@@ -409,8 +444,9 @@ class FlatState:
         self._hparams: torch.Tensor | None = None
         self._hparams_key: Any = None
         # The params' version counters as of the master copy (None: no master).
-        self._versions = list(map(_VERSION, self.params)) if self.master is not None else None
-        self._param_ptrs = list(map(_DATA_PTR, self.params))
+        local = self.local_tensors()
+        self._versions = list(map(_VERSION, local)) if self.master is not None else None
+        self._param_ptrs = list(map(_DATA_PTR, local))
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy (deepcopy, pickle) has other addresses: it plans afresh.
@@ -426,14 +462,53 @@ class FlatState:
         self.__dict__.update(state)
         self._reset_caches()
 
+    def local_tensors(self) -> list[torch.Tensor]:
+        """The tensors the kernel writes: the params, or their local shards (read
+        afresh each time: FSDP2 may give a param a new local tensor)."""
+        if not self.sharded:
+            return self.params
+        return [param._local_tensor for param in self.params]  # type: ignore[attr-defined]
+
+    def local_grads(self) -> list[torch.Tensor | None]:
+        """Each param's grad, or for DTensor params its local shard.
+
+        Raises:
+            ValueError: a DTensor param's grad that is not a DTensor of its mesh and
+                placements (nothing is changed).
+        """
+        grads = list(map(_GRAD, self.params))
+        if not self.sharded:
+            return grads
+        local: list[torch.Tensor | None] = []
+        for param, grad in zip(self.params, grads):
+            if grad is None:
+                local.append(None)
+            elif not is_dtensor(grad) or grad.device_mesh != param.device_mesh or grad.placements != param.placements:
+                raise ValueError(
+                    f"the grad of a DTensor param sharded as {param.placements} is a "
+                    f"{type(grad).__name__}{' sharded as ' + str(grad.placements) if is_dtensor(grad) else ''}: "
+                    "it must be a DTensor of the param's mesh and placements, as FSDP2 gives"
+                )
+            else:
+                local.append(grad._local_tensor)
+        return local
+
     # ------------------------------------------------------------------ state views
     def param_state(self, i: int) -> dict[str, torch.Tensor]:
         """torch's per-param state of segment ``i``, as live views of the flat state.
 
         The dict is remembered (:attr:`handed_out`), so that the optimizer can tell
-        when ``optimizer.state`` no longer holds it.
+        when ``optimizer.state`` no longer holds it. For a DTensor param the views are
+        DTensors of its mesh and placements, whose local tensors are the views.
         """
         view = lambda flat: _shaped_view(flat, self.offsets[i], self.numels[i], self.shapes[i], self.param_dtype)  # noqa: E731
+        if self.sharded:
+            param, local_view = self.params[i], view
+            from_local = dtensor_type().from_local  # type: ignore[union-attr]
+            view = lambda flat: from_local(  # noqa: E731
+                local_view(flat), param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                stride=param.stride(),
+            )  # fmt: skip
         state = {"step": self.steps[i], "square_avg": view(self.square_avg), "acc_delta": view(self.acc_delta)}
         if self.master is not None:
             state["master_param"] = view(self.master)
@@ -445,9 +520,9 @@ class FlatState:
         start, end = self.offsets[i], self.offsets[i] + self.numels[i]
         self.steps[i].copy_(torch.as_tensor(state["step"], dtype=torch.float32))
         for name in ("square_avg", "acc_delta"):
-            getattr(self, name)[start:end].copy_(_real_flat(state[name].detach().to(self.device)))
+            getattr(self, name)[start:end].copy_(_real_flat(local_tensor(state[name].detach()).to(self.device)))
         if self.master is not None and with_master and "master_param" in state:
-            self.master[start:end].copy_(_real_flat(state["master_param"].detach().to(self.device)))
+            self.master[start:end].copy_(_real_flat(local_tensor(state["master_param"].detach()).to(self.device)))
         self.initialized[i] = True
         self.all_initialized = all(self.initialized)
 
@@ -464,11 +539,11 @@ class FlatState:
 
     def moved(self, i: int) -> bool:
         """Whether param ``i``'s data was replaced since this state last saw it."""
-        return self.params[i].data_ptr() != self._param_ptrs[i]
+        return local_tensor(self.params[i]).data_ptr() != self._param_ptrs[i]
 
     def _copy_param_to_master(self, i: int) -> None:
         start, end = self.offsets[i], self.offsets[i] + self.numels[i]
-        self.master[start:end].copy_(_real_flat(self.params[i].detach()))
+        self.master[start:end].copy_(_real_flat(local_tensor(self.params[i]).detach()))
 
     # --------------------------------------------------------------- each step
     def hparams(self, param_groups: list[dict[str, Any]]) -> torch.Tensor:
@@ -511,16 +586,17 @@ class FlatState:
                 whose shape no longer fits its state. Nothing is changed when it raises.
             Relayout: a param moved to another device or dtype.
         """
-        reader = param_reader()
+        reader = None if self.sharded else param_reader()
         if reader is not None:
             plan = self._plan_by_reader(reader)
             if plan is not None:
                 return plan
         # Read in Python: the reader is not built, or this step has a case it leaves
-        # to Python (a missing or non-contiguous grad, a moved param, a bad grad).
+        # to Python (a missing or non-contiguous grad, a moved param, a bad grad), or
+        # the params are DTensors.
         self._read_valid, self._read_versions = False, None
-        params = self.params
-        grads = list(map(_GRAD, params))
+        params = self.local_tensors()
+        grads = self.local_grads()
         param_ptrs = list(map(_DATA_PTR, params))
         contiguous = list(map(_IS_CONTIGUOUS, params))
         if param_ptrs != self._param_ptrs or not all(contiguous):
@@ -617,7 +693,7 @@ class FlatState:
 
     def _check_params(self, param_ptrs: list[int]) -> None:
         """A param whose data was replaced (``p.data = ...``, ``model.to(...)``) still fits."""
-        for i, param in enumerate(self.params):
+        for i, param in enumerate(self.local_tensors()):
             if param.device != self.device or param.dtype != self.param_dtype:
                 raise Relayout()
             if param.shape != self.shapes[i]:
@@ -657,7 +733,7 @@ class FlatState:
 
     def _raise_grad_mismatch(self, grads: list[torch.Tensor | None]) -> None:
         """Raise the error of the first grad that cannot update its param, if any."""
-        for param, grad in zip(self.params, grads):
+        for param, grad in zip(self.local_tensors(), grads):
             if grad is not None:
                 mismatch = grad_mismatch(grad, param)
                 if mismatch is not None:
@@ -673,7 +749,8 @@ class FlatState:
     ) -> StepPlan:
         subset = len(segments) != len(self.params)
         pieces = self._pieces_for(segments)
-        written = [self.params[i] for i in segments] if subset else list(self.params)
+        local = self.local_tensors()
+        written = [local[i] for i in segments] if subset else list(local)
         read = [grads[i] for i in segments] if subset else grads
         written_ptrs = [param_ptrs[i] for i in segments] if subset else param_ptrs
         read_ptrs = [grad_ptrs[i] for i in segments] if subset else grad_ptrs
@@ -704,7 +781,7 @@ class FlatState:
         """
         if self._versions is None:
             return
-        versions = self._read_versions if self._read_versions is not None else list(map(_VERSION, self.params))
+        versions = self._read_versions if self._read_versions is not None else list(map(_VERSION, self.local_tensors()))
         self._read_versions = None
         if versions == self._versions:
             return
@@ -717,5 +794,5 @@ class FlatState:
         """Record the version counters after the step's own write-backs, and let the
         step's grads go."""
         if self._versions is not None and plan.write_back:
-            self._versions = list(map(_VERSION, self.params))
+            self._versions = list(map(_VERSION, self.local_tensors()))
         plan.release()

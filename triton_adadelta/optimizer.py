@@ -14,7 +14,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from .flat import FlatState, Relayout, StepPlan, check_param_state, state_key
+from .flat import FlatState, Relayout, StepPlan, check_param_state, local_tensor, state_key
 from .reader import grad_zeroer, record_function
 from .update import implementation, update_
 
@@ -293,7 +293,8 @@ class Adadelta(Optimizer):
         Raises:
             ValueError: for a param listed twice (torch only warns: here it would be
                 updated twice), or one already in another group (torch's error).
-            TypeError: for a tensor subclass param such as ``DTensor`` (FSDP2).
+            TypeError: for a tensor subclass param other than ``DTensor``, or a
+                DTensor whose local tensor is a subclass.
         """
         params = param_group["params"]
         if isinstance(params, torch.Tensor):
@@ -307,11 +308,14 @@ class Adadelta(Optimizer):
                 "(tied weights are one parameter: model.parameters() lists them once)"
             )
         for param in tensors:
-            if isinstance(param, torch.Tensor) and type(param.data) is not torch.Tensor:
+            if not isinstance(param, torch.Tensor):
+                continue
+            # A DTensor (FSDP2, tensor parallelism) is updated through its local shard.
+            data = local_tensor(param.data)
+            if type(data) is not torch.Tensor:
                 raise TypeError(
-                    f"triton_adadelta updates plain tensors, not a {type(param.data).__name__} param "
-                    "(FSDP2 fully_shard and tensor parallelism give DTensor params: support is issue #8); "
-                    "use torch.optim.Adadelta there"
+                    f"triton_adadelta updates plain tensors and DTensors of plain local tensors, not a "
+                    f"{type(data).__name__} param; use torch.optim.Adadelta there"
                 )
         # torch raises this at the first step; here already (the group is not added).
         _check_scalars_fit(
