@@ -1,21 +1,24 @@
 """``torch.compile`` as users apply it: torch's recipe ``torch.compile(opt.step)``, and a
 whole compiled train step, each against torch.optim.Adadelta run eagerly.
 
-Dynamo breaks the graph where the step calls native code (the param reader, the
-fused update), and runs those parts eagerly; nothing of the package is traced, and
-any native build happens outside the trace. (Issue #11 asks for one custom op
-instead, with fewer graph breaks; these tests hold the behaviour until then.)
+Dynamo traces our ``step()`` down to one custom op, ``triton_adadelta::step_``
+(``triton_adadelta/compiled.py``), which runs the eager step at run time: nothing of
+the package is traced, so no native build or ctypes call is, and the compiled step
+has no graph break (torch's own Adadelta has none either, here).
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import pytest
 import torch
 
 from tolerances import parity_tolerance
 from triton_adadelta import Adadelta
+
+STEP_OP = torch.ops.triton_adadelta.step_.default
 
 STEPS = 15
 
@@ -38,6 +41,17 @@ def _assert_match(model: torch.nn.Module, reference: torch.nn.Module, optimizer,
         assert float(ours["step"]) == float(theirs["step"]) == STEPS
         for name in ("square_avg", "acc_delta"):
             torch.testing.assert_close(ours[name], theirs[name], **parity_tolerance())
+
+
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Callable[..., torch.Tensor]:
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return train_step
 
 
 @pytest.fixture(autouse=True)
@@ -65,17 +79,98 @@ def test_a_compiled_whole_train_step_matches_torch(cpu_path) -> None:
     optimizer = Adadelta(model.parameters(), lr=0.5)
     torch_optimizer = torch.optim.Adadelta(reference.parameters(), lr=0.5)
 
-    @torch.compile
-    def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        return loss
-
+    train_step = torch.compile(_train_step(model, optimizer))
     for x, y in _batches():
         train_step(x, y)
         torch_optimizer.zero_grad()
         torch.nn.functional.mse_loss(reference(x), y).backward()
         torch_optimizer.step()
     _assert_match(model, reference, optimizer, torch_optimizer)
+
+
+def _stepped_model(optimizer_class: type, **hparams) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model, _ = _pair()
+    optimizer = optimizer_class(model.parameters(), **hparams)
+    x, y = _batches()[0]
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    return model, optimizer
+
+
+def test_the_compiled_step_is_one_op_with_no_graph_break(cpu_path) -> None:
+    breaks = {}
+    for name, optimizer_class in (("ours", Adadelta), ("torch", torch.optim.Adadelta)):
+        _, optimizer = _stepped_model(optimizer_class, lr=0.5)
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(optimizer.step)()
+        breaks[name] = (explanation.graph_count, explanation.graph_break_count)
+    assert breaks["ours"] == (1, 0)
+    assert breaks["ours"][1] <= breaks["torch"][1]
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(graph: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
+        graphs.append(graph)
+        return graph
+
+    torch._dynamo.reset()
+    model, optimizer = _stepped_model(Adadelta, lr=0.5)
+    torch.compile(optimizer.step, backend=capture)()
+    (graph,) = graphs
+    calls = [node for node in graph.graph.nodes if node.op == "call_function"]
+    assert [node.target for node in calls] == [STEP_OP]
+
+
+def test_a_whole_compiled_train_step_breaks_no_more_than_torch_s(cpu_path) -> None:
+    counts = {}
+    for name, optimizer_class in (("ours", Adadelta), ("torch", torch.optim.Adadelta)):
+        model, _ = _pair()
+        train_step = _train_step(model, optimizer_class(model.parameters(), lr=0.5))
+        torch._dynamo.reset()
+        counts[name] = torch._dynamo.explain(train_step)(*_batches()[0]).graph_break_count
+    assert counts["ours"] <= counts["torch"], counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_step_is_bit_identical_to_the_eager_step(cpu_path, dtype: torch.dtype) -> None:
+    hparams = {"lr": 0.5, "master_weights": dtype == torch.bfloat16}
+    model, twin = (net.to(dtype) for net in _pair())
+    compiled_optimizer, eager = Adadelta(model.parameters(), **hparams), Adadelta(twin.parameters(), **hparams)
+    compiled_step = torch.compile(compiled_optimizer.step)
+    for index, (x, y) in enumerate(_batches()[:6]):
+        for net, optimizer, step in ((model, compiled_optimizer, compiled_step), (twin, eager, eager.step)):
+            if index == 3:
+                # An edit from outside between steps: the master copy must follow it.
+                with torch.no_grad():
+                    net[0].weight.mul_(0.5)
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(net(x.to(dtype)), y.to(dtype)).backward()
+            step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(compiled_optimizer.state.values(), eager.state.values()):
+        assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_op_updates_the_tensors_it_is_given_when_they_are_copies(cpu_path, dtype: torch.dtype) -> None:
+    # What a graph that cannot update its inputs in place passes: copies of the params.
+    hparams = {"lr": 0.5, "master_weights": dtype == torch.bfloat16}
+    model, twin = (net.to(dtype) for net in _pair())
+    optimizer, eager = Adadelta(model.parameters(), **hparams), Adadelta(twin.parameters(), **hparams)
+    params = list(model.parameters())
+    copies = [param.detach().clone() for param in params]
+    for x, y in _batches()[:4]:
+        for net, opt in ((model, optimizer), (twin, eager)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(net(x.to(dtype)), y.to(dtype)).backward()
+        before = [param.detach().clone() for param in params]
+        STEP_OP(copies, [param.grad for param in params], None, None, optimizer._handle)
+        eager.step()
+        assert all(torch.equal(a, b) for a, b in zip(params, before))  # the params themselves: untouched
+        with torch.no_grad():
+            for param, copy_ in zip(params, copies):
+                param.copy_(copy_)  # as the graph's epilogue copies them back
+    for a, b in zip(copies, twin.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(optimizer.state.values(), eager.state.values()):
+        assert all(torch.equal(a[name], b[name]) for name in a)

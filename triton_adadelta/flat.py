@@ -595,12 +595,23 @@ class FlatState:
         # to Python (a missing or non-contiguous grad, a moved param, a bad grad), or
         # the params are DTensors.
         self._read_valid, self._read_versions = False, None
-        params = self.local_tensors()
-        grads = self.local_grads()
+        return self._plan_from(self.local_tensors(), self.local_grads(), follow_moves=True)
+
+    def plan_given(self, params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> StepPlan | None:
+        """:meth:`plan` over tensors given in place of the params and their grads (a
+        compiled graph's copies of them, of the same shapes, dtypes and device): they
+        are checked and updated, and the params' own addresses and versions, by which
+        the master copy follows outside edits, are left as they are."""
+        self._read_valid, self._read_versions = False, None
+        return self._plan_from(params, grads, follow_moves=False)
+
+    def _plan_from(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor | None], *, follow_moves: bool
+    ) -> StepPlan | None:
         param_ptrs = list(map(_DATA_PTR, params))
         contiguous = list(map(_IS_CONTIGUOUS, params))
-        if param_ptrs != self._param_ptrs or not all(contiguous):
-            self._check_params(param_ptrs)
+        if not follow_moves or param_ptrs != self._param_ptrs or not all(contiguous):
+            self._check_params(params, param_ptrs, follow_moves=follow_moves)
         try:
             grad_ptrs = list(map(_DATA_PTR, grads))
         except TypeError:  # some grads are None
@@ -626,7 +637,9 @@ class FlatState:
                 or self._plan.segments != segments
                 or grad_contiguous != self._seen_grad_contiguous
             ):
-                self._plan = self._make_plan(grads, segments, contiguous, param_ptrs, grad_ptrs) if segments else None
+                self._plan = (
+                    self._make_plan(params, grads, segments, contiguous, param_ptrs, grad_ptrs) if segments else None
+                )
             self._seen_grad_ids = grad_ids
             self._seen_ptrs = seen
             self._seen_grad_contiguous = grad_contiguous
@@ -691,9 +704,12 @@ class FlatState:
             self._pieces[key] = pieces
         return pieces
 
-    def _check_params(self, param_ptrs: list[int]) -> None:
-        """A param whose data was replaced (``p.data = ...``, ``model.to(...)``) still fits."""
-        for i, param in enumerate(self.local_tensors()):
+    def _check_params(self, params: list[torch.Tensor], param_ptrs: list[int], *, follow_moves: bool) -> None:
+        """A param whose data was replaced (``p.data = ...``, ``model.to(...)``) still fits
+        (with ``follow_moves``, the master copy takes its new data)."""
+        if not follow_moves and len(params) != len(self.params):
+            raise ValueError(f"{len(params)} tensors given for the {len(self.params)} params of a state")
+        for i, param in enumerate(params):
             if param.device != self.device or param.dtype != self.param_dtype:
                 raise Relayout()
             if param.shape != self.shapes[i]:
@@ -701,11 +717,12 @@ class FlatState:
                     f"a param of shape {tuple(self.shapes[i])} now has shape {tuple(param.shape)}, which its "
                     "optimizer state no longer fits; build a new optimizer (torch's would fail at this step too)"
                 )
-            if param_ptrs[i] != self._param_ptrs[i] and self.master is not None:
+            if follow_moves and param_ptrs[i] != self._param_ptrs[i] and self.master is not None:
                 # New data wins over the master copy.
                 self._copy_param_to_master(i)
                 self._versions[i] = param._version
-        self._param_ptrs = param_ptrs
+        if follow_moves:
+            self._param_ptrs = param_ptrs
 
     def _check_grads(self, grads: list[torch.Tensor | None]) -> list[int]:
         """Every grad can update its param: one C-level pass per property, then details.
@@ -733,14 +750,15 @@ class FlatState:
 
     def _raise_grad_mismatch(self, grads: list[torch.Tensor | None]) -> None:
         """Raise the error of the first grad that cannot update its param, if any."""
-        for param, grad in zip(self.local_tensors(), grads):
+        for param, grad in zip(self.params, grads):
             if grad is not None:
-                mismatch = grad_mismatch(grad, param)
+                mismatch = grad_mismatch(grad, local_tensor(param))
                 if mismatch is not None:
                     raise mismatch
 
     def _make_plan(
         self,
+        params: list[torch.Tensor],
         grads: list[torch.Tensor | None],
         segments: list[int],
         contiguous: list[bool],
@@ -749,8 +767,7 @@ class FlatState:
     ) -> StepPlan:
         subset = len(segments) != len(self.params)
         pieces = self._pieces_for(segments)
-        local = self.local_tensors()
-        written = [local[i] for i in segments] if subset else list(local)
+        written = [params[i] for i in segments] if subset else list(params)
         read = [grads[i] for i in segments] if subset else grads
         written_ptrs = [param_ptrs[i] for i in segments] if subset else param_ptrs
         read_ptrs = [grad_ptrs[i] for i in segments] if subset else grad_ptrs
@@ -790,9 +807,24 @@ class FlatState:
                 self._copy_param_to_master(i)
         self._versions = versions
 
-    def note_written(self, plan: StepPlan) -> None:
-        """Record the version counters after the step's own write-backs, and let the
-        step's grads go."""
-        if self._versions is not None and plan.write_back:
+    def sync_master_by_value(self, params: list[torch.Tensor]) -> None:
+        """:meth:`sync_master` for a compiled step, where the graph bumps the params'
+        version counters itself: a param whose value is not its master's rounding was
+        written from outside, and the master copy takes it. Then the versions are
+        taken as they are, so that an eager step after it sees no edit."""
+        if self.master is None:
+            return
+        for i, param in enumerate(params):
+            start, end = self.offsets[i], self.offsets[i] + self.numels[i]
+            flat = _real_flat(param.detach())
+            if not torch.equal(flat, self.master[start:end].to(flat.dtype)):
+                self.master[start:end].copy_(flat)
+        self._versions = list(map(_VERSION, self.local_tensors()))
+        self._read_versions = None
+
+    def note_written(self, plan: StepPlan, *, given: bool = False) -> None:
+        """Record the version counters after the step's own write-backs (not for
+        :meth:`plan_given`'s tensors), and let the step's grads go."""
+        if self._versions is not None and plan.write_back and not given:
             self._versions = list(map(_VERSION, self.local_tensors()))
         plan.release()

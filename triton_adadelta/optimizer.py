@@ -14,7 +14,8 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from .flat import FlatState, Relayout, StepPlan, check_param_state, local_tensor, state_key
+from .flat import FlatState, Relayout, StepPlan, check_param_state, is_dtensor, local_tensor, state_key
+from . import compiled
 from .reader import grad_zeroer, record_function
 from .update import implementation, update_
 
@@ -285,6 +286,8 @@ class Adadelta(Optimizer):
         # `self.state` and its size as of the last step, to notice edits from outside.
         self._state_seen: dict[Any, Any] | None = None
         self._state_size = 0
+        # How the compiled step's op finds this optimizer (triton_adadelta/compiled.py).
+        self._handle = compiled.register(self)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -337,6 +340,7 @@ class Adadelta(Optimizer):
         self.__dict__.setdefault("_laid_out", None)
         self.__dict__.setdefault("_state_seen", None)
         self.__dict__.setdefault("_state_size", 0)
+        self._handle = compiled.register(self)
 
     # ------------------------------------------------------------- flat states
     def _lay_out(self) -> list[FlatState]:
@@ -483,12 +487,73 @@ class Adadelta(Optimizer):
 
         grad_scale: torch.Tensor | None = getattr(self, "grad_scale", None)
         found_inf: torch.Tensor | None = getattr(self, "found_inf", None)
+        if torch.compiler.is_compiling():
+            params = [param for group in self.param_groups for param in group["params"]]
+            if any(map(is_dtensor, params)):
+                # A custom op takes no DTensor without sharding rules: run eagerly.
+                self._eager_update(grad_scale, found_inf)
+                return loss
+            # One opaque op (triton_adadelta/compiled.py): nothing below is traced.
+            compiled.step_(params, [param.grad for param in params], grad_scale, found_inf, self._handle)
+            return loss
+        self._update(self._plans(), grad_scale, found_inf, given=False)
+        return loss
+
+    @torch.compiler.disable
+    def _eager_update(self, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
+        self._update(self._plans(), grad_scale, found_inf, given=False)
+
+    def _step_given(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor | None],
+        grad_scale: torch.Tensor | None,
+        found_inf: torch.Tensor | None,
+    ) -> None:
+        """The step of ``triton_adadelta::step_``: ``params`` and ``grads`` are every
+        param of the groups, in order, and its grad, as a compiled graph holds them.
+        Where they are the params and grads themselves (the usual case: the graph
+        updates its inputs in place), this is the eager step; else the given tensors
+        are updated, from the same state."""
+        own = [param for group in self.param_groups for param in group["params"]]
+        if len(params) != len(own):
+            raise ValueError(f"triton_adadelta::step_ got {len(params)} params for an optimizer of {len(own)}")
+        own_grads = [param.grad for param in own]
+        in_place = all(
+            a.data_ptr() == b.data_ptr() and (g is None) == (h is None) and (g is None or g.data_ptr() == h.data_ptr())
+            for a, b, g, h in zip(params, own, grads, own_grads)
+        )
+        if in_place:
+            plans = self._plans()
+        else:
+            plans = []
+            self._follow_state_edits(self._current_states())
+        position = {id(param): k for k, param in enumerate(own)}
+        for flat in self._flat_states:
+            indices = [position[id(param)] for param in flat.params]
+            # The graph bumps the params' versions: edits from outside are found by value.
+            flat.sync_master_by_value([params[k] for k in indices])
+            if not in_place:
+                plan = flat.plan_given([params[k] for k in indices], [grads[k] for k in indices])
+                if plan is not None:
+                    plans.append((flat, plan))
+        self._update(plans, grad_scale, found_inf, given=True)
+
+    def _update(
+        self,
+        plans: list[tuple[FlatState, StepPlan]],
+        grad_scale: torch.Tensor | None,
+        found_inf: torch.Tensor | None,
+        *,
+        given: bool,
+    ) -> None:
+        """Launch the planned updates (every grad already checked, so a bad grad has
+        changed nothing) and advance the step counts."""
         _check_step_scalars(self.param_groups)
-        # Check every grad of every state before any update, so a bad grad changes nothing.
-        plans = self._plans()
         for flat, plan in plans:
             device = flat.device
-            flat.sync_master()
+            if not given:
+                flat.sync_master()
             for stand_in, source in plan.refresh:
                 stand_in.copy_(source)
             stochastic = flat.stochastic_rounding
@@ -507,10 +572,9 @@ class Adadelta(Optimizer):
             )
             for param, stand_in in plan.write_back:
                 param.copy_(stand_in)
-            flat.note_written(plan)
+            flat.note_written(plan, given=given)
             self._advance_steps(flat, plan, found_inf)
         self._remember_state()
-        return loss
 
     def _advance_steps(self, flat: FlatState, plan: StepPlan, found_inf: torch.Tensor | None) -> None:
         """Advance the step counts of the params that had a grad (one small op), and give
