@@ -287,6 +287,25 @@ def train_fsdp2_checkpoint(rank: int) -> dict[str, Any]:
     return {"params": uninterrupted, "resumed": _local_shards_and_state(resumed_model, resumed_optimizer)}
 
 
+def run_readme_snippet(name: str) -> dict[str, Any]:
+    """README's "Use with" snippet ``name``, as it stands, on this rank."""
+    from readme_snippets import run_snippet
+
+    namespace = run_snippet(name)
+    model, optimizer = namespace["model"], namespace["optimizer"]
+    # ZeroRedundancyOptimizer keeps the state of this rank's params in its own optimizer.
+    inner = getattr(optimizer, "optim", optimizer)
+    params = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    state = namespace.get("state")
+    return {
+        "params": [p.detach().clone() for p in params],
+        "steps": [float(entry["step"]) for entry in inner.state.values()],
+        "optimizer": type(inner).__module__,
+        "state_types": sorted({type(v).__name__ for entry in state["state"].values() for v in entry.values()})
+        if isinstance(state, dict) else [],
+    }
+
+
 SCENARIOS: dict[str, Callable[[int], list[torch.Tensor]]] = {
     "puzzlelib": train_puzzlelib,
     "puzzlelib_partly_used": train_puzzlelib_partly_used,
@@ -299,6 +318,9 @@ SCENARIOS: dict[str, Callable[[int], list[torch.Tensor]]] = {
     "fsdp2": lambda rank: train_fsdp2(rank, "ours"),
     "fsdp2_torch": lambda rank: train_fsdp2(rank, "torch"),
     "fsdp2_checkpoint": train_fsdp2_checkpoint,
+    "readme_ddp": lambda rank: run_readme_snippet("ddp"),
+    "readme_zero": lambda rank: run_readme_snippet("zero"),
+    "readme_fsdp2": lambda rank: run_readme_snippet("fsdp2"),
 }
 
 
@@ -417,6 +439,7 @@ puzzlelib_results = launch(["puzzlelib", "puzzlelib_partly_used"])
 ddp_results = launch(DDP_SCENARIOS)
 sharded_results = launch(["zero", "zero_bucket_view"])
 fsdp2_results = launch(["fsdp2", "fsdp2_torch", "fsdp2_checkpoint"])
+readme_results = launch(["readme_ddp", "readme_zero", "readme_fsdp2"])
 
 
 def test_puzzlelib_nodeinfo_averages_grads_and_ranks_stay_identical(puzzlelib_results):
@@ -500,6 +523,22 @@ def test_fsdp2_resumes_bit_identically_through_distributed_checkpoint(fsdp2_resu
     for rank, result in enumerate(results):
         for index, (a, b) in enumerate(zip(result["params"], result["resumed"])):
             assert torch.equal(a, b), f"rank {rank}, tensor {index} differs after the resume"
+
+
+@pytest.mark.parametrize("name", ["readme_ddp", "readme_zero", "readme_fsdp2"])
+def test_readme_s_distributed_snippets_run_on_two_ranks(readme_results, name: str):
+    results = readme_results[name]
+    _assert_trained(results)
+    for rank, result in enumerate(results):
+        assert result["optimizer"] == "triton_adadelta.optimizer"
+        # ZeRO: each rank holds the state of its own share of the params.
+        assert result["steps"] and set(result["steps"]) == {3.0}, f"rank {rank}: {result['steps']}"
+        assert all(torch.isfinite(p).all() for p in result["params"])
+    if name != "readme_fsdp2":  # DDP and ZeRO: every rank ends with the same params
+        for a, b in zip(results[0]["params"], results[1]["params"]):
+            assert torch.equal(a, b)
+    else:
+        assert results[0]["state_types"] == ["DTensor", "Tensor"]
 
 
 if __name__ == "__main__":

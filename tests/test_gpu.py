@@ -11,7 +11,8 @@ Covered on the device: every dtype mode against the fp64 oracle (one step and
 trajectories, GradScaler scales), every autotune config and the tuned choice giving
 the default config's bits, parity with ``torch.optim.Adadelta`` on the same device,
 GradScaler's unscale and inf skip (eager and in a replayed CUDA graph), the
-compiled kernel's bits against the interpreter's, unbiased stochastic rounding, and
+compiled kernel's bits against the interpreter's, a `torch.compile`d step's bits against the
+eager step's, unbiased stochastic rounding, and
 params on two devices.
 """
 
@@ -199,6 +200,25 @@ def test_matches_torch_on_the_same_device(dtype):
             train_step(m, o, x, y, set_to_none=step % 2 == 0)
     assert optimizer.backends() == ["triton" if DEVICE.type == "cuda" else "triton-interpreter"]
     assert_models_and_states_match(model, reference, optimizer, torch_optimizer)
+
+
+@gpu_or_cpu
+def test_a_compiled_step_on_the_device_gives_the_eager_step_s_bits():
+    # torch.compile(optimizer.step) traces to one op, triton_adadelta::step_ (compiled.py).
+    model, twin = (m.to(DEVICE) for m in make_pair())
+    compiled_optimizer, eager = Adadelta(model.parameters(), lr=0.5), Adadelta(twin.parameters(), lr=0.5)
+    torch._dynamo.reset()
+    compiled_step = torch.compile(compiled_optimizer.step)
+    torch.manual_seed(2)
+    x, y = torch.randn(32, 7).to(DEVICE), torch.randn(32, 5).to(DEVICE)
+    for _ in range(5):
+        for m, o, step in ((model, compiled_optimizer, compiled_step), (twin, eager, eager.step)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            step()
+    torch._dynamo.reset()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
 
 
 @gpu_or_cpu

@@ -186,6 +186,21 @@ def test_model_to_dtype_with_swap_tensors_is_followed(backend):
     assert [flat.dtype for flat in optimizer.flat_states()] == [torch.float64]
 
 
+def test_swap_tensors_on_a_param_is_followed(backend):
+    """``torch.utils.swap_tensors`` on a param (as ``model.to()`` does under
+    ``set_swap_module_params_on_conversion``), called directly: the optimizer updates
+    the swapped-in data from the param's state, as torch's does."""
+    swapped = []
+
+    def swap(m):
+        torch.utils.swap_tensors(m[0].weight, torch.nn.Parameter(torch.full((8, 6), 0.25)))
+        swapped.append(m[0].weight.data_ptr())
+
+    model, _, reference, _ = run_both(swap)
+    assert_same_params(model, reference)
+    assert model[0].weight.data_ptr() == swapped[0]
+
+
 def test_assigned_param_data_is_noticed(backend):
     assigned = []
 
