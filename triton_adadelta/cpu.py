@@ -162,6 +162,9 @@ def _build_native_library() -> ctypes.CDLL:
     library.set_sqrt.restype = None
     library.set_sqrt.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     library.set_sqrt(*_torch_vml_sqrt())
+    library.set_openmp.restype = None
+    library.set_openmp.argtypes = [ctypes.c_void_p] * 3
+    library.set_openmp(*_torch_openmp())
     return library
 
 
@@ -191,6 +194,27 @@ def _torch_vml_sqrt() -> tuple[int | None, int | None]:
         )
     except (OSError, AttributeError):
         return None, None
+
+
+def _torch_openmp() -> tuple[int | None, int | None, int | None]:
+    """``GOMP_parallel``, ``omp_get_thread_num`` and ``omp_get_num_threads`` of the
+    OpenMP runtime torch loaded, so that the loop splits its work on torch's own
+    thread pool; (None, None, None) where torch's parallel backend is not OpenMP or its
+    runtime is not GNU's (the loop then starts threads of its own)."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None, None, None
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line and line.rstrip().endswith(".so.1")}
+        if len(paths) != 1:
+            return None, None, None
+        runtime = ctypes.CDLL(paths.pop())  # already loaded: the same handle
+        return tuple(  # type: ignore[return-value]
+            ctypes.cast(getattr(runtime, name), ctypes.c_void_p).value
+            for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
+        )
+    except (OSError, AttributeError):
+        return None, None, None
 
 
 def _native_matches_torch(library: ctypes.CDLL) -> bool:

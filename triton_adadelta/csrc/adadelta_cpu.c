@@ -77,18 +77,35 @@ static void sqrt_block_f64(int n, double *x, int use_torch_sqrt) {
     else for (int i = 0; i < n; ++i) x[i] = sqrt(x[i]);
 }
 
+/* torch's own thread pool: the OpenMP runtime that torch loaded, whose entry points
+   the caller finds in it (set_openmp). After torch's parallel ops its workers spin
+   for a while, and threads of our own would compete with them for the cores (a
+   16M-element step took 13.7 ms right after a compiled torch step, 9.0 ms
+   otherwise); starting threads also costs ~20 us. NULL: threads of our own. */
+typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*omp_int_fn)(void);
+static gomp_parallel_fn gomp_parallel = 0;
+static omp_int_fn omp_thread_num = 0, omp_num_threads = 0;
+
+void set_openmp(void *parallel, void *thread_num, void *num_threads) {
+    gomp_parallel = (gomp_parallel_fn)parallel;
+    omp_thread_num = (omp_int_fn)thread_num;
+    omp_num_threads = (omp_int_fn)num_threads;
+}
+
 /* A thread's share of the step: `count` elements of the pieces' concatenation,
    from element `offset` of piece `piece` on (it may span many pieces). */
 typedef struct {
     const int64_t *table;
     int64_t n_pieces, piece, offset, count;
+    int n_shares; /* (in shares[0]: how many there are) */
     void *square_avg, *acc_delta;
     const void *hparams;
     double grad_scale; /* exact in either dtype: it is a value of the state's dtype */
     int has_grad_scale, use_torch_sqrt;
 } share_t;
 
-#define DEFINE_UPDATE(T, SUFFIX, FMA)                                                 \
+#define DEFINE_UPDATE(T, SUFFIX, FMA, SQRT)                                           \
 /* n elements of one piece, with the flags of its group as constants. */             \
 static inline __attribute__((always_inline)) void update_##SUFFIX(                    \
         T *restrict p, const T *restrict gr, T *restrict v, T *restrict u,            \
@@ -96,6 +113,23 @@ static inline __attribute__((always_inline)) void update_##SUFFIX(              
         const int use_torch_sqrt, const int flags) {                                  \
     const T lr = row[LR], rho = row[RHO], one_minus_rho = row[ONE_MINUS_RHO];         \
     const T eps = row[EPS], weight_decay = row[WEIGHT_DECAY];                         \
+    if (!use_torch_sqrt) {                                                            \
+        /* The IEEE sqrt: one fused pass, which the compiler vectorizes whole (the   \
+           same operations in the same order as the blocks below). */               \
+        for (int64_t i = 0; i < n_elements; ++i) {                                    \
+            T g = gr[i];                                                              \
+            if (flags & FLAG_GRAD_SCALE) g = g / grad_scale;                          \
+            if (flags & FLAG_MAXIMIZE) g = -g;                                        \
+            if (flags & FLAG_WEIGHT_DECAY) g = FMA(p[i], weight_decay, g);            \
+            const T square = FMA(one_minus_rho * g, g, v[i] * rho);                   \
+            v[i] = square;                                                            \
+            const T d = SQRT(u[i] + eps) / SQRT(square + eps) * g;                    \
+            u[i] = FMA(one_minus_rho * d, d, u[i] * rho);                             \
+            if (flags & FLAG_LR_TENSOR) p[i] = p[i] - d * lr;                         \
+            else p[i] = FMA(d, -lr, p[i]);                                            \
+        }                                                                             \
+        return;                                                                       \
+    }                                                                                 \
     T g_block[BLOCK] __attribute__((aligned(64)));                                    \
     T std[BLOCK] __attribute__((aligned(64)));                                        \
     T delta[BLOCK] __attribute__((aligned(64)));                                      \
@@ -178,6 +212,14 @@ static void *run_share_##SUFFIX(void *arg) {                                    
     return 0;                                                                         \
 }                                                                                     \
                                                                                       \
+/* One OpenMP thread's part: shares t, t + team, ... (the team may be smaller than   \
+   asked for, inside another parallel region). */                                    \
+static void run_team_share_##SUFFIX(void *arg) {                                      \
+    share_t *shares = (share_t *)arg;                                                 \
+    const int team = omp_num_threads(), n = shares[0].n_shares;                       \
+    for (int t = omp_thread_num(); t < n; t += team) run_share_##SUFFIX(&shares[t]);  \
+}                                                                                     \
+                                                                                      \
 /* One step over every piece of the table. grad_scale_ptr, found_inf_ptr: 1-element \
    buffers of T (NULL: not given), read here so that Python never reads a tensor's  \
    value. Work is split across max_threads threads when the pieces hold at least    \
@@ -228,6 +270,11 @@ int adadelta_step_##SUFFIX(const int64_t *table, int64_t n_pieces, T *square_avg
             else { skip -= rest; ++piece; offset = 0; }                               \
         }                                                                             \
     }                                                                                 \
+    if (gomp_parallel && n_threads > 1) {                                             \
+        shares[0].n_shares = n_threads;                                               \
+        gomp_parallel(run_team_share_##SUFFIX, shares, (unsigned)n_threads, 0);       \
+        return 0;                                                                     \
+    }                                                                                 \
     pthread_t threads[MAX_THREADS];                                                   \
     int started[MAX_THREADS] = {0};                                                   \
     for (int t = 1; t < n_threads; ++t)                                               \
@@ -241,5 +288,5 @@ int adadelta_step_##SUFFIX(const int64_t *table, int64_t n_pieces, T *square_avg
     return 0;                                                                         \
 }
 
-DEFINE_UPDATE(float, f32, fmaf)
-DEFINE_UPDATE(double, f64, fma)
+DEFINE_UPDATE(float, f32, fmaf, sqrtf)
+DEFINE_UPDATE(double, f64, fma, sqrt)
