@@ -106,6 +106,25 @@ typedef struct {
 } share_t;
 
 #define DEFINE_UPDATE(T, SUFFIX, FMA, SQRT)                                           \
+/* The update of one element, in three parts around its two square roots: the grad \
+   (scaled, negated, weight-decayed) and the new square_avg; then, given            \
+   d = sqrt(u + eps) / sqrt(square + eps) * g, the new acc_delta and param. */      \
+static inline __attribute__((always_inline)) T grad_##SUFFIX(                         \
+        T g, const T p, const T grad_scale, const T weight_decay, const int flags) {  \
+    if (flags & FLAG_GRAD_SCALE) g = g / grad_scale;                                  \
+    if (flags & FLAG_MAXIMIZE) g = -g;                                                \
+    if (flags & FLAG_WEIGHT_DECAY) g = FMA(p, weight_decay, g);                       \
+    return g;                                                                         \
+}                                                                                     \
+static inline __attribute__((always_inline)) void apply_##SUFFIX(                     \
+        const T d, T *restrict u, T *restrict p, const T rho, const T one_minus_rho,  \
+        const T lr, const int flags) {                                                \
+    *u = FMA(one_minus_rho * d, d, *u * rho);                                         \
+    /* A tensor lr multiplies first, as torch's capturable foreach does. */           \
+    if (flags & FLAG_LR_TENSOR) *p = *p - d * lr;                                     \
+    else *p = FMA(d, -lr, *p);                                                        \
+}                                                                                     \
+                                                                                      \
 /* n elements of one piece, with the flags of its group as constants. */             \
 static inline __attribute__((always_inline)) void update_##SUFFIX(                    \
         T *restrict p, const T *restrict gr, T *restrict v, T *restrict u,            \
@@ -114,22 +133,17 @@ static inline __attribute__((always_inline)) void update_##SUFFIX(              
     const T lr = row[LR], rho = row[RHO], one_minus_rho = row[ONE_MINUS_RHO];         \
     const T eps = row[EPS], weight_decay = row[WEIGHT_DECAY];                         \
     if (!use_torch_sqrt) {                                                            \
-        /* The IEEE sqrt: one fused pass, which the compiler vectorizes whole (the   \
-           same operations in the same order as the blocks below). */               \
+        /* The IEEE sqrt: one pass, which the compiler vectorizes whole. */           \
         for (int64_t i = 0; i < n_elements; ++i) {                                    \
-            T g = gr[i];                                                              \
-            if (flags & FLAG_GRAD_SCALE) g = g / grad_scale;                          \
-            if (flags & FLAG_MAXIMIZE) g = -g;                                        \
-            if (flags & FLAG_WEIGHT_DECAY) g = FMA(p[i], weight_decay, g);            \
+            const T g = grad_##SUFFIX(gr[i], p[i], grad_scale, weight_decay, flags);  \
             const T square = FMA(one_minus_rho * g, g, v[i] * rho);                   \
             v[i] = square;                                                            \
             const T d = SQRT(u[i] + eps) / SQRT(square + eps) * g;                    \
-            u[i] = FMA(one_minus_rho * d, d, u[i] * rho);                             \
-            if (flags & FLAG_LR_TENSOR) p[i] = p[i] - d * lr;                         \
-            else p[i] = FMA(d, -lr, p[i]);                                            \
+            apply_##SUFFIX(d, &u[i], &p[i], rho, one_minus_rho, lr, flags);           \
         }                                                                             \
         return;                                                                       \
     }                                                                                 \
+    /* torch's sqrt works on arrays: blocks of BLOCK elements, in three passes. */   \
     T g_block[BLOCK] __attribute__((aligned(64)));                                    \
     T std[BLOCK] __attribute__((aligned(64)));                                        \
     T delta[BLOCK] __attribute__((aligned(64)));                                      \
@@ -138,10 +152,7 @@ static inline __attribute__((always_inline)) void update_##SUFFIX(              
         T *restrict pb = p + first; const T *restrict gb = gr + first;                \
         T *restrict vb = v + first; T *restrict ub = u + first;                       \
         for (int i = 0; i < n; ++i) {                                                 \
-            T g = gb[i];                                                              \
-            if (flags & FLAG_GRAD_SCALE) g = g / grad_scale;                          \
-            if (flags & FLAG_MAXIMIZE) g = -g;                                        \
-            if (flags & FLAG_WEIGHT_DECAY) g = FMA(pb[i], weight_decay, g);           \
+            const T g = grad_##SUFFIX(gb[i], pb[i], grad_scale, weight_decay, flags); \
             const T square = FMA(one_minus_rho * g, g, vb[i] * rho);                  \
             vb[i] = square;                                                           \
             g_block[i] = g;                                                           \
@@ -150,13 +161,9 @@ static inline __attribute__((always_inline)) void update_##SUFFIX(              
         }                                                                             \
         sqrt_block_##SUFFIX(n, std, use_torch_sqrt);                                  \
         sqrt_block_##SUFFIX(n, delta, use_torch_sqrt);                                \
-        for (int i = 0; i < n; ++i) {                                                 \
-            const T d = delta[i] / std[i] * g_block[i];                               \
-            ub[i] = FMA(one_minus_rho * d, d, ub[i] * rho);                           \
-            /* A tensor lr multiplies first, as torch's capturable foreach does. */   \
-            if (flags & FLAG_LR_TENSOR) pb[i] = pb[i] - d * lr;                       \
-            else pb[i] = FMA(d, -lr, pb[i]);                                          \
-        }                                                                             \
+        for (int i = 0; i < n; ++i)                                                   \
+            apply_##SUFFIX(delta[i] / std[i] * g_block[i], &ub[i], &pb[i], rho,       \
+                           one_minus_rho, lr, flags);                                 \
     }                                                                                 \
 }                                                                                     \
                                                                                       \
