@@ -2,21 +2,22 @@
 
 Each shape is a list of fp32 params with fixed random grads; the "zero_grad" shapes
 time ``step()`` + ``zero_grad()`` of a training loop instead (see ``LOOPS``). The
-three optimizers
-(ours, ``torch.optim.Adadelta(foreach=True)`` and ``(foreach=False)``) and a large
-``torch`` copy, which measures this machine's copy bandwidth in the same run, are
-timed round-robin, one step each per round, in a rotating order, after warm-ups.
-Reported: medians, the interquartile range, the speed-up over torch's best median,
-and the time as a multiple of the bytes floor (28 B/param for fp32 at the measured
-copy bandwidth).
+optimizers (ours, ``torch.optim.Adadelta(foreach=True)``, ``(foreach=False)`` and,
+unless ``--quick``, ``torch.compile(torch.optim.Adadelta(...).step)``) and three
+bandwidth probes (a copy, a STREAM triad and ``a += b``: see ``PROBES``) are timed
+round-robin, one call each per round, in a rotating order, after warm-ups.
+Reported: medians, the interquartile range, the speed-up over torch's best eager
+median and over compiled torch, and the time as a multiple of the bytes floor (28
+B/param for fp32 at the best probe's bandwidth). torch.compile's first call is timed
+per shape list in processes of their own, in a fresh inductor cache and from it.
 
 On a machine without a GPU this times the CPU path (``TRITON_INTERPRET`` must be
 unset); with a GPU it times CUDA tensors and the Triton kernel.
 
 Usage::
 
-    python perf/bench_step.py            # full run, about 3-4 minutes on 2 cores
-    python perf/bench_step.py --quick    # a short run, about 1 minute
+    python perf/bench_step.py            # full run: compiled torch's cold compiles take minutes
+    python perf/bench_step.py --quick    # a short run without compiled torch, about 1 minute
 
 Writes ``perf/results/bench_step_<device>.json`` and ``.png``.
 """
@@ -50,8 +51,17 @@ from triton_adadelta.update import update_  # noqa: E402
 
 # Bytes one fp32 param moves in a fused step: read p g v u, write p v u.
 FLOOR_BYTES_PER_PARAM = 28
-# A copy this large (per side) leaves every cache and times memory alone.
-COPY_BYTES = 256 << 20
+# Bandwidth probes, timed in the same rounds: (bytes counted per element, how to run
+# it on arrays a, b, c of PROBE_BYTES each). The floor is the best probe's bandwidth.
+# A copy and a STREAM triad write lines they never read, which the CPU reads first
+# all the same (write-allocate): they see less bandwidth than a step, which reads
+# every line it writes. `a += b` reads every line it writes, as the update does.
+PROBE_BYTES = 128 << 20
+PROBES: dict[str, tuple[int, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object]]] = {
+    "copy": (8, lambda a, b, c: a.copy_(b)),
+    "triad": (12, lambda a, b, c: torch.add(b, c, alpha=3.0, out=a)),
+    "add_": (12, lambda a, b, c: a.add_(b)),
+}
 
 
 def transformer_shapes(d_model: int = 512, layers: int = 6, vocab: int = 8192) -> list[tuple[int, ...]]:
@@ -78,6 +88,11 @@ SHAPES: dict[str, list[tuple[int, ...]]] = {
     "16M in 4": [(4_000_000,)] * 4,
     "transformer 23M": transformer_shapes(),
 }
+
+
+# The rows timed with compiled torch too: grads kept. (The loop rows would compile
+# the same 1000-param step again, minutes each on 2 cores.)
+COMPILED_SHAPES = ["1000 x 100", "16M in 100", "16M in 4", "transformer 23M"]
 
 
 def make_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -141,8 +156,10 @@ def bench_shape(
     budget_s: float,
     max_rounds: int,
     loop: str | None = None,
+    compiled: bool = True,
+    inductor_cache: Path | None = None,
 ) -> dict[str, object]:
-    """Round-robin timing of the three optimizers and a copy, for one shape."""
+    """Round-robin timing of the optimizers and the bandwidth probes, for one shape."""
     timed = make_timer(device)
     n_params = sum(torch.Size(shape).numel() for shape in shapes)
     optimizers: dict[str, torch.optim.Optimizer] = {
@@ -150,15 +167,24 @@ def bench_shape(
         "torch foreach": torch.optim.Adadelta(make_params(shapes, device, 0), lr=1.0, foreach=True),
         "torch for-loop": torch.optim.Adadelta(make_params(shapes, device, 0), lr=1.0, foreach=False),
     }
-    copy_source = torch.ones(COPY_BYTES // 4, device=device)
-    copy_target = torch.zeros_like(copy_source)
+    if compiled:
+        optimizers["torch compiled"] = torch.optim.Adadelta(make_params(shapes, device, 0), lr=1.0)
+    steps = {label: optimizer.step for label, optimizer in optimizers.items()}
+    if compiled:
+        # torch's recipe: the whole step compiled (inductor fuses it into one loop),
+        # from the inductor cache that compile_delays filled for this shape list.
+        if inductor_cache is not None:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache)
+        torch._dynamo.reset()
+        steps["torch compiled"] = torch.compile(optimizers["torch compiled"].step)
+    arrays = [torch.full((PROBE_BYTES // 4,), float(k + 1), device=device) for k in range(3)]
     # Each action is (untimed preparation or None, timed call).
     actions: dict[str, tuple[Callable[[], object] | None, Callable[[], object]]] = {}
     # Per-round times of step() and of zero_grad() alone, for the loop shapes.
     parts: dict[str, dict[str, list[float]]] = {}
     for label, optimizer in optimizers.items():
         if loop is None:
-            actions[label] = (None, optimizer.step)
+            actions[label] = (None, steps[label])
             continue
         params = optimizer.param_groups[0]["params"]
         grads = [param.grad.detach().clone() for param in params]
@@ -174,9 +200,11 @@ def bench_shape(
             with torch.enable_grad():
                 torch.autograd.backward(torch._foreach_mul(params, grads), ones)
 
-        def step_and_zero_grad(optimizer: torch.optim.Optimizer = optimizer, split: dict = parts[label]) -> None:
+        def step_and_zero_grad(
+            optimizer: torch.optim.Optimizer = optimizer, split: dict = parts[label], step: Callable = steps[label]
+        ) -> None:
             start = time.perf_counter()
-            optimizer.step()
+            step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             middle = time.perf_counter()
@@ -187,7 +215,8 @@ def bench_shape(
             split["zero_grad()"].append(time.perf_counter() - middle)
 
         actions[label] = (backward, step_and_zero_grad)
-    actions["copy"] = (None, lambda: copy_target.copy_(copy_source))
+    for probe, (_, run_probe) in PROBES.items():
+        actions[f"probe {probe}"] = (None, lambda run_probe=run_probe: run_probe(*arrays))
 
     def run(label: str) -> float:
         prepare, action = actions[label]
@@ -212,22 +241,31 @@ def bench_shape(
         for label in labels[shift:] + labels[:shift]:
             samples[label].append(run(label))
 
-    copy_stats = quantiles(samples.pop("copy"))
-    bandwidth = 2 * COPY_BYTES / copy_stats["median"]  # bytes read + written per second
+    # Bytes read + written per second, by each probe's median; the floor takes the best.
+    probe_bandwidth = {
+        probe: bytes_per_element * (PROBE_BYTES // 4) / statistics.median(samples.pop(f"probe {probe}"))
+        for probe, (bytes_per_element, _) in PROBES.items()
+    }
+    bandwidth = max(probe_bandwidth.values())
     floor_s = FLOOR_BYTES_PER_PARAM * n_params / bandwidth
     stats = {label: quantiles(values) for label, values in samples.items()}
     torch_best = min(stats["torch foreach"]["median"], stats["torch for-loop"]["median"])
     ours = stats["triton_adadelta"]["median"]
+    compiled_ratio = stats["torch compiled"]["median"] / ours if compiled else None
     return {
         "shape": name,
         "timed": LOOP_TIMED[loop],
         "n_tensors": len(shapes),
         "n_params": n_params,
         "rounds": rounds,
-        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "copy_bandwidth_GBps": probe_bandwidth["copy"] / 1e9,
+        "probe_bandwidth_GBps": {probe: value / 1e9 for probe, value in probe_bandwidth.items()},
+        "floor_bandwidth_GBps": bandwidth / 1e9,
         "floor_ms": floor_s * 1e3,
         "timings_ms": {label: {k: v * 1e3 for k, v in s.items()} for label, s in stats.items()},
         "speedup_vs_torch_best": torch_best / ours,
+        # torch compiled's median over ours (above 1: ours is faster).
+        "speedup_vs_torch_compiled": compiled_ratio,
         "ours_x_floor": ours / floor_s,
         "torch_best_x_floor": torch_best / floor_s,
         "backends": optimizers["triton_adadelta"].backends(),  # type: ignore[attr-defined]
@@ -265,6 +303,40 @@ def step_overhead(device: torch.device, n_params: int = 1000, size: int = 100, r
     return {label: statistics.median(values) * 1e6 for label, values in samples.items()}
 
 
+def inductor_cache_for(name: str, root: Path) -> Path:
+    """The inductor cache of a shape list (shapes with the same params share one)."""
+    return root / str(abs(hash(tuple(SHAPES[name]))))
+
+
+def compile_delays(names: list[str], root: Path) -> dict[str, dict[str, float]]:
+    """torch.compile's first call of ``torch.optim.Adadelta.step`` per distinct shape
+    list: in a fresh inductor cache (cold), then again from it (cached), each in a
+    process of its own. The timed rounds then compile from that cache."""
+    delays: dict[str, dict[str, float]] = {}
+    done: dict[tuple[tuple[int, ...], ...], str] = {}
+    for name in names:
+        key = tuple(SHAPES[name])
+        if key in done:
+            delays[name] = delays[done[key]]
+            continue
+        done[key] = name
+        code = (
+            "import sys, time, torch\n"
+            f"params = [torch.nn.Parameter(torch.randn(shape)) for shape in {list(key)!r}]\n"
+            "for param in params: param.grad = torch.randn_like(param)\n"
+            "step = torch.compile(torch.optim.Adadelta(params, lr=1.0).step)\n"
+            "start = time.perf_counter(); step(); print(time.perf_counter() - start)"
+        )
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(inductor_cache_for(name, root)))
+        delays[name] = {}
+        for label in ("cold_s", "cached_s"):
+            result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            delays[name][label] = float(result.stdout.split()[-1])
+        print(f"  torch.compile of Adadelta.step on {name}: {delays[name]['cold_s']:.1f} s cold, "
+              f"{delays[name]['cached_s']:.1f} s cached")  # fmt: skip
+    return delays
+
+
 # The libraries compiled at first use: (label, module, call that builds or loads it).
 NATIVE_LIBRARIES = [("native CPU loop", "cpu", "native_library()"), ("param reader", "reader", "param_reader(wait=True)")]
 
@@ -290,9 +362,12 @@ def native_build_delay() -> dict[str, dict[str, float | bool]]:
 
 
 def format_table(results: list[dict[str, object]]) -> str:
+    compiled = any("torch compiled" in r["timings_ms"] for r in results)  # type: ignore[operator]
     header = (
         f"{'shape':<42} {'params':>9} {'ours ms':>16} {'foreach ms':>16} {'for-loop ms':>16} "
-        f"{'speed-up':>8} {'floor ms':>8} {'ours/floor':>10} {'torch/floor':>11} {'copy GB/s':>9}"
+        + (f"{'compiled ms':>16} " if compiled else "")
+        + f"{'speed-up':>8} " + (f"{'vs comp.':>8} " if compiled else "")
+        + f"{'floor ms':>8} {'ours/floor':>10} {'torch/floor':>11} {'floor GB/s':>10} {'copy GB/s':>9}"
     )
     lines = [header, "-" * len(header)]
     for result in results:
@@ -300,16 +375,24 @@ def format_table(results: list[dict[str, object]]) -> str:
         assert isinstance(timings, dict)
 
         def cell(label: str) -> str:
+            if label not in timings:
+                return "-"
             stats = timings[label]
             return f"{stats['median']:7.3f} [{stats['q1']:.2f}-{stats['q3']:.2f}]"
 
         lines.append(
             f"{result['shape']:<42} {result['n_params']:>9} {cell('triton_adadelta'):>16} "
-            f"{cell('torch foreach'):>16} {cell('torch for-loop'):>16} {result['speedup_vs_torch_best']:>7.1f}x "
-            f"{result['floor_ms']:>8.3f} {result['ours_x_floor']:>9.2f}x {result['torch_best_x_floor']:>10.2f}x "
-            f"{result['copy_bandwidth_GBps']:>9.1f}"
+            f"{cell('torch foreach'):>16} {cell('torch for-loop'):>16} "
+            + (f"{cell('torch compiled'):>16} " if compiled else "")
+            + f"{result['speedup_vs_torch_best']:>7.1f}x "
+            + (f"{vs_compiled:>7.2f}x " if (vs_compiled := result["speedup_vs_torch_compiled"]) else f"{'-':>8} ")
+            * compiled
+            + f"{result['floor_ms']:>8.3f} {result['ours_x_floor']:>9.2f}x {result['torch_best_x_floor']:>10.2f}x "
+            f"{result['floor_bandwidth_GBps']:>10.1f} {result['copy_bandwidth_GBps']:>9.1f}"
         )
-    lines.append("times: median [q1-q3] over interleaved rounds; speed-up: torch's best median / ours")
+    lines.append("times: median [q1-q3] over interleaved rounds; speed-up: torch's best eager median / ours;")
+    lines.append("  vs comp.: torch.compile'd torch.optim.Adadelta's median / ours;")
+    lines.append("  floor: 28 B/param at the best probe's bandwidth (copy, STREAM triad, a += b)")
     lines.append("zero_grad rows: step() + zero_grad() timed together; grads from a real autograd backward,")
     lines.append("  or assigned in Python where the row says so. Medians of each part alone:")
     for result in results:
@@ -329,21 +412,22 @@ def plot(results: list[dict[str, object]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = ["triton_adadelta", "torch foreach", "torch for-loop"]
+    labels = [label for label in ("triton_adadelta", "torch foreach", "torch for-loop", "torch compiled")
+              if all(label in r["timings_ms"] for r in results)]  # type: ignore[operator]  # fmt: skip
     figure, axis = plt.subplots(figsize=(11, 5))
-    width = 0.25
+    width = 0.8 / len(labels)
     for i, label in enumerate(labels):
         medians = [r["timings_ms"][label]["median"] for r in results]  # type: ignore[index]
         errors = [
             [r["timings_ms"][label]["median"] - r["timings_ms"][label]["q1"] for r in results],  # type: ignore[index]
             [r["timings_ms"][label]["q3"] - r["timings_ms"][label]["median"] for r in results],  # type: ignore[index]
         ]
-        positions = [j + (i - 1) * width for j in range(len(results))]
+        positions = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(results))]
         axis.bar(positions, medians, width, yerr=errors, label=label, capsize=2)
     for j, result in enumerate(results):
         floor = result["floor_ms"]
-        axis.hlines(floor, j - 1.5 * width, j + 1.5 * width, colors="black", linestyles="--",
-                    label="bytes floor (28 B/param at copy bandwidth)" if j == 0 else None)  # fmt: skip
+        axis.hlines(floor, j - 0.4, j + 0.4, colors="black", linestyles="--",
+                    label="bytes floor (28 B/param at the best probe's bandwidth)" if j == 0 else None)  # fmt: skip
     axis.set_xticks(range(len(results)), [str(r["shape"]).replace(", ", ",\n") for r in results], fontsize=8)
     axis.set_yscale("log")
     axis.set_ylabel("ms per timed call (median, IQR bars)")
@@ -362,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", nargs="*", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--budget-s", type=float, default=None, help="seconds of timed rounds per shape (default 40, --quick 8)")
     parser.add_argument("--no-build-timing", action="store_true", help="CPU: skip timing the native library's first build")
+    parser.add_argument(
+        "--compiled", action=argparse.BooleanOptionalAction, default=None,
+        help="time torch.compile'd torch.optim.Adadelta too, and its cold and cached compile "
+        "(default: on, off with --quick: a cold compile of 1000 x 100 params takes minutes)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -380,6 +469,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label}: available={delay['available']}, first call in a fresh cache "
                   f"{delay['cold_cache_s']:.2f} s (compile), from the cache {delay['warm_cache_s']:.2f} s")  # fmt: skip
 
+    compiled = (not args.quick) if args.compiled is None else args.compiled
+    inductor_root = Path(tempfile.mkdtemp(prefix="bench_step_inductor_"))
+    compiled_shapes = [name for name in args.shapes if compiled and name in COMPILED_SHAPES]
+    compile_delay = compile_delays(compiled_shapes, inductor_root)
+
     # Every timed step reads its params through the native reader (built in the
     # background at first use otherwise, so the warm-ups would time the Python reads).
     param_reader(wait=True)
@@ -393,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         "budget_s_per_shape": budget_s,
         "floor_bytes_per_param": FLOOR_BYTES_PER_PARAM,
         "native_cpu_build": build,
+        "torch_compile_first_call": compile_delay,
         "param_reader": reader_status(),
         "complete": False,
         "results": [],
@@ -401,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.shapes:
         result = bench_shape(
             name, SHAPES[name], device, warmup=warmup, budget_s=budget_s, max_rounds=max_rounds,
-            loop=LOOPS.get(name),
+            loop=LOOPS.get(name), compiled=name in compiled_shapes, inductor_cache=inductor_cache_for(name, inductor_root),
         )  # fmt: skip
         results.append(result)
         print(f"  {name}: {result['rounds']} rounds, ours {result['timings_ms']['triton_adadelta']['median']:.3f} ms")
