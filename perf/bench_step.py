@@ -25,6 +25,7 @@ Writes ``perf/results/bench_step_<device>.json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -413,16 +414,14 @@ def plot(results: list[dict[str, object]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     labels = [label for label in ("triton_adadelta", "torch foreach", "torch for-loop", "torch compiled")
-              if all(label in r["timings_ms"] for r in results)]  # type: ignore[operator]  # fmt: skip
-    figure, axis = plt.subplots(figsize=(11, 5))
+              if any(label in r["timings_ms"] for r in results)]  # type: ignore[operator]  # fmt: skip
+    figure, axis = plt.subplots(figsize=(13, 5))
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
-        medians = [r["timings_ms"][label]["median"] for r in results]  # type: ignore[index]
-        errors = [
-            [r["timings_ms"][label]["median"] - r["timings_ms"][label]["q1"] for r in results],  # type: ignore[index]
-            [r["timings_ms"][label]["q3"] - r["timings_ms"][label]["median"] for r in results],  # type: ignore[index]
-        ]
-        positions = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(results))]
+        timed = [(j, r["timings_ms"][label]) for j, r in enumerate(results) if label in r["timings_ms"]]  # type: ignore[operator,index]
+        medians = [stats["median"] for _, stats in timed]
+        errors = [[stats["median"] - stats["q1"] for _, stats in timed], [stats["q3"] - stats["median"] for _, stats in timed]]
+        positions = [j + (i - (len(labels) - 1) / 2) * width for j, _ in timed]
         axis.bar(positions, medians, width, yerr=errors, label=label, capsize=2)
     for j, result in enumerate(results):
         floor = result["floor_ms"]
@@ -432,7 +431,7 @@ def plot(results: list[dict[str, object]], path: Path, title: str) -> None:
     axis.set_yscale("log")
     axis.set_ylabel("ms per timed call (median, IQR bars)")
     axis.set_title(title)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -445,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "perf" / "results")
     parser.add_argument("--shapes", nargs="*", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--budget-s", type=float, default=None, help="seconds of timed rounds per shape (default 40, --quick 8)")
+    parser.add_argument("--replot", action="store_true", help="redraw the plot from the results file in --out, timing nothing")
     parser.add_argument("--no-build-timing", action="store_true", help="CPU: skip timing the native library's first build")
     parser.add_argument(
         "--compiled", action=argparse.BooleanOptionalAction, default=None,
@@ -454,6 +454,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.replot:
+        stem = args.out / f"bench_step_{device.type}"
+        record = json.loads(stem.with_suffix(".json").read_text())
+        machine = record["machine"]
+        plot(record["results"], stem.with_suffix(".png"), f"AdaDelta step(), fp32, {machine.get('gpu', machine['cpu_model'])}")
+        print(f"wrote {stem.with_suffix('.png')}")
+        return 0
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"no CUDA device: torch {torch.__version__} sees none")
     warmup, budget_s, max_rounds = (2, 8.0, 15) if args.quick else (5, 40.0, 60)
