@@ -25,8 +25,10 @@ Writes ``perf/results/bench_step_<device>.json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -478,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
 
     compiled = (not args.quick) if args.compiled is None else args.compiled
     inductor_root = Path(tempfile.mkdtemp(prefix="bench_step_inductor_"))
+    atexit.register(shutil.rmtree, inductor_root, True)  # (the compiled steps' caches: gone at exit)
     compiled_shapes = [name for name in args.shapes if compiled and name in COMPILED_SHAPES]
     compile_delay = compile_delays(compiled_shapes, inductor_root)
 

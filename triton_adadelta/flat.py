@@ -541,9 +541,10 @@ class FlatState:
         """Whether param ``i``'s data was replaced since this state last saw it."""
         return local_tensor(self.params[i]).data_ptr() != self._param_ptrs[i]
 
-    def _copy_param_to_master(self, i: int) -> None:
+    def _copy_param_to_master(self, i: int, param: torch.Tensor | None = None) -> None:
+        """Param ``i`` (or ``param``, a compiled graph's tensor in its place) into the master copy."""
         start, end = self.offsets[i], self.offsets[i] + self.numels[i]
-        self.master[start:end].copy_(_real_flat(local_tensor(self.params[i]).detach()))
+        self.master[start:end].copy_(_real_flat(local_tensor(self.params[i] if param is None else param).detach()))
 
     # --------------------------------------------------------------- each step
     def hparams(self, param_groups: list[dict[str, Any]]) -> torch.Tensor:
@@ -818,7 +819,7 @@ class FlatState:
             start, end = self.offsets[i], self.offsets[i] + self.numels[i]
             flat = _real_flat(param.detach())
             if not torch.equal(flat, self.master[start:end].to(flat.dtype)):
-                self.master[start:end].copy_(flat)
+                self._copy_param_to_master(i, param)
         self._versions = list(map(_VERSION, self.local_tensors()))
         self._read_versions = None
 

@@ -51,7 +51,7 @@ GradZeroer = Callable[[list[torch.Tensor], int], int]
 
 _SOURCE = Path(__file__).parent / "csrc" / "read_params.cpp"
 
-# The compile against torch's headers took 16.3-18.1 s on the 2-core machine we test on
+# The compile against torch's headers took 16.3-19.2 s on the 2-core machine we test on
 # (perf/bench_step.py); it runs in the background, so the bound can be generous.
 _BUILD_TIMEOUT_S = 90.0
 
@@ -182,9 +182,9 @@ class record_function:
 
     __slots__ = ("_name", "_encoded", "_record", "_torch")
 
-    def __init__(self, name: str, encoded: bytes | None = None) -> None:
+    def __init__(self, name: str) -> None:
         self._name = name
-        self._encoded = name.encode() if encoded is None else encoded  # outlives the record
+        self._encoded = name.encode()  # (outlives the record)
         self._record: int | None = None
         self._torch: torch.autograd.profiler.record_function | None = None
 
