@@ -34,8 +34,9 @@ Dtype modes (the optimizer, not this kernel, decides how state is stored):
 * ``master``: an fp32 master copy is read and written instead of the param, and the
   param gets the master rounded to nearest;
 * ``stochastic_rounding``: the low-precision param store rounds up or down with
-  probability proportional to the distance, so it is unbiased. The noise is drawn
-  from the element's index in the flat state, so no two params share a stream.
+  probability proportional to the distance, so it is unbiased (``_round_stochastic``).
+  The noise is 16 bits of Philox keyed by a per-step seed, at the element's index in
+  the flat state (``_noise16``), so no two params share a stream.
 
 When ``found_inf`` is given and non-zero nothing is written, decided on the device
 with no host sync. Step counts are not the kernel's business: the optimizer
@@ -93,6 +94,13 @@ BLOCK_SIZES = sorted({config.kwargs["BLOCK_SIZE"] for config in AUTOTUNE_CONFIGS
 MIN_BLOCK_SIZE = BLOCK_SIZES[0]
 _MAP_SLOTS = BLOCK_SIZES[-1] // MIN_BLOCK_SIZE + 1
 
+# Rounds of the stochastic rounding's Philox-4x32: 7, the fewest that Salmon et al.
+# (SC'11, table 2) found Crush-resistant (passing TestU01's BigCrush), not Triton's
+# default 10, which adds a margin: on the CPU, where the noise is computed (not hidden
+# behind memory as on a GPU), 10 rounds cost more than the rest of the step.
+PHILOX_ROUNDS = 7
+_PHILOX_ROUNDS = tl.constexpr(PHILOX_ROUNDS)  # (what a jitted function may read)
+
 _ELEMENT_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8}
 
 
@@ -101,7 +109,7 @@ _ELEMENT_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.f
 # assembly on gfx942 (perf/sweep.py --target, triton 3.9; perf/results/sweep_aot_*.json
 # lists the dropped configs with their figures). gfx942 spills nothing up to 32.
 #   fp32, bf16, fp16: 32, none spills.
-#   stochastic rounding: 16; 32 spilled 452 B on sm_90 and 232-240 B on sm_80.
+#   stochastic rounding: 16; 32 spilled 384-416 B on sm_90 and 240-248 B on sm_80.
 #   master weights: 8; 16 spilled 8-16 B on sm_90 (B2048_w4, B4096_w8), 32 spilled 40-48 B.
 #   fp64: 8; 16 spilled 160 B on sm_90, 32 spilled 1664-3288 B on sm_80/sm_90.
 _MAX_PER_THREAD = 32
@@ -345,6 +353,50 @@ def _round_to_nearest(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _noise16(seed, index):
+    """16 uniform random bits (as uint32) for the element at ``index`` of the flat state.
+
+    Philox-4x32 keyed by ``seed`` gives four 32-bit words, eight halves, per
+    counter: element ``i`` takes half ``i % 8`` of counter ``i // 8`` (low half
+    first). One stream per element, no two params alike; the CPU loop makes one
+    Philox call per eight elements for the same bits (``csrc/adadelta_cpu.c``).
+    16 bits are what rounding fp32 to bf16 drops, so the rounding is exactly unbiased.
+    """
+    word0, word1, word2, word3 = tl.randint4x(seed, index >> 3, _PHILOX_ROUNDS)
+    lane = (index >> 1) & 3
+    word = tl.where(lane == 0, word0, tl.where(lane == 1, word1, tl.where(lane == 2, word2, word3)))
+    return tl.where((index & 1) == 0, word & 0xFFFF, word >> 16)
+
+
+@triton.jit
+def _round_stochastic(x, noise16, DTYPE: tl.constexpr):
+    """Round fp32 ``x`` to DTYPE up or down in magnitude, given 16 random bits.
+
+    bf16: add the bits below the 16 kept ones and truncate, so ``x`` rounds away
+    from zero with probability (dropped bits) / 2**16, exactly, and its expectation
+    is ``x``. fp16: the neighbour beyond or short of the nearest, with probability
+    (distance to the nearest) / (gap), against ``noise16 / 2**16``.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + noise16) >> 16
+        # A NaN stays a (quiet) NaN instead of carrying into the sign.
+        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        nearest = _round_to_nearest(x, DTYPE)
+        nearest_value = _widen(nearest, tl.float32)
+        # The other neighbour of `x`: the magnitude bits one up when |x| lies beyond
+        # |nearest|, one down when it lies short of it.
+        beyond = tl.abs(x) > tl.abs(nearest_value)
+        other_bits = nearest.to(tl.int16, bitcast=True) + tl.where(beyond, 1, -1).to(tl.int16)
+        other = other_bits.to(DTYPE, bitcast=True)
+        # (Exact values give fraction 0, or NaN for a NaN gap: both keep nearest.)
+        fraction = _div(x - nearest_value, _widen(other, tl.float32) - nearest_value)
+        return tl.where(noise16.to(tl.float32) * (1.0 / 65536.0) < fraction, other, nearest)
+
+
+@triton.jit
 def _update_block(
     # pointers: the piece's param and grad, and its place in the flat state
     param_ptr,
@@ -399,19 +451,7 @@ def _update_block(
     if HAS_MASTER:
         tl.store(master_ptr + state_offs, param.to(master_ptr.dtype.element_ty), mask=mask)
     if STOCHASTIC_ROUNDING:
-        low_ty: tl.constexpr = param_ptr.dtype.element_ty
-        nearest = _round_to_nearest(param, low_ty)
-        nearest_value = _widen(nearest, tl.float32)
-        # The other neighbour of `param`: the magnitude bits one up when |param|
-        # lies beyond |nearest|, one down when it lies short of it.
-        beyond = tl.abs(param) > tl.abs(nearest_value)
-        other_bits = nearest.to(tl.int16, bitcast=True) + tl.where(beyond, 1, -1).to(tl.int16)
-        other = other_bits.to(low_ty, bitcast=True)
-        # P(other) = distance to nearest / gap, so the expected store is `param`.
-        # (Exact values give fraction 0, or NaN for a NaN gap: both keep nearest.)
-        fraction = _div(param - nearest_value, _widen(other, tl.float32) - nearest_value)
-        # Noise by the element's index in the flat state: one stream per element.
-        rounded = tl.where(tl.rand(seed, state_offs) < fraction, other, nearest)
+        rounded = _round_stochastic(param, _noise16(seed, state_offs), param_ptr.dtype.element_ty)
         tl.store(param_ptr + offs, rounded, mask=mask)
     else:
         tl.store(param_ptr + offs, _round_to_nearest(param, param_ptr.dtype.element_ty), mask=mask)

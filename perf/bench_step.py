@@ -1,14 +1,16 @@
 """Time whole ``step()`` calls of ``triton_adadelta.Adadelta`` against torch's Adadelta.
 
-Each shape is a list of fp32 params with fixed random grads; the "zero_grad" shapes
-time ``step()`` + ``zero_grad()`` of a training loop instead (see ``LOOPS``). The
+Each shape is a list of fp32 params with fixed random grads (bf16 for the rows of
+``BF16_SHAPES``, ours in the mode the row names: master weights or stochastic
+rounding); the "zero_grad" shapes time ``step()`` + ``zero_grad()`` of a training
+loop instead (see ``LOOPS``). The
 optimizers (ours, ``torch.optim.Adadelta(foreach=True)``, ``(foreach=False)`` and,
 unless ``--quick``, ``torch.compile(torch.optim.Adadelta(...).step)``) and three
 bandwidth probes (a copy, a STREAM triad and ``a += b``: see ``PROBES``) are timed
 round-robin, one call each per round, in a rotating order, after warm-ups.
 Reported: medians, the interquartile range, the speed-up over torch's best eager
 median and over compiled torch, and the time as a multiple of the bytes floor (28
-B/param for fp32 at the best probe's bandwidth). torch.compile's first call is timed
+B/param for fp32, the mode's bytes for bf16, at the best probe's bandwidth). torch.compile's first call is timed
 per shape list in processes of their own, in a fresh inductor cache and from it.
 
 On a machine without a GPU this times the CPU path (``TRITON_INTERPRET`` must be
@@ -90,12 +92,31 @@ SHAPES: dict[str, list[tuple[int, ...]]] = {
     "16M in 100": [(160_000,)] * 100,
     "16M in 4": [(4_000_000,)] * 4,
     "transformer 23M": transformer_shapes(),
+    "16M bf16 in 100, master weights": [(160_000,)] * 100,
+    "16M bf16 in 100, stochastic rounding": [(160_000,)] * 100,
 }
+
+# Shapes of bf16 params: (our options, bytes one param moves in our fused step). Every
+# optimizer of the row gets bf16 params; torch's keeps its state in bf16 too.
+#   master weights: read g (2) and the fp32 master, v, u (12); write them (12) and p (2).
+#   stochastic rounding: read p g (4) v u (8); write p (2) v u (8).
+BF16_SHAPES: dict[str, tuple[dict[str, bool], int]] = {
+    "16M bf16 in 100, master weights": ({"master_weights": True}, 28),
+    "16M bf16 in 100, stochastic rounding": ({"stochastic_rounding": True}, 22),
+}
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return torch.bfloat16 if name in BF16_SHAPES else torch.float32
+
+
+def floor_bytes_of(name: str) -> int:
+    return BF16_SHAPES[name][1] if name in BF16_SHAPES else FLOOR_BYTES_PER_PARAM
 
 
 # The rows timed with compiled torch too: grads kept. (The loop rows would compile
 # the same 1000-param step again, minutes each on 2 cores.)
-COMPILED_SHAPES = ["1000 x 100", "16M in 100", "16M in 4", "transformer 23M"]
+COMPILED_SHAPES = ["1000 x 100", "16M in 100", "16M in 4", "transformer 23M", *BF16_SHAPES]
 
 
 def make_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -135,12 +156,14 @@ LOOP_TIMED = {
 }
 
 
-def make_params(shapes: list[tuple[int, ...]], device: torch.device, seed: int) -> list[torch.nn.Parameter]:
+def make_params(
+    shapes: list[tuple[int, ...]], device: torch.device, seed: int, dtype: torch.dtype = torch.float32
+) -> list[torch.nn.Parameter]:
     generator = torch.Generator().manual_seed(seed)
     params = []
     for shape in shapes:
-        param = torch.nn.Parameter(torch.randn(shape, generator=generator).to(device))
-        param.grad = torch.randn(shape, generator=generator).to(device)
+        param = torch.nn.Parameter(torch.randn(shape, generator=generator).to(device, dtype))
+        param.grad = torch.randn(shape, generator=generator).to(device, dtype)
         params.append(param)
     return params
 
@@ -165,13 +188,14 @@ def bench_shape(
     """Round-robin timing of the optimizers and the bandwidth probes, for one shape."""
     timed = make_timer(device)
     n_params = sum(torch.Size(shape).numel() for shape in shapes)
+    dtype, options = dtype_of(name), BF16_SHAPES.get(name, ({}, 0))[0]
     optimizers: dict[str, torch.optim.Optimizer] = {
-        "triton_adadelta": triton_adadelta.Adadelta(make_params(shapes, device, 0), lr=1.0),
-        "torch foreach": torch.optim.Adadelta(make_params(shapes, device, 0), lr=1.0, foreach=True),
-        "torch for-loop": torch.optim.Adadelta(make_params(shapes, device, 0), lr=1.0, foreach=False),
+        "triton_adadelta": triton_adadelta.Adadelta(make_params(shapes, device, 0, dtype), lr=1.0, **options),
+        "torch foreach": torch.optim.Adadelta(make_params(shapes, device, 0, dtype), lr=1.0, foreach=True),
+        "torch for-loop": torch.optim.Adadelta(make_params(shapes, device, 0, dtype), lr=1.0, foreach=False),
     }
     if compiled:
-        optimizers["torch compiled"] = torch.optim.Adadelta(make_params(shapes, device, 0), lr=1.0)
+        optimizers["torch compiled"] = torch.optim.Adadelta(make_params(shapes, device, 0, dtype), lr=1.0)
     steps = {label: optimizer.step for label, optimizer in optimizers.items()}
     if compiled:
         # torch's recipe: the whole step compiled (inductor fuses it into one loop),
@@ -250,7 +274,7 @@ def bench_shape(
         for probe, (bytes_per_element, _) in PROBES.items()
     }
     bandwidth = max(probe_bandwidth.values())
-    floor_s = FLOOR_BYTES_PER_PARAM * n_params / bandwidth
+    floor_s = floor_bytes_of(name) * n_params / bandwidth
     stats = {label: quantiles(values) for label, values in samples.items()}
     torch_best = min(stats["torch foreach"]["median"], stats["torch for-loop"]["median"])
     ours = stats["triton_adadelta"]["median"]
@@ -260,6 +284,9 @@ def bench_shape(
         "timed": LOOP_TIMED[loop],
         "n_tensors": len(shapes),
         "n_params": n_params,
+        "param_dtype": str(dtype).removeprefix("torch."),
+        "options": options,
+        "floor_bytes_per_param": floor_bytes_of(name),
         "rounds": rounds,
         "copy_bandwidth_GBps": probe_bandwidth["copy"] / 1e9,
         "probe_bandwidth_GBps": {probe: value / 1e9 for probe, value in probe_bandwidth.items()},
@@ -308,7 +335,7 @@ def step_overhead(device: torch.device, n_params: int = 1000, size: int = 100, r
 
 def inductor_cache_for(name: str, root: Path) -> Path:
     """The inductor cache of a shape list (shapes with the same params share one)."""
-    return root / str(abs(hash(tuple(SHAPES[name]))))
+    return root / str(abs(hash((tuple(SHAPES[name]), str(dtype_of(name))))))
 
 
 def compile_delays(names: list[str], root: Path) -> dict[str, dict[str, float]]:
@@ -316,16 +343,16 @@ def compile_delays(names: list[str], root: Path) -> dict[str, dict[str, float]]:
     list: in a fresh inductor cache (cold), then again from it (cached), each in a
     process of its own. The timed rounds then compile from that cache."""
     delays: dict[str, dict[str, float]] = {}
-    done: dict[tuple[tuple[int, ...], ...], str] = {}
+    done: dict[tuple[object, ...], str] = {}
     for name in names:
-        key = tuple(SHAPES[name])
+        key = (tuple(SHAPES[name]), str(dtype_of(name)))
         if key in done:
             delays[name] = delays[done[key]]
             continue
         done[key] = name
         code = (
             "import sys, time, torch\n"
-            f"params = [torch.nn.Parameter(torch.randn(shape)) for shape in {list(key)!r}]\n"
+            f"params = [torch.nn.Parameter(torch.randn(shape).to({key[1]})) for shape in {SHAPES[name]!r}]\n"
             "for param in params: param.grad = torch.randn_like(param)\n"
             "step = torch.compile(torch.optim.Adadelta(params, lr=1.0).step)\n"
             "start = time.perf_counter(); step(); print(time.perf_counter() - start)"
@@ -395,7 +422,9 @@ def format_table(results: list[dict[str, object]]) -> str:
         )
     lines.append("times: median [q1-q3] over interleaved rounds; speed-up: torch's best eager median / ours;")
     lines.append("  vs comp.: torch.compile'd torch.optim.Adadelta's median / ours;")
-    lines.append("  floor: 28 B/param at the best probe's bandwidth (copy, STREAM triad, a += b)")
+    lines.append("  floor: the row's bytes per param (28 for fp32 and bf16 with master weights, 22 for bf16 with")
+    lines.append("  stochastic rounding) at the best probe's bandwidth (copy, STREAM triad, a += b); bf16 rows:")
+    lines.append("  every optimizer on bf16 params, ours with the mode the row names")
     lines.append("zero_grad rows: step() + zero_grad() timed together; grads from a real autograd backward,")
     lines.append("  or assigned in Python where the row says so. Medians of each part alone:")
     for result in results:
@@ -417,7 +446,7 @@ def plot(results: list[dict[str, object]], path: Path, title: str) -> None:
 
     labels = [label for label in ("triton_adadelta", "torch foreach", "torch for-loop", "torch compiled")
               if any(label in r["timings_ms"] for r in results)]  # type: ignore[operator]  # fmt: skip
-    figure, axis = plt.subplots(figsize=(13, 5))
+    figure, axis = plt.subplots(figsize=(15, 5))
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
         timed = [(j, r["timings_ms"][label]) for j, r in enumerate(results) if label in r["timings_ms"]]  # type: ignore[operator,index]
@@ -428,7 +457,7 @@ def plot(results: list[dict[str, object]], path: Path, title: str) -> None:
     for j, result in enumerate(results):
         floor = result["floor_ms"]
         axis.hlines(floor, j - 0.4, j + 0.4, colors="black", linestyles="--",
-                    label="bytes floor (28 B/param at the best probe's bandwidth)" if j == 0 else None)  # fmt: skip
+                    label="bytes floor (the row's B/param at the best probe's bandwidth)" if j == 0 else None)  # fmt: skip
     axis.set_xticks(range(len(results)), [str(r["shape"]).replace(", ", ",\n") for r in results], fontsize=8)
     axis.set_yscale("log")
     axis.set_ylabel("ms per timed call (median, IQR bars)")
@@ -460,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         stem = args.out / f"bench_step_{device.type}"
         record = json.loads(stem.with_suffix(".json").read_text())
         machine = record["machine"]
-        plot(record["results"], stem.with_suffix(".png"), f"AdaDelta step(), fp32, {machine.get('gpu', machine['cpu_model'])}")
+        plot(record["results"], stem.with_suffix(".png"), f"AdaDelta step(), {machine.get('gpu', machine['cpu_model'])}")
         print(f"wrote {stem.with_suffix('.png')}")
         return 0
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -525,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out / f"{stem}.json", record)
     print(f"\nwrote {args.out / (stem + '.json')}")
     try:
-        plot(results, args.out / f"{stem}.png", f"AdaDelta step(), fp32, {info.get('gpu', info['cpu_model'])}")
+        plot(results, args.out / f"{stem}.png", f"AdaDelta step(), {info.get('gpu', info['cpu_model'])}")
         print(f"wrote {args.out / (stem + '.png')}")
     except ImportError as error:
         print(f"plot skipped: {error.name} not installed")

@@ -25,6 +25,7 @@ from tolerances import TOLERANCES
 from triton_adadelta import cpu
 from triton_adadelta.flat import hparams_table, table_for_tensors
 from triton_adadelta.kernels.adadelta import GROUP_ROW, LR, state_dtype_for, vector_elements
+from triton_adadelta.kernels.adadelta import adadelta_step_ as update_kernel_
 from triton_adadelta.native_build import find_compiler
 
 CPU = torch.device("cpu")
@@ -317,8 +318,12 @@ LOW_PRECISION_MODES = [
 ]
 
 
+@pytest.mark.parametrize("implementation", ["native", "chunked"])
 @pytest.mark.parametrize("mode", LOW_PRECISION_MODES, ids=lambda m: m.name)
-def test_chunked_low_precision_modes_within_roundoff_of_fp64_oracle(cpu_path, mode):
+def test_low_precision_modes_within_roundoff_of_fp64_oracle(cpu_path, monkeypatch, mode, implementation):
+    monkeypatch.setenv("TRITON_ADADELTA_NATIVE_CPU", "1" if implementation == "native" else "0")
+    if implementation == "native":
+        require_native()
     params, selected, groups = _mixed_table_case(mode.param_dtype, seed=6)
     layout = Layout.of(params)
     rows = (*GROUPS, (0.25, 0.5, 1e-3, 1e-2, False))
@@ -330,7 +335,7 @@ def test_chunked_low_precision_modes_within_roundoff_of_fp64_oracle(cpu_path, mo
         for i, p in enumerate(params):
             layout.segment(master, i, p).copy_(p.float() + 1e-3 * torch.randn(p.shape))  # off the bf16 grid
     options = {"master": mode.master, "stochastic_rounding": mode.stochastic_rounding}
-    assert cpu.implementation(CPU, mode.param_dtype, **options) == "cpu-chunked"
+    assert cpu.implementation(CPU, mode.param_dtype, **options) == f"cpu-{implementation}"
     f32 = lambda x: float(np.float32(x))  # noqa: E731  the hyper-parameters act as fp32 scalars
     generator = torch.Generator().manual_seed(7)
     for step in range(3):
@@ -364,6 +369,97 @@ def test_chunked_low_precision_modes_within_roundoff_of_fp64_oracle(cpu_path, mo
             else:
                 stochastic = mode.stochastic_rounding
                 check_within(f"param {i}", p, exact.param, exact.param_magnitude, mode, mode.param_dtype, stochastic)
+
+
+# The native loop's low-precision modes: (name, param dtype, master, stochastic rounding).
+NATIVE_LOW_PRECISION = [
+    ("bf16", torch.bfloat16, False, False),
+    ("fp16", torch.float16, False, False),
+    ("bf16_master", torch.bfloat16, True, False),
+    ("fp16_master", torch.float16, True, False),
+    ("bf16_stochastic", torch.bfloat16, False, True),
+    ("fp16_stochastic", torch.float16, False, True),
+]
+
+
+def _low_precision_steps(monkeypatch, backend: str, dtype, master: bool, stochastic: bool, sizes=None, steps=3):
+    """Three steps of a mixed table (small params in shared blocks, big ones, gaps,
+    three groups with weight decay, maximize and a tensor lr, a grad scale) on
+    ``backend``: "kernel" (Triton's interpreter), "native" or "chunked" (with torch's
+    sqrt for the last two when TRITON_ADADELTA_CPU_SQRT is set by the caller)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if backend == "kernel" else "0")
+    monkeypatch.setenv("TRITON_ADADELTA_NATIVE_CPU", "0" if backend == "chunked" else "1")
+    if sizes is None:
+        params, selected, groups = _mixed_table_case(dtype, seed=21)
+    else:
+        generator = torch.Generator().manual_seed(21)
+        params = [torch.randn(n, generator=generator).to(dtype) for n in sizes]
+        selected, groups = list(range(len(params))), [i % 3 for i in range(len(params))]
+    layout = Layout.of(params)
+    hparams = hparams_of((*GROUPS, (0.25, 0.5, 1e-3, 1e-2, False)), dtype, tensor_lr={2: 0.25})
+    square_avg, acc_delta = torch.zeros(layout.n_state), torch.zeros(layout.n_state)
+    generator = torch.Generator().manual_seed(22)
+    master_buffer = None
+    if master:  # off the low-precision grid
+        master_buffer = torch.zeros(layout.n_state)
+        for i, p in enumerate(params):
+            layout.segment(master_buffer, i, p).copy_(p.float() + 1e-3 * torch.randn(p.shape, generator=generator))
+    for step in range(steps):
+        # Grads over many magnitudes: some overflow fp16 to inf, and their params to NaN.
+        grads = [
+            (torch.randn(p.shape, generator=generator) * 10.0 ** (step * 2 - 2)).to(dtype) for p in params
+        ]
+        table = table_of(params, grads, layout, selected, groups)
+        step_ = update_kernel_ if backend == "kernel" else cpu.adadelta_step_cpu_
+        step_(
+            table, square_avg, acc_delta, hparams=hparams, master=master_buffer, stochastic_rounding=stochastic,
+            seed=1000 + step, grad_scale=torch.tensor([2.0]),
+        )  # fmt: skip
+    return [*params, square_avg, acc_delta, *([] if master_buffer is None else [master_buffer])]
+
+
+def assert_same_bits(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    for i, (a, b) in enumerate(zip(actual, expected)):
+        assert torch.equal(a.isnan(), b.isnan()), f"buffer {i}: NaN at other places"
+        assert torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)), f"buffer {i} differs"
+
+
+@pytest.mark.parametrize("name,dtype,master,stochastic", NATIVE_LOW_PRECISION, ids=[m[0] for m in NATIVE_LOW_PRECISION])
+def test_native_low_precision_loop_gives_the_kernels_bits(monkeypatch, name, dtype, master, stochastic):
+    """The native loop rounds, and draws stochastic rounding's noise (Philox, by state
+    index), as the Triton kernel does: the same bits, NaNs included."""
+    require_native()
+    monkeypatch.delenv("TRITON_ADADELTA_CPU_SQRT", raising=False)  # the kernel's IEEE sqrt
+    # Fewer pieces than the mixed table: the interpreter takes ~0.1 s per block.
+    sizes = [1, 3, 5, 8, 9, 31, 255, 257, 1031, 4099, 20_011]
+    kernel = _low_precision_steps(monkeypatch, "kernel", dtype, master, stochastic, sizes=sizes)
+    native = _low_precision_steps(monkeypatch, "native", dtype, master, stochastic, sizes=sizes)
+    assert cpu.implementation(CPU, dtype, master=master, stochastic_rounding=stochastic) == "cpu-native"
+    assert_same_bits(native, kernel)
+
+
+@pytest.mark.parametrize(
+    "name,dtype,master,stochastic", NATIVE_LOW_PRECISION[:4], ids=[m[0] for m in NATIVE_LOW_PRECISION[:4]]
+)
+def test_native_low_precision_loop_gives_the_chunked_ops_bits_with_torch_sqrt(monkeypatch, name, dtype, master, stochastic):
+    """With torch's sqrt, the native loop's nearest-rounding modes are the torch ops'
+    bits (the chunked path rounds as torch does)."""
+    require_native()
+    monkeypatch.setenv("TRITON_ADADELTA_CPU_SQRT", "torch")
+    chunked = _low_precision_steps(monkeypatch, "chunked", dtype, master, stochastic)
+    native = _low_precision_steps(monkeypatch, "native", dtype, master, stochastic)
+    assert_same_bits(native, chunked)
+
+
+def test_a_big_master_weights_step_streams_the_params_and_keeps_the_bits(monkeypatch):
+    """Steps of at least 2M elements store master-weight params with non-temporal
+    stores (csrc/adadelta_cpu.c, STREAMING_MIN_ELEMENTS), on unaligned params too."""
+    require_native()
+    monkeypatch.setenv("TRITON_ADADELTA_CPU_SQRT", "torch")
+    sizes = [1_500_001, 3, 700_013, 64]  # 2.2M elements; odd sizes shift the params' alignment
+    chunked = _low_precision_steps(monkeypatch, "chunked", torch.bfloat16, True, False, sizes=sizes, steps=2)
+    native = _low_precision_steps(monkeypatch, "native", torch.bfloat16, True, False, sizes=sizes, steps=2)
+    assert_same_bits(native, chunked)
 
 
 def test_stochastic_rounding_draws_distinct_noise_for_every_element(cpu_path):
@@ -410,6 +506,9 @@ FOUND_INF_CASES = [
     ("chunked", torch.float32, {}),
     ("chunked", torch.bfloat16, {"master": True}),
     ("chunked", torch.bfloat16, {"stochastic_rounding": True}),
+    ("native", torch.bfloat16, {}),
+    ("native", torch.float16, {"master": True}),
+    ("native", torch.bfloat16, {"stochastic_rounding": True}),
 ]
 
 
@@ -473,13 +572,17 @@ def test_a_table_that_does_not_fit_raises_and_changes_nothing(cpu_path, monkeypa
 
 
 @pytest.mark.parametrize(
-    "implementation,dtype", [("native", torch.float32), ("chunked", torch.float32), ("chunked", torch.bfloat16)]
+    "implementation,dtype",
+    [("native", torch.float32), ("chunked", torch.float32), ("chunked", torch.bfloat16), ("native", torch.bfloat16)],
 )
 def test_a_step_leaves_the_params_version_counters_as_they_were(cpu_path, monkeypatch, implementation, dtype):
     """The optimizer reads a changed counter as a write from outside (its master copy
     follows such writes): its own writes, through addresses or torch ops, bump none."""
     use(monkeypatch, implementation)
-    params = [torch.randn(n).to(dtype) for n in (5, 300, 40_000)]
+    generator = torch.Generator().manual_seed(0)
+    # Params near 0.01: a first step moves each by about 1e-3 * lr, which a bf16 param
+    # near 1 (spacing 2**-7) would mostly round away.
+    params = [(0.01 * torch.randn(n, generator=generator)).to(dtype) for n in (5, 300, 40_000)]
     layout = Layout.of(params)
     square_avg, acc_delta = torch.zeros(layout.n_state), torch.zeros(layout.n_state)
     table = table_of(params, [torch.randn_like(p) for p in params], layout, [0, 1, 2], [0, 0, 0])
@@ -494,9 +597,10 @@ CASES = [
     (torch.float32, False, False, "cpu-native"),
     (torch.float64, False, False, "cpu-native"),
     (torch.complex64, False, False, "cpu-native"),
-    (torch.bfloat16, False, False, "cpu-chunked"),
-    (torch.float16, True, False, "cpu-chunked"),
-    (torch.bfloat16, False, True, "cpu-chunked"),
+    (torch.bfloat16, False, False, "cpu-native"),
+    (torch.float16, True, False, "cpu-native"),
+    (torch.bfloat16, False, True, "cpu-native"),
+    (torch.float16, False, True, "cpu-native"),
 ]
 
 

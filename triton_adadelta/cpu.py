@@ -9,23 +9,27 @@ the state at the table's offsets.
 
 Two implementations; :func:`implementation` says which one runs a given state:
 
-* ``"cpu-native"`` (fp32 and fp64 params): one fused C loop over the whole table
-  (``csrc/adadelta_cpu.c``), compiled once per machine with the system C compiler,
-  cached on disk, and called through ``ctypes`` (which releases the GIL). It reads
-  ``p g v u`` once and writes ``p v u`` once, the 28 B/param floor for fp32, and
-  splits a large table across ``torch.get_num_threads()`` threads. Every operation
-  rounds as the corresponding eager torch op does on this CPU (torch's
-  ``add(alpha=)`` and ``addcmul`` are fused multiply-adds, everything else rounds
-  once per op). Its sqrt is the correctly rounded one, as in the Triton kernel; with
+* ``"cpu-native"`` (fp32, fp64, bf16 and fp16 params, in every mode): one fused C
+  loop over the whole table (``csrc/adadelta_cpu.c``), compiled once per machine
+  with the system C compiler, cached on disk, and called through ``ctypes`` (which
+  releases the GIL). It reads each element once and writes it once (28 B/param for
+  fp32, 22 for bf16, 28 for bf16 with master weights), and splits a large table
+  across torch's threads. Every operation rounds as the corresponding eager torch op
+  does on this CPU (torch's ``add(alpha=)`` and ``addcmul`` are fused multiply-adds,
+  everything else rounds once per op); bf16/fp16 values are widened exactly and
+  stored rounded to nearest even, as the kernel does, and stochastic rounding draws
+  the kernel's noise (Philox, by state index), so a step gives the kernel's bits.
+  Its sqrt is the correctly rounded one, as in the Triton kernel; with
   ``TRITON_ADADELTA_CPU_SQRT=torch`` it calls torch's own sqrt and is bit-identical
   to ``torch.optim.Adadelta`` (:func:`matches_torch_sqrt`). The first call in a fresh
-  cache compiles for about 3 s; later processes load the cached library
+  cache compiles for a few seconds; later processes load the cached library
   (:mod:`triton_adadelta.native_build`).
-* ``"cpu-chunked"`` (everything else: bf16/fp16 params, master weights, stochastic
-  rounding, other devices, no C compiler, or ``TRITON_ADADELTA_NATIVE_CPU=0``): torch
-  ops over cache-sized chunks of the table. Small params are gathered into one
-  chunk (one ``torch.cat``) and written back with one ``torch._foreach_copy_``, so
-  a thousand small params cost a few ops, not a thousand times a dozen.
+* ``"cpu-chunked"`` (no C compiler, ``TRITON_ADADELTA_NATIVE_CPU=0``, fp16 where the
+  compiler lacks ``_Float16``, or a device other than the CPU): torch ops over
+  cache-sized chunks of the table. Small params are gathered into one chunk (one
+  ``torch.cat``) and written back with one ``torch._foreach_copy_``, so a thousand
+  small params cost a few ops, not a thousand times a dozen. Its stochastic
+  rounding draws torch's noise, not the kernel's.
 
 Neither reads a tensor's value on the host: lr (in the hyper-parameter table),
 ``grad_scale`` and ``found_inf`` are read by the C loop through pointers, and by
@@ -58,6 +62,7 @@ from .kernels.adadelta import (
     NUMEL_ROW,
     ONE_MINUS_RHO,
     PARAM_ROW,
+    PHILOX_ROUNDS,
     RHO,
     STATE_ROW,
     WEIGHT_DECAY,
@@ -80,7 +85,7 @@ __all__ = [
 
 # Elements per chunk of the chunked path: 64K fp32 elements is 256 KiB per buffer,
 # so the chunk's p, g, v, u and the scratch buffers stay within a 2 MiB L2.
-# (Not re-tuned: fp32/fp64 take the native loop; this path serves the other modes.)
+# (Not re-tuned: every mode takes the native loop where it can be built.)
 CHUNK_ELEMENTS = 1 << 16
 
 # A param at least this long gets chunks of its own, updated in place; shorter
@@ -97,7 +102,7 @@ _SOURCE = Path(__file__).parent / "csrc" / "adadelta_cpu.c"
 # -ffp-contract=off: only the explicit fma() calls fuse (see the source). -fno-math-errno
 # lets sqrt vectorize; it changes no value. No -ffast-math: it would reassociate.
 _NATIVE_CFLAGS = [
-    "-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-fno-math-errno",
+    "-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
     "-fPIC", "-shared", "-pthread", "-lm",
 ]  # fmt: skip
 
@@ -108,14 +113,21 @@ _LAYOUT = (
 )  # fmt: skip
 
 # What the library must export; one without them is a bad file (rebuilt by the next process).
-_NATIVE_SYMBOLS = ("adadelta_layout", "adadelta_step_f32", "adadelta_step_f64", "set_sqrt")
+_NATIVE_SYMBOLS = (
+    "adadelta_layout", "adadelta_step_f32", "adadelta_step_f64", "adadelta_step_lowp", "adadelta_has_f16",
+    "adadelta_philox_rounds", "set_sqrt", "set_openmp",
+)  # fmt: skip
 
-# The compiler's time limit: the build takes 2.3-3.1 s alone on the 2-core machine we
-# measure on, 5.6 s with 4 builds at once and 11.6 s with 8; a hanging compiler gives
-# up here and the CPU path runs chunked (see native_build).
-_NATIVE_BUILD_TIMEOUT_S = 15.0
+# The compiler's time limit: with the bf16/fp16 loops the build took 5.6 s alone on
+# the 2-core machine we measure on (gcc 12; the fp32/fp64 loops alone took 2.3-3.1 s,
+# 5.6 s with 4 builds at once and 11.6 s with 8); a hanging compiler gives up here
+# and the CPU path runs chunked (see native_build).
+_NATIVE_BUILD_TIMEOUT_S = 20.0
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
+# Low-precision params: their kind in the C source, and how the update is stored.
+_NATIVE_KINDS = {torch.bfloat16: 0, torch.float16: 1}
+_STORE_NEAREST, _STORE_MASTER, _STORE_STOCHASTIC = range(3)
 
 _VERSION = operator.attrgetter("_version")
 
@@ -149,6 +161,9 @@ def _build_native_library() -> ctypes.CDLL:
     layout = tuple((ctypes.c_int64 * len(_LAYOUT)).in_dll(library, "adadelta_layout"))
     if layout != _LAYOUT:
         raise BuildError(f"{_SOURCE.name} reads the table as {layout}, but kernels/adadelta.py writes {_LAYOUT}")
+    rounds = ctypes.c_int.in_dll(library, "adadelta_philox_rounds").value
+    if rounds != PHILOX_ROUNDS:
+        raise BuildError(f"{_SOURCE.name} draws noise with {rounds} Philox rounds, the kernel with {PHILOX_ROUNDS}")
     for suffix in ("f32", "f64"):
         function = getattr(library, f"adadelta_step_{suffix}")
         function.restype = ctypes.c_int
@@ -159,6 +174,14 @@ def _build_native_library() -> ctypes.CDLL:
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
             ctypes.c_int, ctypes.c_int64, ctypes.c_int,
         ]  # fmt: skip
+    library.adadelta_step_lowp.restype = ctypes.c_int
+    # table, n_pieces, square_avg, acc_delta, master, n_state, hparams, n_groups,
+    # grad_scale, found_inf, max_threads, parallel_min_elements, use_torch_sqrt, kind, store, seed
+    library.adadelta_step_lowp.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+    ]  # fmt: skip
     library.set_sqrt.restype = None
     library.set_sqrt.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     library.set_sqrt(*_torch_vml_sqrt())
@@ -220,39 +243,56 @@ def _torch_openmp() -> tuple[int | None, int | None, int | None]:
 def _native_matches_torch(library: ctypes.CDLL) -> bool:
     """Self-check: with torch's sqrt, the native loop gives the torch ops' bits.
 
-    One table per dtype, of awkward sizes (several blocks, ragged tails, an empty
+    One table per dtype and mode (fp32, fp64; bf16 and fp16 rounded to nearest and
+    with master weights), of awkward sizes (several blocks, ragged tails, an empty
     tail) in eight param groups, one per combination of maximize, weight decay and a
     tensor lr, with and without a grad scale, on data spanning many magnitudes.
     Run once per process; a mismatch (an unexpected sqrt, a compiler that contracts)
-    switches the native loop off instead of changing results.
+    switches the native loop off instead of changing results. (Stochastic rounding
+    draws other noise on the chunked path: the tests compare it with the kernel.)
     """
     generator = torch.Generator().manual_seed(0)
     sizes = (1, 3, 4, 5, 255, 257, 1031, 3077)
-    for dtype in _NATIVE_DTYPES:
+    modes = [(dtype, False) for dtype in _NATIVE_DTYPES]
+    modes += [(dtype, master) for dtype in _NATIVE_KINDS for master in (False, True)]
+    for dtype, with_master in modes:
+        if dtype == torch.float16 and not _native_has_f16(library):
+            continue
+        state_dtype = state_dtype_for(dtype)
         groups = tuple(
             (None if flags & 4 else 0.7, 0.9, 1e-6, 0.01 if flags & 2 else 0.0, bool(flags & 1)) for flags in range(8)
         )
-        hparams = hparams_table(groups, dtype, torch.device("cpu"))
+        hparams = hparams_table(groups, state_dtype, torch.device("cpu"))
         hparams[:, LR] = 0.7  # the tensor lr's value, as the optimizer copies it in
         for grad_scale in (None, torch.tensor([3.0])):
             params, grads = [], []
             for size in sizes:
                 magnitude = torch.exp(torch.randn(size, generator=generator, dtype=torch.float64) * 4)
-                params.append(torch.randn(size, generator=generator, dtype=dtype))
+                params.append(torch.randn(size, generator=generator).to(dtype))
                 grads.append((torch.randn(size, generator=generator, dtype=torch.float64) * magnitude).to(dtype))
             rows = [i % len(groups) for i in range(len(sizes))]
             table, n_state = table_for_tensors(params, grads, groups=rows)
-            square_avg = torch.rand(n_state, generator=generator, dtype=dtype) * 1e3
-            acc_delta = torch.rand(n_state, generator=generator, dtype=dtype) * 1e-3
+            square_avg = torch.rand(n_state, generator=generator, dtype=state_dtype) * 1e3
+            acc_delta = torch.rand(n_state, generator=generator, dtype=state_dtype) * 1e-3
+            master = torch.randn(n_state, generator=generator) if with_master else None
             expected_params = [param.clone() for param in params]
             expected_table, _ = table_for_tensors(expected_params, grads, groups=rows)
-            expected_state = (square_avg.clone(), acc_delta.clone())
-            _native_step_(library, table, square_avg, acc_delta, hparams, grad_scale, None, use_torch_sqrt=True)
-            _chunked_step_(expected_table, *expected_state, hparams, None, False, 0, grad_scale, None)
-            results = [*params, square_avg, acc_delta]
-            if not all(torch.equal(a, b) for a, b in zip(results, [*expected_params, *expected_state])):
+            expected_state = [square_avg.clone(), acc_delta.clone()]
+            expected_master = None if master is None else master.clone()
+            _native_step_(
+                library, table, square_avg, acc_delta, hparams, grad_scale, None, use_torch_sqrt=True, master=master
+            )
+            _chunked_step_(expected_table, *expected_state, hparams, expected_master, False, 0, grad_scale, None)
+            results = [*params, square_avg, acc_delta, *([] if master is None else [master])]
+            expected = [*expected_params, *expected_state, *([] if master is None else [expected_master])]
+            if not all(_same_values(a, b) for a, b in zip(results, expected)):
                 return False
     return True
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bits, or NaN in both (fp16 grads overflow to inf; NaN payloads may differ)."""
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _warn_once_native_off(reason: str) -> None:
@@ -328,19 +368,31 @@ def _native_step_(
     found_inf: torch.Tensor | None,
     *,
     use_torch_sqrt: bool,
+    master: torch.Tensor | None = None,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
 ) -> None:
-    """One C call over the whole table (fp32 or fp64 CPU state)."""
+    """One C call over the whole table (fp32 or fp64 params, or bf16/fp16 against fp32 state)."""
     dtype = square_avg.dtype
     pieces = table.pieces.contiguous()
     hparams = hparams.contiguous()
     scale_pointer, scale = _scalar_pointer(grad_scale, dtype)
     inf_pointer, inf = _scalar_pointer(found_inf, dtype)  # (the tensors stay alive through the call)
-    function = library.adadelta_step_f32 if dtype == torch.float32 else library.adadelta_step_f64
-    result = function(
-        pieces.data_ptr(), pieces.shape[1], square_avg.data_ptr(), acc_delta.data_ptr(), square_avg.numel(),
-        hparams.data_ptr(), hparams.shape[0], scale_pointer, inf_pointer,
+    common = (
+        square_avg.numel(), hparams.data_ptr(), hparams.shape[0], scale_pointer, inf_pointer,
         torch.get_num_threads(), NATIVE_PARALLEL_MIN_ELEMENTS, int(use_torch_sqrt),
     )  # fmt: skip
+    if table.param_dtype in _NATIVE_KINDS:
+        store = _STORE_MASTER if master is not None else _STORE_STOCHASTIC if stochastic_rounding else _STORE_NEAREST
+        result = library.adadelta_step_lowp(
+            pieces.data_ptr(), pieces.shape[1], square_avg.data_ptr(), acc_delta.data_ptr(),
+            None if master is None else master.data_ptr(), *common, _NATIVE_KINDS[table.param_dtype], store, seed,
+        )  # fmt: skip
+    else:
+        function = library.adadelta_step_f32 if dtype == torch.float32 else library.adadelta_step_f64
+        result = function(pieces.data_ptr(), pieces.shape[1], square_avg.data_ptr(), acc_delta.data_ptr(), *common)
+    if result == -2:
+        raise ValueError(f"the native CPU loop cannot run {table.param_dtype} params; nothing was changed")
     if result < 0:
         raise ValueError(
             f"the segment table does not fit its state ({square_avg.numel()} elements) or its "
@@ -743,9 +795,16 @@ def _native_for(
     device: torch.device, param_dtype: torch.dtype, *, master: bool, stochastic_rounding: bool
 ) -> ctypes.CDLL | None:
     """The native loop where it runs such a state (one decision for both callers)."""
-    if device.type != "cpu" or master or stochastic_rounding or param_dtype not in _NATIVE_DTYPES:
+    if device.type != "cpu" or (param_dtype not in _NATIVE_DTYPES and param_dtype not in _NATIVE_KINDS):
         return None
-    return native_library()
+    library = native_library()
+    if library is not None and param_dtype == torch.float16 and not _native_has_f16(library):
+        return None  # a compiler without _Float16 (see the C source)
+    return library
+
+
+def _native_has_f16(library: ctypes.CDLL) -> bool:
+    return ctypes.c_int.in_dll(library, "adadelta_has_f16").value == 1
 
 
 @torch.compiler.disable
@@ -791,7 +850,8 @@ def adadelta_step_cpu_(
     )
     if library is not None:
         _native_step_(
-            library, table, square_avg, acc_delta, hparams, grad_scale, found_inf, use_torch_sqrt=matches_torch_sqrt()
-        )
+            library, table, square_avg, acc_delta, hparams, grad_scale, found_inf,
+            use_torch_sqrt=matches_torch_sqrt(), master=master, stochastic_rounding=stochastic_rounding, seed=seed,
+        )  # fmt: skip
         return
     _chunked_step_(table, square_avg, acc_delta, hparams, master, stochastic_rounding, seed, grad_scale, found_inf)

@@ -103,7 +103,81 @@ typedef struct {
     const void *hparams;
     double grad_scale; /* exact in either dtype: it is a value of the state's dtype */
     int has_grad_scale, use_torch_sqrt;
+    /* Low-precision params only (adadelta_step_lowp): */
+    void *master;        /* the fp32 master copy, at the state's offsets (STORE_MASTER) */
+    int kind, store;     /* KIND_* of the params, STORE_* of their update */
+    uint32_t key0, key1; /* the stochastic rounding's Philox key: the seed's halves */
+    void *(*run)(void *); /* what runs a share of this step */
+    int64_t total;        /* elements in the whole step */
 } share_t;
+
+/* One OpenMP thread's part: shares t, t + team, ... (the team may be smaller than
+   asked for, inside another parallel region). */
+static void run_team_share(void *arg) {
+    share_t *shares = (share_t *)arg;
+    const int team = omp_num_threads(), n = shares[0].n_shares;
+    for (int t = omp_thread_num(); t < n; t += team) shares[0].run(&shares[t]);
+}
+
+/* Check the table against the state and the hyper-parameters, split it into shares
+   (each a copy of `proto` with its own part) and run them, each with proto->run.
+   `line` is the elements per share's rounding: where the pieces start on a cache
+   line, as a big param does, no two threads write one line.
+   Returns 0, or -1 (nothing written) when the table does not fit. */
+static int run_step(const share_t *proto, int64_t n_state, int64_t n_groups, int64_t line,
+                    int max_threads, int64_t parallel_min_elements) {
+    const int64_t *table = proto->table, n_pieces = proto->n_pieces;
+    /* Check every piece before writing any, so that a bad table changes nothing. */
+    int64_t total = 0;
+    for (int64_t k = 0; k < n_pieces; ++k) {
+        const int64_t numel = table[NUMEL_ROW * n_pieces + k];
+        const int64_t state = table[STATE_ROW * n_pieces + k];
+        const int64_t group = table[GROUP_ROW * n_pieces + k];
+        if (numel < 0) return -1;
+        if (numel > 0 && (state < 0 || state > n_state - numel
+                          || group < 0 || group >= n_groups)) return -1;
+        total += numel;
+    }
+    int n_threads = total >= parallel_min_elements ? max_threads : 1;
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
+    /* Equal shares of the pieces' concatenation (a share may start inside a piece
+       and span many), rounded up to whole lines. */
+    int64_t share = (total + n_threads - 1) / n_threads;
+    share = (share + line - 1) / line * line;
+    share_t shares[MAX_THREADS];
+    int64_t piece = 0, offset = 0, left = total;
+    for (int t = 0; t < n_threads; ++t) {
+        share_t *s = &shares[t];
+        *s = *proto;
+        s->total = total;
+        s->piece = piece; s->offset = offset;
+        s->count = share < left ? share : left;
+        left -= s->count;
+        /* Where the next share starts: `count` elements further on. */
+        for (int64_t skip = s->count; skip > 0 && piece < n_pieces;) {
+            const int64_t rest = table[NUMEL_ROW * n_pieces + piece] - offset;
+            if (skip < rest) { offset += skip; skip = 0; }
+            else { skip -= rest; ++piece; offset = 0; }
+        }
+    }
+    if (gomp_parallel && n_threads > 1) {
+        shares[0].n_shares = n_threads;
+        gomp_parallel(run_team_share, shares, (unsigned)n_threads, 0);
+        return 0;
+    }
+    pthread_t threads[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int t = 1; t < n_threads; ++t)
+        started[t] = shares[t].count > 0
+            && pthread_create(&threads[t], 0, proto->run, &shares[t]) == 0;
+    proto->run(&shares[0]);
+    for (int t = 1; t < n_threads; ++t) {
+        if (started[t]) pthread_join(threads[t], 0);
+        else proto->run(&shares[t]);  /* no thread could be started: here */
+    }
+    return 0;
+}
 
 #define DEFINE_UPDATE(T, SUFFIX, FMA, SQRT)                                           \
 /* The update of one element, in three parts around its two square roots: the grad \
@@ -219,14 +293,6 @@ static void *run_share_##SUFFIX(void *arg) {                                    
     return 0;                                                                         \
 }                                                                                     \
                                                                                       \
-/* One OpenMP thread's part: shares t, t + team, ... (the team may be smaller than   \
-   asked for, inside another parallel region). */                                    \
-static void run_team_share_##SUFFIX(void *arg) {                                      \
-    share_t *shares = (share_t *)arg;                                                 \
-    const int team = omp_num_threads(), n = shares[0].n_shares;                       \
-    for (int t = omp_thread_num(); t < n; t += team) run_share_##SUFFIX(&shares[t]);  \
-}                                                                                     \
-                                                                                      \
 /* One step over every piece of the table. grad_scale_ptr, found_inf_ptr: 1-element \
    buffers of T (NULL: not given), read here so that Python never reads a tensor's  \
    value. Work is split across max_threads threads when the pieces hold at least    \
@@ -238,62 +304,377 @@ int adadelta_step_##SUFFIX(const int64_t *table, int64_t n_pieces, T *square_avg
         const T *grad_scale_ptr, const T *found_inf_ptr, int max_threads,             \
         int64_t parallel_min_elements, int use_torch_sqrt) {                          \
     if (found_inf_ptr && *found_inf_ptr != 0) return 1;                               \
-    /* Check every piece before writing any, so that a bad table changes nothing. */ \
-    int64_t total = 0;                                                                \
-    for (int64_t k = 0; k < n_pieces; ++k) {                                          \
-        const int64_t numel = table[NUMEL_ROW * n_pieces + k];                        \
-        const int64_t state = table[STATE_ROW * n_pieces + k];                        \
-        const int64_t group = table[GROUP_ROW * n_pieces + k];                        \
-        if (numel < 0) return -1;                                                     \
-        if (numel > 0 && (state < 0 || state > n_state - numel                        \
-                          || group < 0 || group >= n_groups)) return -1;              \
-        total += numel;                                                               \
-    }                                                                                 \
-    int n_threads = total >= parallel_min_elements ? max_threads : 1;                 \
-    if (n_threads < 1) n_threads = 1;                                                 \
-    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;                             \
-    /* Equal shares of the pieces' concatenation (a share may start inside a piece   \
-       and span many), rounded up to 64 bytes of elements: where the pieces start on \
-       a line, as a big param does, no two threads write one line. */                \
-    const int64_t line = 64 / (int64_t)sizeof(T);                                     \
-    int64_t share = (total + n_threads - 1) / n_threads;                              \
-    share = (share + line - 1) / line * line;                                         \
-    share_t shares[MAX_THREADS];                                                      \
-    int64_t piece = 0, offset = 0, left = total;                                      \
-    for (int t = 0; t < n_threads; ++t) {                                             \
-        share_t *s = &shares[t];                                                      \
-        s->table = table; s->n_pieces = n_pieces;                                     \
-        s->square_avg = square_avg; s->acc_delta = acc_delta; s->hparams = hparams;  \
-        s->grad_scale = grad_scale_ptr ? (double)*grad_scale_ptr : 1.0;               \
-        s->has_grad_scale = grad_scale_ptr != 0;                                      \
-        s->use_torch_sqrt = use_torch_sqrt;                                           \
-        s->piece = piece; s->offset = offset;                                         \
-        s->count = share < left ? share : left;                                       \
-        left -= s->count;                                                             \
-        /* Where the next share starts: `count` elements further on. */              \
-        for (int64_t skip = s->count; skip > 0 && piece < n_pieces;) {                \
-            const int64_t rest = table[NUMEL_ROW * n_pieces + piece] - offset;        \
-            if (skip < rest) { offset += skip; skip = 0; }                            \
-            else { skip -= rest; ++piece; offset = 0; }                               \
-        }                                                                             \
-    }                                                                                 \
-    if (gomp_parallel && n_threads > 1) {                                             \
-        shares[0].n_shares = n_threads;                                               \
-        gomp_parallel(run_team_share_##SUFFIX, shares, (unsigned)n_threads, 0);       \
-        return 0;                                                                     \
-    }                                                                                 \
-    pthread_t threads[MAX_THREADS];                                                   \
-    int started[MAX_THREADS] = {0};                                                   \
-    for (int t = 1; t < n_threads; ++t)                                               \
-        started[t] = shares[t].count > 0                                              \
-            && pthread_create(&threads[t], 0, run_share_##SUFFIX, &shares[t]) == 0;   \
-    run_share_##SUFFIX(&shares[0]);                                                   \
-    for (int t = 1; t < n_threads; ++t) {                                             \
-        if (started[t]) pthread_join(threads[t], 0);                                  \
-        else run_share_##SUFFIX(&shares[t]);  /* no thread could be started: here */  \
-    }                                                                                 \
-    return 0;                                                                         \
+    share_t proto = {0};                                                              \
+    proto.table = table; proto.n_pieces = n_pieces;                                   \
+    proto.square_avg = square_avg; proto.acc_delta = acc_delta; proto.hparams = hparams; \
+    proto.grad_scale = grad_scale_ptr ? (double)*grad_scale_ptr : 1.0;                \
+    proto.has_grad_scale = grad_scale_ptr != 0;                                       \
+    proto.use_torch_sqrt = use_torch_sqrt;                                            \
+    proto.run = run_share_##SUFFIX;                                                   \
+    return run_step(&proto, n_state, n_groups, 64 / (int64_t)sizeof(T), max_threads,  \
+                    parallel_min_elements);                                           \
 }
 
 DEFINE_UPDATE(float, f32, fmaf, sqrtf)
 DEFINE_UPDATE(double, f64, fma, sqrt)
+
+/* ------------------------------------------------------------------------------------
+   bf16 and fp16 params (fp32 state and math): the kernel's three ways to store them,
+   the same arithmetic as the fp32 loop above on the widened values.
+
+       STORE_NEAREST     p = round_to_nearest_even(p + update)
+       STORE_MASTER      master = master + update (fp32, at the state's offsets),
+                         p = round_to_nearest_even(master)
+       STORE_STOCHASTIC  p rounds up or down with probability proportional to the
+                         distance, from 16 bits of Philox-4x32-7 keyed by the seed
+                         at the element's index in the flat state: the kernel's
+                         noise and rounding, so the same bits. */
+
+enum { KIND_BF16, KIND_F16, N_KINDS };
+
+/* Steps of at least this many elements store params written without being read
+   (master weights) with non-temporal stores: 2M elements move 56 MB, beyond the
+   caches, and a small model's params, stored plainly, stay in cache for the forward. */
+#define STREAMING_MIN_ELEMENTS (1 << 21)
+enum { STORE_NEAREST, STORE_MASTER, STORE_STOCHASTIC, N_STORES };
+
+/* fp16 needs the compiler's _Float16 (GCC 12, clang 15 on x86-64); without it the
+   loader sees adadelta_has_f16 == 0 and fp16 params stay on the chunked path. */
+#if defined(__FLT16_MAX__)
+#define HAVE_F16 1
+#else
+#define HAVE_F16 0
+#endif
+const int adadelta_has_f16 = HAVE_F16;
+
+static inline __attribute__((always_inline)) float bits_to_f32(uint32_t bits) {
+    union { uint32_t u; float f; } v = {bits}; return v.f;
+}
+static inline __attribute__((always_inline)) uint32_t f32_to_bits(float x) {
+    union { float f; uint32_t u; } v = {x}; return v.u;
+}
+
+/* A stored value, exactly: bf16 is the top half of an fp32. */
+static inline __attribute__((always_inline)) float widen(uint16_t bits, const int kind) {
+#if HAVE_F16
+    if (kind == KIND_F16) { union { uint16_t u; _Float16 h; } v = {bits}; return (float)v.h; }
+#endif
+    return bits_to_f32((uint32_t)bits << 16);
+}
+
+/* Round to nearest even; bf16 as c10 and the kernel round it, a NaN staying a quiet NaN. */
+static inline __attribute__((always_inline)) uint16_t round_nearest(float x, const int kind) {
+#if HAVE_F16
+    if (kind == KIND_F16) { union { _Float16 h; uint16_t u; } v = {(_Float16)x}; return v.u; }
+#endif
+    const uint32_t bits = f32_to_bits(x);
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    return (uint16_t)(x != x ? (bits >> 16) | 0x40u : rounded);
+}
+
+/* Philox-4x32 (Salmon et al., SC'11; Triton's tl.philox) of PHILOX_ROUNDS rounds (the
+   kernel's, kernels/adadelta.py): four words per counter (counter low, counter high,
+   0, 0) under the key (seed low, seed high). */
+#define PHILOX_ROUNDS 7
+const int adadelta_philox_rounds = PHILOX_ROUNDS; /* checked by the loader */
+#define PHILOX_ROUND_A 0xD2511F53u
+#define PHILOX_ROUND_B 0xCD9E8D57u
+#define PHILOX_KEY_A 0x9E3779B9u
+#define PHILOX_KEY_B 0xBB67AE85u
+
+static inline void philox_scalar(uint64_t counter, uint32_t k0, uint32_t k1, uint16_t *out) {
+    uint32_t c0 = (uint32_t)counter, c1 = (uint32_t)(counter >> 32), c2 = 0, c3 = 0;
+    for (int round = 0; round < PHILOX_ROUNDS; ++round) {
+        const uint64_t b = (uint64_t)PHILOX_ROUND_B * c2, a = (uint64_t)PHILOX_ROUND_A * c0;
+        c0 = (uint32_t)(b >> 32) ^ c1 ^ k0;
+        c2 = (uint32_t)(a >> 32) ^ c3 ^ k1;
+        c1 = (uint32_t)b;
+        c3 = (uint32_t)a;
+        k0 += PHILOX_KEY_A;
+        k1 += PHILOX_KEY_B;
+    }
+    const uint32_t words[4] = {c0, c1, c2, c3};
+    for (int w = 0; w < 4; ++w) { out[2 * w] = (uint16_t)words[w]; out[2 * w + 1] = (uint16_t)(words[w] >> 16); }
+}
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+/* The high and low halves of the 32 x 32-bit products of 8 lanes by m: AVX2 multiplies
+   even lanes only, so odd lanes go through a shift. */
+static inline __attribute__((always_inline)) __m256i mulhilo8(__m256i a, __m256i m, __m256i *lo) {
+    const __m256i even = _mm256_mul_epu32(a, m);
+    const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+    *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+    return _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+#endif
+
+#if defined(__AVX2__)
+/* Eight counters' words (lanes are counters) stored word after word: a 4 x 8
+   transpose. x86 is little-endian, so each word's low half comes first. */
+static inline __attribute__((always_inline)) void store_transposed(
+        uint16_t *out, __m256i c0, __m256i c1, __m256i c2, __m256i c3) {
+    const __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
+    const __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
+    const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+    const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+    __m256i *dst = (__m256i *)out;
+    _mm256_storeu_si256(dst + 0, _mm256_permute2x128_si256(u0, u1, 0x20));
+    _mm256_storeu_si256(dst + 1, _mm256_permute2x128_si256(u2, u3, 0x20));
+    _mm256_storeu_si256(dst + 2, _mm256_permute2x128_si256(u0, u1, 0x31));
+    _mm256_storeu_si256(dst + 3, _mm256_permute2x128_si256(u2, u3, 0x31));
+}
+#endif
+
+/* The 16-bit halves of the words of `n_counters` consecutive counters from `first`:
+   out[8 c + 2 w] is the low half of word w of counter first + c, out[8 c + 2 w + 1]
+   its high half (the kernel's _noise16 order). */
+static void philox_block(uint16_t *restrict out, int n_counters, uint64_t first, uint32_t key0, uint32_t key1) {
+    int c = 0;
+#if defined(__AVX2__)
+    const __m256i round_a = _mm256_set1_epi32((int)PHILOX_ROUND_A);
+    const __m256i round_b = _mm256_set1_epi32((int)PHILOX_ROUND_B);
+    __m256i keys0[PHILOX_ROUNDS], keys1[PHILOX_ROUNDS];
+    for (int round = 0; round < PHILOX_ROUNDS; ++round) {
+        keys0[round] = _mm256_set1_epi32((int)(key0 + (uint32_t)round * PHILOX_KEY_A));
+        keys1[round] = _mm256_set1_epi32((int)(key1 + (uint32_t)round * PHILOX_KEY_B));
+    }
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    /* Two batches of eight counters at once: one batch's rounds wait on multiply
+       latency, which the other's fill. */
+    for (; c + 16 <= n_counters; c += 16) {
+        const uint64_t base = first + (uint64_t)c;
+        /* Counters that carry into the high word take the scalar path. */
+        if ((uint32_t)base > UINT32_MAX - 15u) break;
+        __m256i x0 = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)base), lanes);
+        __m256i y0 = _mm256_add_epi32(x0, _mm256_set1_epi32(8));
+        __m256i x1 = _mm256_set1_epi32((int)(uint32_t)(base >> 32)), y1 = x1;
+        __m256i x2 = _mm256_setzero_si256(), x3 = x2, y2 = x2, y3 = x2;
+        for (int round = 0; round < PHILOX_ROUNDS; ++round) {
+            __m256i x_lo_b, x_lo_a, y_lo_b, y_lo_a;
+            const __m256i x_hi_b = mulhilo8(x2, round_b, &x_lo_b), x_hi_a = mulhilo8(x0, round_a, &x_lo_a);
+            const __m256i y_hi_b = mulhilo8(y2, round_b, &y_lo_b), y_hi_a = mulhilo8(y0, round_a, &y_lo_a);
+            x0 = _mm256_xor_si256(_mm256_xor_si256(x_hi_b, x1), keys0[round]);
+            x2 = _mm256_xor_si256(_mm256_xor_si256(x_hi_a, x3), keys1[round]);
+            y0 = _mm256_xor_si256(_mm256_xor_si256(y_hi_b, y1), keys0[round]);
+            y2 = _mm256_xor_si256(_mm256_xor_si256(y_hi_a, y3), keys1[round]);
+            x1 = x_lo_b; x3 = x_lo_a;
+            y1 = y_lo_b; y3 = y_lo_a;
+        }
+        store_transposed(out + 8 * c, x0, x1, x2, x3);
+        store_transposed(out + 8 * (c + 8), y0, y1, y2, y3);
+    }
+#endif
+    for (; c < n_counters; ++c) philox_scalar(first + (uint64_t)c, key0, key1, out + 8 * c);
+}
+
+/* x rounded up or down in magnitude, given 16 random bits (the kernel's
+   _round_stochastic). bf16: add the 16 dropped bits' worth of noise and truncate, so
+   x rounds away from zero with probability (dropped bits) / 2**16, exactly. fp16:
+   the neighbour beyond or short of the nearest, with probability (distance to the
+   nearest) / (gap), against noise / 2**16. The expectation is x. */
+static inline __attribute__((always_inline)) uint16_t round_stochastic(float x, const int kind, uint16_t noise) {
+    if (kind == KIND_BF16) {
+        const uint32_t bits = f32_to_bits(x);
+        const uint32_t rounded = (bits + noise) >> 16;
+        return (uint16_t)(x != x ? (bits >> 16) | 0x40u : rounded);
+    }
+    const uint16_t nearest = round_nearest(x, kind);
+    const float nearest_value = widen(nearest, kind);
+    const uint16_t other = (uint16_t)(nearest + (fabsf(x) > fabsf(nearest_value) ? 1 : -1));
+    /* Exact values give fraction 0 (or NaN for a NaN gap): both keep the nearest. */
+    const float fraction = (x - nearest_value) / (widen(other, kind) - nearest_value);
+    return (float)noise * (1.0f / 65536.0f) < fraction ? other : nearest;
+}
+
+/* A block of new weights, stochastically rounded into the params with the kernel's
+   noise (_noise16 in kernels/adadelta.py): half index % 8 of Philox's counter
+   index / 8, one Philox call per eight elements. Not inlined: one copy per kind. */
+static __attribute__((noinline)) void round_block_stochastic(
+        const float *restrict w, uint16_t *restrict p, const int n, const int kind,
+        const uint64_t index, const uint32_t k0, const uint32_t k1) {
+    uint16_t noise[8 * (BLOCK / 8 + 2)] __attribute__((aligned(64)));
+    const int skip = (int)(index & 7);
+    philox_block(noise, (skip + n + 7) >> 3, index >> 3, k0, k1);
+    const uint16_t *restrict mine = noise + skip;
+    if (kind == KIND_BF16) {
+        for (int i = 0; i < n; ++i) p[i] = round_stochastic(w[i], KIND_BF16, mine[i]);
+    }
+#if HAVE_F16
+    else {
+        for (int i = 0; i < n; ++i) p[i] = round_stochastic(w[i], KIND_F16, mine[i]);
+    }
+#endif
+}
+
+/* n params stored with non-temporal stores. With master weights the step writes the
+   params without reading them, and a plain store reads each line first (for
+   ownership): 2 B more per param, 7% of the step. Big steps only, whose params would
+   not stay in cache anyway. */
+static void store_streaming(uint16_t *restrict dst, const uint16_t *restrict src, int n) {
+    int i = 0;
+#if defined(__AVX2__)
+    for (; i < n && ((uintptr_t)(dst + i) & 31) != 0; ++i) dst[i] = src[i];
+    for (; i + 16 <= n; i += 16)
+        _mm256_stream_si256((__m256i *)(dst + i), _mm256_loadu_si256((const __m256i *)(src + i)));
+#endif
+    for (; i < n; ++i) dst[i] = src[i];
+}
+
+/* n elements of one piece; `index` is the state index of its first element. Blocks
+   of BLOCK elements: the new weights of a block wait in L1 for their store. */
+static inline __attribute__((always_inline)) void update_lowp(
+        uint16_t *restrict p, const uint16_t *restrict gr, float *restrict v, float *restrict u,
+        float *restrict m, const int64_t n_elements, const float *restrict row, const float grad_scale,
+        const int use_torch_sqrt, const int flags, const int kind, const int store, const int streaming,
+        const uint64_t index, const uint32_t k0, const uint32_t k1) {
+    const float lr = row[LR], rho = row[RHO], one_minus_rho = row[ONE_MINUS_RHO];
+    const float eps = row[EPS], weight_decay = row[WEIGHT_DECAY];
+    float g_block[BLOCK] __attribute__((aligned(64)));
+    float w_block[BLOCK] __attribute__((aligned(64)));
+    float std[BLOCK] __attribute__((aligned(64)));
+    float delta[BLOCK] __attribute__((aligned(64)));
+    uint16_t p_block[BLOCK] __attribute__((aligned(64)));
+    for (int64_t first = 0; first < n_elements; first += BLOCK) {
+        const int n = n_elements - first < BLOCK ? (int)(n_elements - first) : BLOCK;
+        /* Where the new params go: a block that store_streaming then writes out. */
+        uint16_t *restrict pb = streaming ? p_block : p + first;
+        const uint16_t *restrict gb = gr + first;
+        float *restrict vb = v + first, *restrict ub = u + first, *restrict mb = m + first;
+        if (!use_torch_sqrt) {
+            /* The IEEE sqrt: one pass. */
+            for (int i = 0; i < n; ++i) {
+                float w = store == STORE_MASTER ? mb[i] : widen(pb[i], kind);
+                const float g = grad_f32(widen(gb[i], kind), w, grad_scale, weight_decay, flags);
+                const float square = fmaf(one_minus_rho * g, g, vb[i] * rho);
+                vb[i] = square;
+                const float d = sqrtf(ub[i] + eps) / sqrtf(square + eps) * g;
+                apply_f32(d, &ub[i], &w, rho, one_minus_rho, lr, flags);
+                if (store == STORE_MASTER) mb[i] = w;
+                if (store == STORE_STOCHASTIC) w_block[i] = w;
+                else pb[i] = round_nearest(w, kind);
+            }
+        } else {
+            /* torch's sqrt works on arrays: three passes, as update_f32 makes them. */
+            for (int i = 0; i < n; ++i) {
+                w_block[i] = store == STORE_MASTER ? mb[i] : widen(pb[i], kind);
+                const float g = grad_f32(widen(gb[i], kind), w_block[i], grad_scale, weight_decay, flags);
+                const float square = fmaf(one_minus_rho * g, g, vb[i] * rho);
+                vb[i] = square;
+                g_block[i] = g;
+                std[i] = square + eps;
+                delta[i] = ub[i] + eps;
+            }
+            sqrt_block_f32(n, std, use_torch_sqrt);
+            sqrt_block_f32(n, delta, use_torch_sqrt);
+            for (int i = 0; i < n; ++i) {
+                apply_f32(delta[i] / std[i] * g_block[i], &ub[i], &w_block[i], rho, one_minus_rho, lr, flags);
+                if (store == STORE_MASTER) mb[i] = w_block[i];
+                if (store != STORE_STOCHASTIC) pb[i] = round_nearest(w_block[i], kind);
+            }
+        }
+        if (store == STORE_STOCHASTIC)
+            round_block_stochastic(w_block, pb, n, kind, index + (uint64_t)first, k0, k1);
+        if (streaming) store_streaming(p + first, p_block, n);
+    }
+}
+
+/* One function per (kind, store) for the flags most runs have: none, and weight
+   decay alone, each vectorized without branches; one more takes any flags at run
+   time. Functions of their own: one switch over all of them took the compiler
+   minutes (its PRE pass grows faster than the function), and a variant per flag
+   combination, as the fp32 loop has, 8 s more per build. */
+typedef void (*update_lowp_fn)(uint16_t *, const uint16_t *, float *, float *, float *, int64_t,
+                               const float *, float, int, int, int, uint64_t, uint32_t, uint32_t);
+#define LOWP_VARIANT(KIND, STORE, NAME, FLAGS)                                        \
+    static __attribute__((noinline)) void update_lowp_##KIND##_##STORE##_##NAME(      \
+            uint16_t *p, const uint16_t *g, float *v, float *u, float *m, int64_t n,  \
+            const float *row, float grad_scale, int use_torch_sqrt, int flags,        \
+            int streaming, uint64_t index, uint32_t k0, uint32_t k1) {                \
+        (void)flags;                                                                  \
+        update_lowp(p, g, v, u, m, n, row, grad_scale, use_torch_sqrt, FLAGS, KIND,   \
+                    STORE, STORE == STORE_MASTER && streaming, index, k0, k1);        \
+    }
+#define LOWP_STORE_VARIANTS(KIND, STORE)                                              \
+    LOWP_VARIANT(KIND, STORE, plain, 0)                                               \
+    LOWP_VARIANT(KIND, STORE, decay, FLAG_WEIGHT_DECAY)                               \
+    LOWP_VARIANT(KIND, STORE, any, flags)
+#define LOWP_KIND(KIND)                                                               \
+    LOWP_STORE_VARIANTS(KIND, STORE_NEAREST) LOWP_STORE_VARIANTS(KIND, STORE_MASTER)  \
+    LOWP_STORE_VARIANTS(KIND, STORE_STOCHASTIC)
+#define LOWP_STORE_NAMES(KIND, STORE)                                                 \
+    { update_lowp_##KIND##_##STORE##_plain, update_lowp_##KIND##_##STORE##_decay,     \
+      update_lowp_##KIND##_##STORE##_any }
+#define LOWP_KIND_NAMES(KIND)                                                         \
+    { LOWP_STORE_NAMES(KIND, STORE_NEAREST), LOWP_STORE_NAMES(KIND, STORE_MASTER),    \
+      LOWP_STORE_NAMES(KIND, STORE_STOCHASTIC) }
+
+LOWP_KIND(KIND_BF16)
+#if HAVE_F16
+LOWP_KIND(KIND_F16)
+#endif
+/* [kind][store][0: no flags, 1: weight decay alone, 2: any] */
+static const update_lowp_fn update_lowp_variants[N_KINDS][N_STORES][3] = {
+    LOWP_KIND_NAMES(KIND_BF16),
+#if HAVE_F16
+    LOWP_KIND_NAMES(KIND_F16),
+#endif
+};
+
+/* A share (see run_share_f32). */
+static void *run_share_lowp(void *arg) {
+    const share_t *s = (const share_t *)arg;
+    const int64_t *table = s->table, n_pieces = s->n_pieces;
+    const float *hparams = (const float *)s->hparams;
+    float *square_avg = (float *)s->square_avg, *acc_delta = (float *)s->acc_delta;
+    float *master = (float *)s->master;
+    int64_t offset = s->offset, left = s->count;
+    for (int64_t k = s->piece; k < n_pieces && left > 0; ++k, offset = 0) {
+        const int64_t numel = table[NUMEL_ROW * n_pieces + k];
+        const int64_t n = numel - offset < left ? numel - offset : left;
+        if (n <= 0) continue;
+        left -= n;
+        const float *row = hparams + table[GROUP_ROW * n_pieces + k] * N_HPARAMS;
+        const int flags = (s->has_grad_scale ? FLAG_GRAD_SCALE : 0)
+            | (row[MAXIMIZE] != 0 ? FLAG_MAXIMIZE : 0)
+            | (row[WEIGHT_DECAY] != 0 ? FLAG_WEIGHT_DECAY : 0)
+            | (row[LR_IS_TENSOR] != 0 ? FLAG_LR_TENSOR : 0);
+        const int64_t state = table[STATE_ROW * n_pieces + k] + offset;
+        const int variant = flags == 0 ? 0 : flags == FLAG_WEIGHT_DECAY ? 1 : 2;
+        update_lowp_variants[s->kind][s->store][variant](
+            (uint16_t *)(intptr_t)table[PARAM_ROW * n_pieces + k] + offset,
+            (const uint16_t *)(intptr_t)table[GRAD_ROW * n_pieces + k] + offset,
+            square_avg + state, acc_delta + state, master ? master + state : 0, n, row,
+            (float)s->grad_scale, s->use_torch_sqrt, flags, s->total >= STREAMING_MIN_ELEMENTS,
+            (uint64_t)state, s->key0, s->key1);
+    }
+#if defined(__AVX2__)
+    _mm_sfence();  /* the streaming stores are seen before the step returns */
+#endif
+    return 0;
+}
+
+/* One step over a table of bf16 (kind 0) or fp16 (kind 1) params with fp32 state,
+   as adadelta_step_f32 (the same arguments and returns), plus: master, the fp32
+   master copy (NULL unless store is STORE_MASTER), store (STORE_*) and the seed of
+   the stochastic rounding. Returns -2, writing nothing, for a kind or store this
+   library cannot run. */
+int adadelta_step_lowp(const int64_t *table, int64_t n_pieces, float *square_avg,
+        float *acc_delta, float *master, int64_t n_state, const float *hparams, int64_t n_groups,
+        const float *grad_scale_ptr, const float *found_inf_ptr, int max_threads,
+        int64_t parallel_min_elements, int use_torch_sqrt, int kind, int store, int64_t seed) {
+    if (kind < 0 || kind >= N_KINDS || (kind == KIND_F16 && !HAVE_F16)) return -2;
+    if (store < 0 || store >= N_STORES || (store == STORE_MASTER) != (master != 0)) return -2;
+    if (found_inf_ptr && *found_inf_ptr != 0) return 1;
+    share_t proto = {0};
+    proto.table = table; proto.n_pieces = n_pieces;
+    proto.square_avg = square_avg; proto.acc_delta = acc_delta; proto.hparams = hparams;
+    proto.grad_scale = grad_scale_ptr ? (double)*grad_scale_ptr : 1.0;
+    proto.has_grad_scale = grad_scale_ptr != 0;
+    proto.use_torch_sqrt = use_torch_sqrt;
+    proto.master = master; proto.kind = kind; proto.store = store;
+    proto.key0 = (uint32_t)(uint64_t)seed; proto.key1 = (uint32_t)((uint64_t)seed >> 32);
+    proto.run = run_share_lowp;
+    /* 32 elements: a 64-byte line of params, two of state. */
+    return run_step(&proto, n_state, n_groups, 32, max_threads, parallel_min_elements);
+}
