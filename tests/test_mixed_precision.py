@@ -105,7 +105,10 @@ def test_mode_options_are_checked():
     ],
     ids=["fp32", "fp64", "bf16", "fp16", "bf16_master", "fp16_master", "bf16_stochastic"],
 )
-def test_state_dict_round_trip_resumes_bit_identically(backend, dtype, options):
+# The optimizer's state loaded before the model's: the model's load writes each param
+# its master's rounding, which must not replace the loaded fp32 master copy.
+@pytest.mark.parametrize("order", ["model_first", "optimizer_first"])
+def test_state_dict_round_trip_resumes_bit_identically(backend, dtype, options, order):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(9, 17), torch.nn.Tanh(), torch.nn.Linear(17, 3)).to(dtype)
     x, y = torch.randn(16, 9).to(dtype), torch.randn(16, 3).to(dtype)
@@ -127,9 +130,13 @@ def test_state_dict_round_trip_resumes_bit_identically(backend, dtype, options):
     buffer.seek(0)
     checkpoint = torch.load(buffer, map_location="cpu", weights_only=True)
     resumed = torch.nn.Sequential(torch.nn.Linear(9, 17), torch.nn.Tanh(), torch.nn.Linear(17, 3)).to(dtype)
-    resumed.load_state_dict(checkpoint["model"])
     resumed_optimizer = Adadelta(resumed.parameters(), **options)
-    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    if order == "model_first":
+        resumed.load_state_dict(checkpoint["model"])
+        resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    else:
+        resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+        resumed.load_state_dict(checkpoint["model"])
     torch.manual_seed(1)
     train(resumed, resumed_optimizer, 4)
     for a, b in zip(model.parameters(), resumed.parameters()):
@@ -137,6 +144,27 @@ def test_state_dict_round_trip_resumes_bit_identically(backend, dtype, options):
     for a, b in zip(model.parameters(), resumed.parameters()):
         for key, value in optimizer.state[a].items():
             assert torch.equal(value, resumed_optimizer.state[b][key]), key
+
+
+def test_an_edit_from_outside_reaches_the_master_copy_where_it_changed_the_param(backend):
+    """Elements an in-place write changed take the param's value; the others keep the
+    master's fp32 value (they hold its rounding, as the optimizer stored it)."""
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(64).to(torch.bfloat16))
+    optimizer = Adadelta([param], master_weights=True)
+    for _ in range(3):
+        param.grad = torch.randn(64).to(torch.bfloat16)
+        optimizer.step()
+    (flat,) = optimizer.flat_states()
+    master_before = flat.master[:64].clone()
+    assert not torch.equal(master_before, param.detach().float()), "the master holds more than the param"
+    with torch.no_grad():
+        param[:8] = 2.0
+    param.grad = torch.zeros(64, dtype=torch.bfloat16)
+    optimizer.step()  # a zero grad with zero state changes nothing but the merge
+    assert torch.equal(flat.master[:8], torch.full((8,), 2.0))
+    assert torch.equal(flat.master[8:64], master_before[8:])
+    assert torch.equal(param[:8].float(), torch.full((8,), 2.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -546,6 +546,20 @@ class FlatState:
         start, end = self.offsets[i], self.offsets[i] + self.numels[i]
         self.master[start:end].copy_(_real_flat(local_tensor(self.params[i] if param is None else param).detach()))
 
+    def _merge_param_into_master(self, i: int, param: torch.Tensor | None = None) -> None:
+        """A write to param ``i`` from outside, into the master copy, element by element.
+
+        An element the write left at the master's rounding (the value the optimizer
+        stored) keeps the master's fp32 value; any other takes the param's. So
+        ``model.load_state_dict`` of the checkpoint that ``optimizer.load_state_dict``
+        came from keeps the checkpoint's master copy, in whichever order they are
+        called, and a real edit still wins.
+        """
+        start, end = self.offsets[i], self.offsets[i] + self.numels[i]
+        master = self.master[start:end]
+        flat = _real_flat(local_tensor(self.params[i] if param is None else param).detach())
+        torch.where(flat == master.to(flat.dtype), master, flat.to(master.dtype), out=master)
+
     # --------------------------------------------------------------- each step
     def hparams(self, param_groups: list[dict[str, Any]]) -> torch.Tensor:
         """The hyper-parameter table of the groups, on the device (rebuilt when one changes).
@@ -791,11 +805,12 @@ class FlatState:
         return StepPlan(table, segments, pieces.steps_index, param_stand_ins, grad_stand_ins)
 
     def sync_master(self) -> None:
-        """Copy into the master any param written in place from outside.
+        """Merge into the master any param written in place from outside.
 
         ``model.load_state_dict``, an init function or ``p.mul_()`` write the
         low-precision param; the master copy must follow it, or the next step would
-        undo the write. The optimizer's own writes do not bump the version counter.
+        undo the write (:meth:`_merge_param_into_master`). The optimizer's own writes
+        do not bump the version counter.
         """
         if self._versions is None:
             return
@@ -805,7 +820,7 @@ class FlatState:
             return
         for i, version in enumerate(versions):
             if version != self._versions[i]:
-                self._copy_param_to_master(i)
+                self._merge_param_into_master(i)
         self._versions = versions
 
     def sync_master_by_value(self, params: list[torch.Tensor]) -> None:
@@ -819,7 +834,7 @@ class FlatState:
             start, end = self.offsets[i], self.offsets[i] + self.numels[i]
             flat = _real_flat(param.detach())
             if not torch.equal(flat, self.master[start:end].to(flat.dtype)):
-                self._copy_param_to_master(i, param)
+                self._merge_param_into_master(i, param)
         self._versions = list(map(_VERSION, self.local_tensors()))
         self._read_versions = None
 
