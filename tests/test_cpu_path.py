@@ -451,6 +451,27 @@ def test_native_low_precision_loop_gives_the_chunked_ops_bits_with_torch_sqrt(mo
     assert_same_bits(native, chunked)
 
 
+@pytest.mark.parametrize("implementation", ["native", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_stochastic_rounding_stores_an_exact_value_as_it_is(cpu_path, monkeypatch, implementation, dtype):
+    """A new weight that the param dtype holds exactly is stored unchanged, whatever
+    the noise: over 2M elements every noise value occurs (a rounding off by one
+    noise step, 1 in 65536, would show)."""
+    use(monkeypatch, implementation)
+    monkeypatch.delenv("TRITON_ADADELTA_CPU_SQRT", raising=False)
+    generator = torch.Generator().manual_seed(3)
+    params = [torch.randn(1 << 21, generator=generator).to(dtype)]
+    before = params[0].clone()
+    layout = Layout.of(params)
+    square_avg, acc_delta = torch.ones(layout.n_state), torch.ones(layout.n_state)
+    # Zero grads: the update is exactly 0, so each new weight is the param's value.
+    table = table_of(params, [torch.zeros_like(params[0])], layout, [0], [0])
+    cpu.adadelta_step_cpu_(
+        table, square_avg, acc_delta, hparams=hparams_of(GROUPS[:1], dtype), stochastic_rounding=True, seed=5
+    )
+    assert torch.equal(params[0], before)
+
+
 def test_a_big_master_weights_step_streams_the_params_and_keeps_the_bits(monkeypatch):
     """Steps of at least 2M elements store master-weight params with non-temporal
     stores (csrc/adadelta_cpu.c, STREAMING_MIN_ELEMENTS), on unaligned params too."""
