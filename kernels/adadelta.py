@@ -336,6 +336,16 @@ def _widen(x, COMPUTE_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _bf16_add_and_truncate(x, addend):
+    """The top half of fp32 ``x``'s bits after adding ``addend`` (uint32) below it:
+    bf16's rounding, to nearest or stochastic by the addend. A NaN stays a (quiet)
+    NaN instead of carrying into the exponent or the sign."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = tl.where(x != x, (bits >> 16) | 0x40, (bits + addend) >> 16)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _round_to_nearest(x, DTYPE: tl.constexpr):
     """Round to nearest even in DTYPE; bf16 by integer ops.
 
@@ -344,10 +354,7 @@ def _round_to_nearest(x, DTYPE: tl.constexpr):
     """
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        # A NaN stays a (quiet) NaN instead of carrying into the exponent.
-        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return _bf16_add_and_truncate(x, 0x7FFF + ((bits >> 16) & 1))
     else:
         return x.to(DTYPE)
 
@@ -378,11 +385,7 @@ def _round_stochastic(x, noise16, DTYPE: tl.constexpr):
     (distance to the nearest) / (gap), against ``noise16 / 2**16``.
     """
     if DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + noise16) >> 16
-        # A NaN stays a (quiet) NaN instead of carrying into the sign.
-        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return _bf16_add_and_truncate(x, noise16)
     else:
         nearest = _round_to_nearest(x, DTYPE)
         nearest_value = _widen(nearest, tl.float32)

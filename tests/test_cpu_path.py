@@ -659,6 +659,7 @@ def test_a_failed_build_says_why_once_and_falls_back(cpu_path, monkeypatch, tmp_
     # A fresh process as far as the loop is concerned (restored after the test).
     monkeypatch.setattr(cpu, "_native_library", None)
     monkeypatch.setattr(cpu, "_native_tried", False)
+    monkeypatch.setattr(cpu, "_native_f16", False)
     monkeypatch.setattr(cpu, "_torch_sqrt_checked", None)
     params = [torch.randn(10)]
     layout = Layout.of(params)

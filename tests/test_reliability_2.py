@@ -71,6 +71,7 @@ def fresh_process(monkeypatch) -> None:
     monkeypatch.setenv("TRITON_ADADELTA_NATIVE_CPU", "1")
     monkeypatch.setattr(cpu, "_native_library", None)
     monkeypatch.setattr(cpu, "_native_tried", False)
+    monkeypatch.setattr(cpu, "_native_f16", False)
     monkeypatch.setattr(cpu, "_torch_sqrt_checked", None)
 
 

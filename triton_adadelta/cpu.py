@@ -134,6 +134,8 @@ _VERSION = operator.attrgetter("_version")
 _native_lock = threading.Lock()
 _native_library: ctypes.CDLL | None = None
 _native_tried = False
+# Whether the loaded library runs fp16 params (its compiler had _Float16): read once.
+_native_f16 = False
 # The self-check of the torch-sqrt mode: None until run, then its verdict.
 _torch_sqrt_checked: bool | None = None
 
@@ -256,7 +258,7 @@ def _native_matches_torch(library: ctypes.CDLL) -> bool:
     modes = [(dtype, False) for dtype in _NATIVE_DTYPES]
     modes += [(dtype, master) for dtype in _NATIVE_KINDS for master in (False, True)]
     for dtype, with_master in modes:
-        if dtype == torch.float16 and not _native_has_f16(library):
+        if dtype == torch.float16 and not _native_f16:
             continue
         state_dtype = state_dtype_for(dtype)
         groups = tuple(
@@ -327,12 +329,13 @@ def native_library() -> ctypes.CDLL | None:
 # Building and checking run eagerly, once per process, never inside a traced region.
 @torch.compiler.disable
 def _load_native() -> None:
-    global _native_library, _native_tried
+    global _native_library, _native_tried, _native_f16
     with _native_lock:
         if _native_tried:
             return
         try:
             _native_library = _build_native_library()
+            _native_f16 = ctypes.c_int.in_dll(_native_library, "adadelta_has_f16").value == 1
         except BuildError as error:
             _warn_once_native_off(str(error))
         _native_tried = True
@@ -798,13 +801,9 @@ def _native_for(
     if device.type != "cpu" or (param_dtype not in _NATIVE_DTYPES and param_dtype not in _NATIVE_KINDS):
         return None
     library = native_library()
-    if library is not None and param_dtype == torch.float16 and not _native_has_f16(library):
+    if library is not None and param_dtype == torch.float16 and not _native_f16:
         return None  # a compiler without _Float16 (see the C source)
     return library
-
-
-def _native_has_f16(library: ctypes.CDLL) -> bool:
-    return ctypes.c_int.in_dll(library, "adadelta_has_f16").value == 1
 
 
 @torch.compiler.disable

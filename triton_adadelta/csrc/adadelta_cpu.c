@@ -53,6 +53,15 @@ const int64_t adadelta_layout[] = {
 
 #define MAX_THREADS 64
 
+/* The flags of a piece's group, from its hyper-parameter row (of either dtype).
+   weight_decay != 0 on the dtype's value: 1e-308 is 0 in fp32, and must not turn an
+   inf param's grad into NaN through 0 * inf. */
+#define GROUP_FLAGS(has_grad_scale, row)                                              \
+    (((has_grad_scale) ? FLAG_GRAD_SCALE : 0)                                         \
+     | ((row)[MAXIMIZE] != 0 ? FLAG_MAXIMIZE : 0)                                     \
+     | ((row)[WEIGHT_DECAY] != 0 ? FLAG_WEIGHT_DECAY : 0)                             \
+     | ((row)[LR_IS_TENSOR] != 0 ? FLAG_LR_TENSOR : 0))
+
 /* torch's CPU sqrt is MKL VML's vmsSqrt/vmdSqrt (mode HA | FTZDAZ_OFF |
    ERRMODE_IGNORE), which is not always correctly rounded: call the same function,
    found in libtorch_cpu by the caller, on each block. NULL: the C library's sqrt. */
@@ -117,6 +126,20 @@ static void run_team_share(void *arg) {
     share_t *shares = (share_t *)arg;
     const int team = omp_num_threads(), n = shares[0].n_shares;
     for (int t = omp_thread_num(); t < n; t += team) shares[0].run(&shares[t]);
+}
+
+/* What every share of a step holds (the part of the table it runs is run_step's). */
+static share_t share_proto(const int64_t *table, int64_t n_pieces, void *square_avg, void *acc_delta,
+                           const void *hparams, int has_grad_scale, double grad_scale,
+                           int use_torch_sqrt, void *(*run)(void *)) {
+    share_t proto = {0};
+    proto.table = table; proto.n_pieces = n_pieces;
+    proto.square_avg = square_avg; proto.acc_delta = acc_delta; proto.hparams = hparams;
+    proto.has_grad_scale = has_grad_scale;
+    proto.grad_scale = has_grad_scale ? grad_scale : 1.0;
+    proto.use_torch_sqrt = use_torch_sqrt;
+    proto.run = run;
+    return proto;
 }
 
 /* Check the table against the state and the hyper-parameters, split it into shares
@@ -277,12 +300,7 @@ static void *run_share_##SUFFIX(void *arg) {                                    
         if (n <= 0) continue;                                                         \
         left -= n;                                                                    \
         const T *row = hparams + table[GROUP_ROW * n_pieces + k] * N_HPARAMS;         \
-        /* weight_decay != 0 on the dtype's value: 1e-308 is 0 in fp32, and must */  \
-        /* not turn an inf param's grad into NaN through 0 * inf. */                  \
-        const int flags = (s->has_grad_scale ? FLAG_GRAD_SCALE : 0)                   \
-            | (row[MAXIMIZE] != 0 ? FLAG_MAXIMIZE : 0)                                \
-            | (row[WEIGHT_DECAY] != 0 ? FLAG_WEIGHT_DECAY : 0)                        \
-            | (row[LR_IS_TENSOR] != 0 ? FLAG_LR_TENSOR : 0);                          \
+        const int flags = GROUP_FLAGS(s->has_grad_scale, row);                        \
         const int64_t state = table[STATE_ROW * n_pieces + k] + offset;               \
         update_piece_##SUFFIX(                                                        \
             (T *)(intptr_t)table[PARAM_ROW * n_pieces + k] + offset,                  \
@@ -304,13 +322,9 @@ int adadelta_step_##SUFFIX(const int64_t *table, int64_t n_pieces, T *square_avg
         const T *grad_scale_ptr, const T *found_inf_ptr, int max_threads,             \
         int64_t parallel_min_elements, int use_torch_sqrt) {                          \
     if (found_inf_ptr && *found_inf_ptr != 0) return 1;                               \
-    share_t proto = {0};                                                              \
-    proto.table = table; proto.n_pieces = n_pieces;                                   \
-    proto.square_avg = square_avg; proto.acc_delta = acc_delta; proto.hparams = hparams; \
-    proto.grad_scale = grad_scale_ptr ? (double)*grad_scale_ptr : 1.0;                \
-    proto.has_grad_scale = grad_scale_ptr != 0;                                       \
-    proto.use_torch_sqrt = use_torch_sqrt;                                            \
-    proto.run = run_share_##SUFFIX;                                                   \
+    const share_t proto = share_proto(table, n_pieces, square_avg, acc_delta, hparams, \
+        grad_scale_ptr != 0, grad_scale_ptr ? (double)*grad_scale_ptr : 1.0,          \
+        use_torch_sqrt, run_share_##SUFFIX);                                          \
     return run_step(&proto, n_state, n_groups, 64 / (int64_t)sizeof(T), max_threads,  \
                     parallel_min_elements);                                           \
 }
@@ -362,14 +376,20 @@ static inline __attribute__((always_inline)) float widen(uint16_t bits, const in
     return bits_to_f32((uint32_t)bits << 16);
 }
 
-/* Round to nearest even; bf16 as c10 and the kernel round it, a NaN staying a quiet NaN. */
+/* The top half of x's bits after adding `addend` below it: bf16's rounding, to nearest
+   or stochastic by the addend (the kernel's _bf16_add_and_truncate). A NaN stays a
+   quiet NaN instead of carrying into the exponent or the sign. */
+static inline __attribute__((always_inline)) uint16_t bf16_add_and_truncate(float x, uint32_t addend) {
+    const uint32_t bits = f32_to_bits(x);
+    return (uint16_t)(x != x ? (bits >> 16) | 0x40u : (bits + addend) >> 16);
+}
+
+/* Round to nearest even; bf16 as c10 and the kernel round it. */
 static inline __attribute__((always_inline)) uint16_t round_nearest(float x, const int kind) {
 #if HAVE_F16
     if (kind == KIND_F16) { union { _Float16 h; uint16_t u; } v = {(_Float16)x}; return v.u; }
 #endif
-    const uint32_t bits = f32_to_bits(x);
-    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    return (uint16_t)(x != x ? (bits >> 16) | 0x40u : rounded);
+    return bf16_add_and_truncate(x, 0x7FFFu + ((f32_to_bits(x) >> 16) & 1u));
 }
 
 /* Philox-4x32 (Salmon et al., SC'11; Triton's tl.philox) of PHILOX_ROUNDS rounds (the
@@ -474,11 +494,7 @@ static void philox_block(uint16_t *restrict out, int n_counters, uint64_t first,
    the neighbour beyond or short of the nearest, with probability (distance to the
    nearest) / (gap), against noise / 2**16. The expectation is x. */
 static inline __attribute__((always_inline)) uint16_t round_stochastic(float x, const int kind, uint16_t noise) {
-    if (kind == KIND_BF16) {
-        const uint32_t bits = f32_to_bits(x);
-        const uint32_t rounded = (bits + noise) >> 16;
-        return (uint16_t)(x != x ? (bits >> 16) | 0x40u : rounded);
-    }
+    if (kind == KIND_BF16) return bf16_add_and_truncate(x, noise);
     const uint16_t nearest = round_nearest(x, kind);
     const float nearest_value = widen(nearest, kind);
     const uint16_t other = (uint16_t)(nearest + (fabsf(x) > fabsf(nearest_value) ? 1 : -1));
@@ -635,10 +651,7 @@ static void *run_share_lowp(void *arg) {
         if (n <= 0) continue;
         left -= n;
         const float *row = hparams + table[GROUP_ROW * n_pieces + k] * N_HPARAMS;
-        const int flags = (s->has_grad_scale ? FLAG_GRAD_SCALE : 0)
-            | (row[MAXIMIZE] != 0 ? FLAG_MAXIMIZE : 0)
-            | (row[WEIGHT_DECAY] != 0 ? FLAG_WEIGHT_DECAY : 0)
-            | (row[LR_IS_TENSOR] != 0 ? FLAG_LR_TENSOR : 0);
+        const int flags = GROUP_FLAGS(s->has_grad_scale, row);
         const int64_t state = table[STATE_ROW * n_pieces + k] + offset;
         const int variant = flags == 0 ? 0 : flags == FLAG_WEIGHT_DECAY ? 1 : 2;
         update_lowp_variants[s->kind][s->store][variant](
@@ -666,15 +679,10 @@ int adadelta_step_lowp(const int64_t *table, int64_t n_pieces, float *square_avg
     if (kind < 0 || kind >= N_KINDS || (kind == KIND_F16 && !HAVE_F16)) return -2;
     if (store < 0 || store >= N_STORES || (store == STORE_MASTER) != (master != 0)) return -2;
     if (found_inf_ptr && *found_inf_ptr != 0) return 1;
-    share_t proto = {0};
-    proto.table = table; proto.n_pieces = n_pieces;
-    proto.square_avg = square_avg; proto.acc_delta = acc_delta; proto.hparams = hparams;
-    proto.grad_scale = grad_scale_ptr ? (double)*grad_scale_ptr : 1.0;
-    proto.has_grad_scale = grad_scale_ptr != 0;
-    proto.use_torch_sqrt = use_torch_sqrt;
+    share_t proto = share_proto(table, n_pieces, square_avg, acc_delta, hparams, grad_scale_ptr != 0,
+        grad_scale_ptr ? (double)*grad_scale_ptr : 1.0, use_torch_sqrt, run_share_lowp);
     proto.master = master; proto.kind = kind; proto.store = store;
     proto.key0 = (uint32_t)(uint64_t)seed; proto.key1 = (uint32_t)((uint64_t)seed >> 32);
-    proto.run = run_share_lowp;
     /* 32 elements: a 64-byte line of params, two of state. */
     return run_step(&proto, n_state, n_groups, 32, max_threads, parallel_min_elements);
 }
