@@ -62,6 +62,7 @@ __all__ = [
     "adadelta_step_",
     "configs_for",
     "default_config",
+    "mode_constexprs",
     "size_bucket",
 ]
 
@@ -207,6 +208,21 @@ def size_bucket(n_elements: int) -> int:
     A training run then tunes once per bucket, not once per tensor size.
     """
     return max(4096, triton.next_power_of_2(n_elements))
+
+
+def mode_constexprs(param_dtype: torch.dtype, *, master: bool, stochastic_rounding: bool) -> dict[str, Any]:
+    """The constexprs that name a launch's dtype mode (and its tuning key's mode part).
+
+    ``PARAM_DTYPE_NAME`` is the param dtype's name, for the tuning key: the autotuner
+    writes its key to its disk cache as JSON, which a ``tl.dtype`` is not.
+    """
+    return {
+        "PARAM_DTYPE": _TL_DTYPES[param_dtype],
+        "PARAM_DTYPE_NAME": str(_TL_DTYPES[param_dtype]),
+        "HAS_MASTER": bool(master),
+        "STOCHASTIC_ROUNDING": bool(stochastic_rounding),
+        "VECTOR": vector_elements(param_dtype),
+    }
 
 
 def tuning_enabled() -> bool:
@@ -502,8 +518,9 @@ def _load_piece(
     configs=AUTOTUNE_CONFIGS,
     # The mode is in the key: the configs tried (and the best) differ by mode, and
     # the autotuner's own key holds the tensors' dtypes only, which fp32, bf16 and
-    # fp16 params (fp32 state), with or without stochastic rounding, share.
-    key=["size_bucket", "PARAM_DTYPE", "HAS_MASTER", "STOCHASTIC_ROUNDING"],
+    # fp16 params (fp32 state), with or without stochastic rounding, share. Every
+    # value is plain JSON (the dtype by name), as the results cache writes it.
+    key=["size_bucket", "PARAM_DTYPE_NAME", "HAS_MASTER", "STOCHASTIC_ROUNDING"],
     # Tuning runs the in-place kernel once per config. What it writes is the state
     # (arguments) and the params (reached through the table): the hooks copy both
     # before each trial and put them back after it. Nothing is ever zeroed.
@@ -532,6 +549,7 @@ def adadelta_kernel(
     size_bucket,
     # meta-parameters
     PARAM_DTYPE: tl.constexpr,
+    PARAM_DTYPE_NAME: tl.constexpr,  # the tuning key's (see mode_constexprs)
     HAS_MASTER: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
@@ -694,13 +712,10 @@ def adadelta_step_(
         seed=seed,
         n_pieces=table.n_pieces,
         size_bucket=size_bucket(table.n_elements()),
-        PARAM_DTYPE=_TL_DTYPES[table.param_dtype],
-        HAS_MASTER=master is not None,
-        STOCHASTIC_ROUNDING=bool(stochastic_rounding),
+        **mode_constexprs(table.param_dtype, master=master is not None, stochastic_rounding=stochastic_rounding),
         HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
         N_HPARAMS=N_HPARAMS,
-        VECTOR=vector_elements(table.param_dtype),
         MIN_BLOCK_SIZE=MIN_BLOCK_SIZE,
         # Each operation rounded once, as the interpreter does (see the module docstring).
         enable_fp_fusion=False,

@@ -331,13 +331,10 @@ def _constants(mode: DtypeMode, block_size: int, grad_scaler: bool) -> dict[str,
     """The constexprs of a launch (``adadelta_step_``) of this mode and config."""
     dtype = _TORCH_DTYPES[mode.param]
     constants: dict[str, Any] = {
-        "PARAM_DTYPE": adadelta._TL_DTYPES[dtype],
-        "HAS_MASTER": mode.master,
-        "STOCHASTIC_ROUNDING": mode.stochastic_rounding,
+        **adadelta.mode_constexprs(dtype, master=mode.master, stochastic_rounding=mode.stochastic_rounding),
         "HAS_GRAD_SCALE": grad_scaler,
         "HAS_FOUND_INF": grad_scaler,
         "N_HPARAMS": adadelta.N_HPARAMS,
-        "VECTOR": adadelta.vector_elements(dtype),
         "MIN_BLOCK_SIZE": adadelta.MIN_BLOCK_SIZE,
         "BLOCK_SIZE": block_size,
     }

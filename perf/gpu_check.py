@@ -99,7 +99,7 @@ PROFILES = {
     ),  # fmt: skip
     # CPU plumbing: tiny sizes, a few tests, no compiled baseline (minutes to compile on a CPU).
     "tiny": Profile(
-        "tiny", {"machine": 60, "tests": 120, "sweep": 60, "bench": 60}, "smoke", "fp32 or grad_scale or meant_to or interpreters_bits",
+        "tiny", {"machine": 60, "tests": 120, "sweep": 60, "bench": 60}, "smoke", "fp32 or grad_scale or meant_to or reference_bits",
         ["--log2", "12", "--modes", "fp32", "bf16+master", "--copy-mib", "16", "--no-compiled-torch"],
         ["--quick", "--budget-s", "0.2", "--no-build-timing", "--shapes", "1000 x 100", "1000 x 100, zero_grad"], 0,
     ),  # fmt: skip

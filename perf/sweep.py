@@ -82,15 +82,14 @@ from machine import machine_info, write_json  # noqa: E402
 from triton_adadelta.flat import hparams_table, table_for_tensors  # noqa: E402
 from triton_adadelta.kernels import aot  # noqa: E402
 from triton_adadelta.kernels.adadelta import (  # noqa: E402
-    _TL_DTYPES,
     AUTOTUNE_CONFIGS,
     MIN_BLOCK_SIZE,
     N_HPARAMS,
     adadelta_kernel,
     configs_for,
+    mode_constexprs,
     size_bucket,
     state_dtype_for,
-    vector_elements,
 )
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -304,13 +303,12 @@ class Buffers:
             seed=1234,
             n_pieces=self.table.n_pieces,
             size_bucket=size_bucket(self.n_elements),
-            PARAM_DTYPE=_TL_DTYPES[param_dtype],
-            HAS_MASTER=self.master is not None,
-            STOCHASTIC_ROUNDING=self.mode.stochastic_rounding,
+            **mode_constexprs(
+                param_dtype, master=self.master is not None, stochastic_rounding=self.mode.stochastic_rounding
+            ),
             HAS_GRAD_SCALE=False,
             HAS_FOUND_INF=False,
             N_HPARAMS=N_HPARAMS,
-            VECTOR=vector_elements(param_dtype),
             MIN_BLOCK_SIZE=MIN_BLOCK_SIZE,
             enable_fp_fusion=False,
             BLOCK_SIZE=block_size,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -162,7 +164,7 @@ def test_the_reset_only_call_after_tuning_changes_nothing(monkeypatch):
 def test_tuning_key_is_a_size_bucket_per_mode_so_a_run_tunes_once_per_bucket():
     # The mode is in the key: fp32, bf16 and fp16 params all have fp32 state, and
     # the dtypes of the tensor arguments alone would let one reuse another's config.
-    assert adadelta_kernel.keys == ["size_bucket", "PARAM_DTYPE", "HAS_MASTER", "STOCHASTIC_ROUNDING"]
+    assert adadelta_kernel.keys == ["size_bucket", "PARAM_DTYPE_NAME", "HAS_MASTER", "STOCHASTIC_ROUNDING"]
     sizes = [1, 100, 4096, 4097, 10**5, 10**6, 123_456_789, 2**31 + 5]
     buckets = [size_bucket(n) for n in sizes]
     assert buckets == sorted(buckets)
@@ -170,6 +172,18 @@ def test_tuning_key_is_a_size_bucket_per_mode_so_a_run_tunes_once_per_bucket():
         assert bucket >= n and bucket & (bucket - 1) == 0
     # A model's many tensor sizes land in few buckets: every size up to 2**31 in 20.
     assert len({size_bucket(n) for n in range(1, 2**31, 9973)}) <= 20
+
+
+def test_the_tuning_key_of_a_real_launch_is_plain_json_and_names_the_mode(monkeypatch):
+    # With cache_results the autotuner writes its key with json.dumps before it times
+    # a config: a tl.dtype in it raised TypeError at the first tuned step on a GPU.
+    keys = {}
+    for mode in MODES:
+        kwargs = _Launch(mode, monkeypatch).kwargs
+        key = [kwargs[name] for name in adadelta_kernel.keys]
+        assert json.loads(json.dumps(key)) == key, mode
+        keys[mode] = tuple(key[1:])
+    assert len(set(keys.values())) == len(MODES), keys
 
 
 @pytest.mark.parametrize("mode", ["fp32", "bf16", "fp16", "bf16+master", "fp16+sr", "fp64"])
