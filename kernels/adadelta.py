@@ -110,7 +110,10 @@ _ELEMENT_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.f
 # assembly on gfx942 (perf/sweep.py --target, triton 3.9; perf/results/sweep_aot_*.json
 # lists the dropped configs with their figures). gfx942 spills nothing up to 32.
 #   fp32, bf16, fp16: 32, none spills.
-#   stochastic rounding: 16; 32 spilled 384-416 B on sm_90 and 240-248 B on sm_80.
+#   stochastic rounding: 16; 32 spilled 384-416 B on sm_90 and 240-248 B on sm_80 while
+#   every element made its own Philox call. With one call per 8 elements (the aligned
+#   branch, _noise16_contiguous) 32 compiles on sm_90 to 249-254 registers and no
+#   spills, but has not been timed on a GPU, so it stays out.
 #   master weights: 8; 16 spilled 8-16 B on sm_90 (B2048_w4, B4096_w8), 32 spilled 40-48 B.
 #   fp64: 8; 16 spilled 160 B on sm_90, 32 spilled 1664-3288 B on sm_80/sm_90.
 _MAX_PER_THREAD = 32
@@ -392,6 +395,22 @@ def _noise16(seed, index):
 
 
 @triton.jit
+def _noise16_contiguous(seed, first_index, BLOCK: tl.constexpr):
+    """``_noise16`` of the ``BLOCK`` indices from ``first_index`` (a multiple of 8) on.
+
+    The same bits with one Philox call per 8 elements, not one per element: on a
+    GPU the per-element call's integer work took as long as the memory traffic.
+    """
+    counter = (first_index >> 3) + tl.arange(0, BLOCK // 8)
+    word0, word1, word2, word3 = tl.randint4x(seed, counter, _PHILOX_ROUNDS)
+    # words[k, a, b] is word 2a + b of counter k, and halves[k, a, b, h] its half h:
+    # in row-major order, element 8k + 2 * (2a + b) + h, as _noise16 numbers them.
+    words = tl.join(tl.join(word0, word2), tl.join(word1, word3))
+    halves = tl.join(words & 0xFFFF, words >> 16)
+    return tl.reshape(halves, [BLOCK])
+
+
+@triton.jit
 def _round_stochastic(x, noise16, DTYPE: tl.constexpr):
     """Round fp32 ``x`` to DTYPE up or down in magnitude, given 16 random bits.
 
@@ -436,11 +455,14 @@ def _update_block(
     maximize,
     grad_scale,
     seed,
+    noise_base,
     # meta-parameters
     HAS_MASTER: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    CONTIGUOUS_NOISE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     if HAS_MASTER:
         param = tl.load(master_ptr + state_offs, mask=mask).to(COMPUTE_DTYPE)
@@ -470,7 +492,11 @@ def _update_block(
     if HAS_MASTER:
         tl.store(master_ptr + state_offs, param.to(master_ptr.dtype.element_ty), mask=mask)
     if STOCHASTIC_ROUNDING:
-        rounded = _round_stochastic(param, _noise16(seed, state_offs), param_ptr.dtype.element_ty)
+        if CONTIGUOUS_NOISE:  # state_offs is noise_base + arange(BLOCK), noise_base % 8 == 0
+            noise = _noise16_contiguous(seed, noise_base, BLOCK)
+        else:
+            noise = _noise16(seed, state_offs)
+        rounded = _round_stochastic(param, noise, param_ptr.dtype.element_ty)
         tl.store(param_ptr + offs, rounded, mask=mask)
     else:
         tl.store(param_ptr + offs, _round_to_nearest(param, param_ptr.dtype.element_ty), mask=mask)
@@ -591,7 +617,9 @@ def adadelta_kernel(
             param_ptr, grad_ptr, square_avg_ptr, acc_delta_ptr, master_ptr,
             offs, offs < numel, state_offset + offs,
             lr, rho, one_minus_rho, eps, weight_decay, maximize, grad_scale, seed,
-            HAS_MASTER, STOCHASTIC_ROUNDING, HAS_GRAD_SCALE, compute_ty,
+            # (state_offset is a multiple of VECTOR, and so of 8 for bf16/fp16)
+            state_offset + block * BLOCK_SIZE,
+            HAS_MASTER, STOCHASTIC_ROUNDING, HAS_GRAD_SCALE, compute_ty, VECTOR % 8 == 0, BLOCK_SIZE,
         )  # fmt: skip
     else:
         param_ptr, grad_ptr, state_offset, numel = _load_piece(
@@ -605,8 +633,8 @@ def adadelta_kernel(
             _update_block(
                 param_ptr, grad_ptr, square_avg_ptr, acc_delta_ptr, master_ptr,
                 sub_offs, sub_offs < numel, state_offset + sub_offs,
-                lr, rho, one_minus_rho, eps, weight_decay, maximize, grad_scale, seed,
-                HAS_MASTER, STOCHASTIC_ROUNDING, HAS_GRAD_SCALE, compute_ty,
+                lr, rho, one_minus_rho, eps, weight_decay, maximize, grad_scale, seed, 0,
+                HAS_MASTER, STOCHASTIC_ROUNDING, HAS_GRAD_SCALE, compute_ty, False, MIN_BLOCK_SIZE,
             )  # fmt: skip
 
 

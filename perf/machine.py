@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -23,6 +24,8 @@ import torch
 import triton
 
 REPO = Path(__file__).resolve().parents[1]
+# The GPU math: its hash says which kernel a results file measured.
+KERNEL_SOURCE = REPO / "kernels" / "adadelta.py"
 
 
 def _command_output(command: list[str]) -> str | None:
@@ -83,6 +86,12 @@ def machine_info(device: torch.device | None = None) -> dict[str, object]:
     commit = _command_output(["git", "rev-parse", "HEAD"])
     if commit:
         info["git_commit"] = commit
+        # A copy's history can be older than its files (a lent GPU machine's was):
+        # say whether tracked files differ from that commit, and which kernel ran.
+        status = _command_output(["git", "status", "--porcelain", "--untracked-files=no"])
+        if status is not None:
+            info["git_tree_modified"] = bool(status)
+    info["kernel_sha256"] = hashlib.sha256(KERNEL_SOURCE.read_bytes()).hexdigest()[:16]
     if device is not None:
         info["device"] = str(device)
     if torch.cuda.is_available():
