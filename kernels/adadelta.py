@@ -110,10 +110,9 @@ _ELEMENT_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.f
 # assembly on gfx942 (perf/sweep.py --target, triton 3.9; perf/results/sweep_aot_*.json
 # lists the dropped configs with their figures). gfx942 spills nothing up to 32.
 #   fp32, bf16, fp16: 32, none spills.
-#   stochastic rounding: 16; 32 spilled 384-416 B on sm_90 and 240-248 B on sm_80 while
-#   every element made its own Philox call. With one call per 8 elements (the aligned
-#   branch, _noise16_contiguous) 32 compiles on sm_90 to 249-254 registers and no
-#   spills, but has not been timed on a GPU, so it stays out.
+#   stochastic rounding: 16; 32 spilled 384-416 B on sm_90 and 240-248 B on sm_80 when
+#   every element made its own Philox call, and with one call per 8 elements (drawn
+#   before the loads) still 24-48 B on sm_90.
 #   master weights: 8; 16 spilled 8-16 B on sm_90 (B2048_w4, B4096_w8), 32 spilled 40-48 B.
 #   fp64: 8; 16 spilled 160 B on sm_90, 32 spilled 1664-3288 B on sm_80/sm_90.
 _MAX_PER_THREAD = 32
@@ -403,9 +402,15 @@ def _noise16_contiguous(seed, first_index, BLOCK: tl.constexpr):
     """
     counter = (first_index >> 3) + tl.arange(0, BLOCK // 8)
     word0, word1, word2, word3 = tl.randint4x(seed, counter, _PHILOX_ROUNDS)
-    # words[k, a, b] is word 2a + b of counter k, and halves[k, a, b, h] its half h:
-    # in row-major order, element 8k + 2 * (2a + b) + h, as _noise16 numbers them.
-    words = tl.join(tl.join(word0, word2), tl.join(word1, word3))
+    # words[k, a, b] is word 2a + b of counter k, and (_noise16_halves) halves[k, a, b, h]
+    # its half h: in row-major order, element 8k + 2 * (2a + b) + h, as _noise16 numbers them.
+    return tl.join(tl.join(word0, word2), tl.join(word1, word3))
+
+
+@triton.jit
+def _noise16_halves(words, BLOCK: tl.constexpr):
+    """The ``BLOCK`` 16-bit noises of ``_noise16_contiguous``'s words: kept packed, two
+    to a register, until the rounding needs them."""
     halves = tl.join(words & 0xFFFF, words >> 16)
     return tl.reshape(halves, [BLOCK])
 
@@ -464,6 +469,12 @@ def _update_block(
     CONTIGUOUS_NOISE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    if STOCHASTIC_ROUNDING:
+        # Drawn before the loads: the generator's temporaries die before the streams' values live.
+        if CONTIGUOUS_NOISE:  # state_offs is noise_base + arange(BLOCK), noise_base % 8 == 0
+            noise = _noise16_contiguous(seed, noise_base, BLOCK)
+        else:
+            noise = _noise16(seed, state_offs)
     if HAS_MASTER:
         param = tl.load(master_ptr + state_offs, mask=mask).to(COMPUTE_DTYPE)
     else:
@@ -492,10 +503,8 @@ def _update_block(
     if HAS_MASTER:
         tl.store(master_ptr + state_offs, param.to(master_ptr.dtype.element_ty), mask=mask)
     if STOCHASTIC_ROUNDING:
-        if CONTIGUOUS_NOISE:  # state_offs is noise_base + arange(BLOCK), noise_base % 8 == 0
-            noise = _noise16_contiguous(seed, noise_base, BLOCK)
-        else:
-            noise = _noise16(seed, state_offs)
+        if CONTIGUOUS_NOISE:
+            noise = _noise16_halves(noise, BLOCK)
         rounded = _round_stochastic(param, noise, param_ptr.dtype.element_ty)
         tl.store(param_ptr + offs, rounded, mask=mask)
     else:
@@ -724,6 +733,13 @@ def adadelta_step_(
     device = square_avg.device
     if device.type == "cpu" and not interpreter_enabled():
         raise ValueError("CPU buffers run the Triton kernel only with TRITON_INTERPRET=1")
+    if device.type != "cpu" and type(adadelta_kernel.fn).__name__ == "InterpretedFunction":
+        # The interpreter runs on the host: it would read the device's params through
+        # the table's raw addresses, and crash the process.
+        raise RuntimeError(
+            f"TRITON_INTERPRET=1 was set when the kernel was imported, and Triton's interpreter "
+            f"cannot reach {device} params: unset it to run the compiled kernel, or keep the model on the CPU"
+        )
     if table.n_pieces == 0:
         return
     block_map, map_starts, programs = table.block_map()

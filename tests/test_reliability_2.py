@@ -850,3 +850,16 @@ def test_complex_nan_propagates_as_in_torchs_foreach_implementation(backend, wei
     torch.testing.assert_close(ours, foreach, equal_nan=True, **KERNEL_TOLERANCE)
     # The divergence inside torch, which this test pins down: the first element.
     assert not foreach[0].isnan().all() and single_tensor[0].isnan().all()
+
+
+def test_the_interpreter_refuses_params_it_cannot_reach_instead_of_crashing():
+    # Under TRITON_INTERPRET=1 (set by conftest before the import) the kernel runs on
+    # the host and reads params through the table's raw addresses: a GPU's would
+    # crash the process (it did, in a `pytest -m gpu` run without TRITON_INTERPRET=0).
+    # A meta tensor stands for a device the host cannot read.
+    from triton_adadelta.update import step_flat_
+
+    meta = torch.device("meta")
+    param, grad, square_avg, acc_delta = (torch.zeros(64, device=meta) for _ in range(4))
+    with pytest.raises(RuntimeError, match="interpreter cannot reach meta params"):
+        step_flat_(param, grad, square_avg, acc_delta, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, backend="triton")
