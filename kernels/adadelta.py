@@ -72,7 +72,7 @@ GRAD_ROW = 1  # address of the piece's first grad element
 STATE_ROW = 2  # offset of the piece in the flat state, in elements
 NUMEL_ROW = 3  # elements in the piece
 GROUP_ROW = 4  # row of the hyper-parameter table
-ALIGNED_ROW = 5  # 1: param and grad 16-byte aligned and numel a whole number of 16-byte vectors
+ALIGNED_ROW = 5  # 1: param and grad 16-byte aligned and numel a multiple of STATE_ALIGNMENT
 N_TABLE_ROWS = 6
 
 # Columns of the hyper-parameter table (the state's dtype, one row per param group).
@@ -101,6 +101,20 @@ _MAP_SLOTS = BLOCK_SIZES[-1] // MIN_BLOCK_SIZE + 1
 # behind memory as on a GPU), 10 rounds cost more than the rest of the step.
 PHILOX_ROUNDS = 7
 _PHILOX_ROUNDS = tl.constexpr(PHILOX_ROUNDS)  # (what a jitted function may read)
+# Independent noise for each rounded buffer: stream s draws counters from s << 56 on
+# (an element's counter is its state index / 8, far below 2**56). Stream 0 rounds
+# the params, 1 square_avg and 2 acc_delta when the state is bf16.
+STREAM_SHIFT = 56
+PARAM_STREAM, SQUARE_AVG_STREAM, ACC_DELTA_STREAM = 0, 1, 2
+_PARAM_STREAM_BASE = tl.constexpr(PARAM_STREAM << STREAM_SHIFT)
+_SQUARE_AVG_STREAM_BASE = tl.constexpr(SQUARE_AVG_STREAM << STREAM_SHIFT)
+_ACC_DELTA_STREAM_BASE = tl.constexpr(ACC_DELTA_STREAM << STREAM_SHIFT)
+# Each param's segment of the flat state starts at a multiple of 8 elements, and its
+# aligned bulk (the kernel's aligned branch) is a multiple of 8 elements: whole 16-byte
+# vectors of the params (of any dtype) and of bf16 state, and the 8 elements of one
+# Philox counter's noise.
+STATE_ALIGNMENT = 8
+_STATE_ALIGNMENT = tl.constexpr(STATE_ALIGNMENT)
 
 _ELEMENT_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8}
 
@@ -119,15 +133,22 @@ _MAX_PER_THREAD = 32
 _MAX_PER_THREAD_STOCHASTIC_ROUNDING = 16
 _MAX_PER_THREAD_MASTER = 8
 _MAX_PER_THREAD_FP64 = 8
+#   bf16 state: 8; 16 spilled 16 B on sm_90 (bf16 params, B4096_w8).
+_MAX_PER_THREAD_COMPRESSED_STATE = 8
 
 
 def configs_for(
-    param_dtype: torch.dtype, warp_size: int, *, master: bool = False, stochastic_rounding: bool = False
+    param_dtype: torch.dtype,
+    warp_size: int,
+    *,
+    master: bool = False,
+    stochastic_rounding: bool = False,
+    compressed_state: bool = False,
 ) -> list[triton.Config]:
     """The autotune configs that keep every access 128-bit and spill nothing.
 
     Each thread must hold at least 16 bytes of the narrowest streamed buffer (the
-    param/grad dtype): bf16 at 1024 elements and 8 warps of 32 gets 4 elements per
+    param/grad dtype, or bf16 state): bf16 at 1024 elements and 8 warps of 32 gets 4 elements per
     thread, 64-bit accesses. And each mode keeps at most as many elements per thread
     as compile without spills (see ``_MAX_PER_THREAD*``).
 
@@ -136,6 +157,7 @@ def configs_for(
         warp_size: 32 (NVIDIA) or 64 (AMD CDNA).
         master: with fp32 master weights.
         stochastic_rounding: with stochastic rounding of the param stores.
+        compressed_state: with bf16 state (``state_dtype=torch.bfloat16``).
     """
     most = _MAX_PER_THREAD
     if param_dtype == torch.float64:
@@ -144,10 +166,14 @@ def configs_for(
         most = min(most, _MAX_PER_THREAD_MASTER)
     if stochastic_rounding:
         most = min(most, _MAX_PER_THREAD_STOCHASTIC_ROUNDING)
+    if compressed_state:
+        most = min(most, _MAX_PER_THREAD_COMPRESSED_STATE)
+    # The narrowest streamed buffer: the params, or bf16 state.
+    narrowest = min(_ELEMENT_BYTES[param_dtype], 2) if compressed_state else _ELEMENT_BYTES[param_dtype]
     kept = []
     for config in AUTOTUNE_CONFIGS:
         per_thread = config.kwargs["BLOCK_SIZE"] // (warp_size * config.num_warps)
-        if per_thread * _ELEMENT_BYTES[param_dtype] >= 16 and per_thread <= most:
+        if per_thread * narrowest >= 16 and per_thread <= most:
             kept.append(config)
     return kept
 
@@ -161,8 +187,9 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs: Any
     warp_size = triton.runtime.driver.active.get_current_target().warp_size
     param_dtype = _TORCH_DTYPES[str(kwargs["PARAM_DTYPE"])]
     suited = configs_for(
-        param_dtype, warp_size, master=kwargs["HAS_MASTER"], stochastic_rounding=kwargs["STOCHASTIC_ROUNDING"]
-    )
+        param_dtype, warp_size, master=kwargs["HAS_MASTER"], stochastic_rounding=kwargs["STOCHASTIC_ROUNDING"],
+        compressed_state=named_args["square_avg_ptr"].dtype == torch.bfloat16,
+    )  # fmt: skip
     allowed = {(c.kwargs["BLOCK_SIZE"], c.num_warps) for c in suited}
     return [c for c in configs if (c.kwargs["BLOCK_SIZE"], c.num_warps) in allowed] or configs
 
@@ -174,12 +201,20 @@ DEFAULT_NUM_WARPS = 8
 
 
 def default_config(
-    param_dtype: torch.dtype, warp_size: int, *, master: bool = False, stochastic_rounding: bool = False
+    param_dtype: torch.dtype,
+    warp_size: int,
+    *,
+    master: bool = False,
+    stochastic_rounding: bool = False,
+    compressed_state: bool = False,
 ) -> triton.Config:
     """The config that runs untuned: ``DEFAULT_BLOCK_SIZE`` at ``DEFAULT_NUM_WARPS`` where
     :func:`configs_for` keeps it, else the largest kept block at those warps (fp64
     and master weights: 2048 on NVIDIA)."""
-    kept = configs_for(param_dtype, warp_size, master=master, stochastic_rounding=stochastic_rounding)
+    kept = configs_for(
+        param_dtype, warp_size, master=master, stochastic_rounding=stochastic_rounding,
+        compressed_state=compressed_state,
+    )  # fmt: skip
     return max(
         kept,
         key=lambda c: (
@@ -197,11 +232,6 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 def state_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
     """The dtype of ``square_avg``/``acc_delta`` (and of the math): fp32, or fp64 for fp64 params."""
     return torch.float64 if param_dtype == torch.float64 else torch.float32
-
-
-def vector_elements(param_dtype: torch.dtype) -> int:
-    """Elements of the param dtype in one 16-byte vector: a piece's alignment unit."""
-    return 16 // _ELEMENT_BYTES[param_dtype]
 
 
 def size_bucket(n_elements: int) -> int:
@@ -223,7 +253,6 @@ def mode_constexprs(param_dtype: torch.dtype, *, master: bool, stochastic_roundi
         "PARAM_DTYPE_NAME": str(_TL_DTYPES[param_dtype]),
         "HAS_MASTER": bool(master),
         "STOCHASTIC_ROUNDING": bool(stochastic_rounding),
-        "VECTOR": vector_elements(param_dtype),
     }
 
 
@@ -378,7 +407,7 @@ def _round_to_nearest(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _noise16(seed, index):
+def _noise16(seed, index, STREAM_BASE: tl.constexpr = 0):
     """16 uniform random bits (as uint32) for the element at ``index`` of the flat state.
 
     Philox-4x32 keyed by ``seed`` gives four 32-bit words, eight halves, per
@@ -387,20 +416,20 @@ def _noise16(seed, index):
     Philox call per eight elements for the same bits (``csrc/adadelta_cpu.c``).
     16 bits are what rounding fp32 to bf16 drops, so the rounding is exactly unbiased.
     """
-    word0, word1, word2, word3 = tl.randint4x(seed, index >> 3, _PHILOX_ROUNDS)
+    word0, word1, word2, word3 = tl.randint4x(seed, (index >> 3) + STREAM_BASE, _PHILOX_ROUNDS)
     lane = (index >> 1) & 3
     word = tl.where(lane == 0, word0, tl.where(lane == 1, word1, tl.where(lane == 2, word2, word3)))
     return tl.where((index & 1) == 0, word & 0xFFFF, word >> 16)
 
 
 @triton.jit
-def _noise16_contiguous(seed, first_index, BLOCK: tl.constexpr):
+def _noise16_contiguous(seed, first_index, BLOCK: tl.constexpr, STREAM_BASE: tl.constexpr = 0):
     """``_noise16`` of the ``BLOCK`` indices from ``first_index`` (a multiple of 8) on.
 
     The same bits with one Philox call per 8 elements, not one per element: on a
     GPU the per-element call's integer work took as long as the memory traffic.
     """
-    counter = (first_index >> 3) + tl.arange(0, BLOCK // 8)
+    counter = (first_index >> 3) + STREAM_BASE + tl.arange(0, BLOCK // 8)
     word0, word1, word2, word3 = tl.randint4x(seed, counter, _PHILOX_ROUNDS)
     # words[k, a, b] is word 2a + b of counter k, and (_noise16_halves) halves[k, a, b, h]
     # its half h: in row-major order, element 8k + 2 * (2a + b) + h, as _noise16 numbers them.
@@ -413,6 +442,25 @@ def _noise16_halves(words, BLOCK: tl.constexpr):
     to a register, until the rounding needs them."""
     halves = tl.join(words & 0xFFFF, words >> 16)
     return tl.reshape(halves, [BLOCK])
+
+
+@triton.jit
+def _noise(seed, state_offs, noise_base, CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr, STREAM_BASE: tl.constexpr):
+    """The noise of the stream whose counters start at ``STREAM_BASE`` for the elements at ``state_offs``: packed words
+    (``_noise16_contiguous``) where CONTIGUOUS, else 16 bits per element."""
+    if CONTIGUOUS:
+        return _noise16_contiguous(seed, noise_base, BLOCK, STREAM_BASE)
+    else:
+        return _noise16(seed, state_offs, STREAM_BASE)
+
+
+@triton.jit
+def _noise_halves(noise, CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr):
+    """``_noise``'s 16 bits per element, unpacked where packed."""
+    if CONTIGUOUS:
+        return _noise16_halves(noise, BLOCK)
+    else:
+        return noise
 
 
 @triton.jit
@@ -469,19 +517,22 @@ def _update_block(
     CONTIGUOUS_NOISE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # Noise is drawn before the loads: the generator's temporaries die before the
+    # streams' values live. (CONTIGUOUS_NOISE: state_offs is noise_base + arange(BLOCK),
+    # noise_base a multiple of 8.)
     if STOCHASTIC_ROUNDING:
-        # Drawn before the loads: the generator's temporaries die before the streams' values live.
-        if CONTIGUOUS_NOISE:  # state_offs is noise_base + arange(BLOCK), noise_base % 8 == 0
-            noise = _noise16_contiguous(seed, noise_base, BLOCK)
-        else:
-            noise = _noise16(seed, state_offs)
+        noise = _noise(seed, state_offs, noise_base, CONTIGUOUS_NOISE, BLOCK, _PARAM_STREAM_BASE)
+    COMPRESSED_STATE: tl.constexpr = square_avg_ptr.dtype.element_ty == tl.bfloat16
+    if COMPRESSED_STATE:
+        square_avg_noise = _noise(seed, state_offs, noise_base, CONTIGUOUS_NOISE, BLOCK, _SQUARE_AVG_STREAM_BASE)
+        acc_delta_noise = _noise(seed, state_offs, noise_base, CONTIGUOUS_NOISE, BLOCK, _ACC_DELTA_STREAM_BASE)
     if HAS_MASTER:
         param = tl.load(master_ptr + state_offs, mask=mask).to(COMPUTE_DTYPE)
     else:
         param = _widen(tl.load(param_ptr + offs, mask=mask), COMPUTE_DTYPE)
     grad = _widen(tl.load(grad_ptr + offs, mask=mask), COMPUTE_DTYPE)
-    square_avg = tl.load(square_avg_ptr + state_offs, mask=mask).to(COMPUTE_DTYPE)
-    acc_delta = tl.load(acc_delta_ptr + state_offs, mask=mask).to(COMPUTE_DTYPE)
+    square_avg = _widen(tl.load(square_avg_ptr + state_offs, mask=mask), COMPUTE_DTYPE)
+    acc_delta = _widen(tl.load(acc_delta_ptr + state_offs, mask=mask), COMPUTE_DTYPE)
 
     if HAS_GRAD_SCALE:
         grad = _div(grad, grad_scale)
@@ -498,14 +549,16 @@ def _update_block(
     acc_delta = tl.fma(one_minus_rho * delta, delta, acc_delta * rho)
     param = tl.fma(delta, -lr, param)
 
+    if COMPRESSED_STATE:
+        # bf16 state: rounded stochastically, so that its expectation is the fp32 value.
+        square_avg = _round_stochastic(square_avg, _noise_halves(square_avg_noise, CONTIGUOUS_NOISE, BLOCK), tl.bfloat16)
+        acc_delta = _round_stochastic(acc_delta, _noise_halves(acc_delta_noise, CONTIGUOUS_NOISE, BLOCK), tl.bfloat16)
     tl.store(square_avg_ptr + state_offs, square_avg.to(square_avg_ptr.dtype.element_ty), mask=mask)
     tl.store(acc_delta_ptr + state_offs, acc_delta.to(acc_delta_ptr.dtype.element_ty), mask=mask)
     if HAS_MASTER:
         tl.store(master_ptr + state_offs, param.to(master_ptr.dtype.element_ty), mask=mask)
     if STOCHASTIC_ROUNDING:
-        if CONTIGUOUS_NOISE:
-            noise = _noise16_halves(noise, BLOCK)
-        rounded = _round_stochastic(param, noise, param_ptr.dtype.element_ty)
+        rounded = _round_stochastic(param, _noise_halves(noise, CONTIGUOUS_NOISE, BLOCK), param_ptr.dtype.element_ty)
         tl.store(param_ptr + offs, rounded, mask=mask)
     else:
         tl.store(param_ptr + offs, _round_to_nearest(param, param_ptr.dtype.element_ty), mask=mask)
@@ -519,7 +572,6 @@ def _load_piece(
     found_inf_ptr,
     PARAM_DTYPE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
-    VECTOR: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
     """A piece's param and grad pointers, state offset and length, read from the table.
@@ -540,8 +592,8 @@ def _load_piece(
     if ALIGNED:
         param_ptr = tl.multiple_of(param_ptr, 16)
         grad_ptr = tl.multiple_of(grad_ptr, 16)
-        state_offset = tl.multiple_of(state_offset, VECTOR)
-        numel = tl.multiple_of(numel, VECTOR)
+        state_offset = tl.multiple_of(state_offset, _STATE_ALIGNMENT)
+        numel = tl.multiple_of(numel, _STATE_ALIGNMENT)
     if HAS_FOUND_INF:
         # A GradScaler that found inf/NaN skips the step on the device: with no
         # elements left in range every load and store is masked off.
@@ -590,7 +642,6 @@ def adadelta_kernel(
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     N_HPARAMS: tl.constexpr,
-    VECTOR: tl.constexpr,
     MIN_BLOCK_SIZE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
@@ -604,7 +655,8 @@ def adadelta_kernel(
     # int64 throughout, so that a buffer past 2**31 elements addresses correctly.
     offs = block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
 
-    compute_ty: tl.constexpr = square_avg_ptr.dtype.element_ty
+    # fp32, or fp64 for fp64 params: the hyper-parameters' dtype (the state may be bf16).
+    compute_ty: tl.constexpr = hparams_ptr.dtype.element_ty
     row = hparams_ptr + group * N_HPARAMS
     lr = tl.load(row + 0)
     rho = tl.load(row + 1)
@@ -620,19 +672,18 @@ def adadelta_kernel(
     # branch must not reach the other.
     if aligned != 0:
         param_ptr, grad_ptr, state_offset, numel = _load_piece(
-            table_ptr, n_pieces, piece, found_inf_ptr, PARAM_DTYPE, HAS_FOUND_INF, VECTOR, True
+            table_ptr, n_pieces, piece, found_inf_ptr, PARAM_DTYPE, HAS_FOUND_INF, True
         )
         _update_block(
             param_ptr, grad_ptr, square_avg_ptr, acc_delta_ptr, master_ptr,
             offs, offs < numel, state_offset + offs,
             lr, rho, one_minus_rho, eps, weight_decay, maximize, grad_scale, seed,
-            # (state_offset is a multiple of VECTOR, and so of 8 for bf16/fp16)
-            state_offset + block * BLOCK_SIZE,
-            HAS_MASTER, STOCHASTIC_ROUNDING, HAS_GRAD_SCALE, compute_ty, VECTOR % 8 == 0, BLOCK_SIZE,
+            state_offset + block * BLOCK_SIZE,  # a multiple of STATE_ALIGNMENT
+            HAS_MASTER, STOCHASTIC_ROUNDING, HAS_GRAD_SCALE, compute_ty, True, BLOCK_SIZE,
         )  # fmt: skip
     else:
         param_ptr, grad_ptr, state_offset, numel = _load_piece(
-            table_ptr, n_pieces, piece, found_inf_ptr, PARAM_DTYPE, HAS_FOUND_INF, VECTOR, False
+            table_ptr, n_pieces, piece, found_inf_ptr, PARAM_DTYPE, HAS_FOUND_INF, False
         )
         # Scalar accesses take a 64-bit address per element: a whole block at once
         # held twice the registers of the aligned branch, and a kernel gets the
@@ -674,6 +725,8 @@ def check_launch(
     if param_dtype not in PARAM_DTYPES:
         raise ValueError(f"param dtype {param_dtype} is not supported; use one of {PARAM_DTYPES}")
     state_dtype = state_dtype_for(param_dtype)
+    if square_avg.dtype == torch.bfloat16 and param_dtype != torch.float64:
+        state_dtype = torch.bfloat16  # compressed state (the math stays fp32)
     buffers = {"square_avg": square_avg, "acc_delta": acc_delta}
     if master is not None:
         buffers["master"] = master
@@ -692,8 +745,9 @@ def check_launch(
         raise ValueError("stochastic_rounding is for bf16/fp16 params without master weights")
     if table.pieces.device != device or table.pieces.dtype != torch.int64 or table.pieces.shape[0] != N_TABLE_ROWS:
         raise ValueError(f"the segment table must be int64 [{N_TABLE_ROWS}, n_pieces] on {device}")
-    if hparams.device != device or hparams.dtype != state_dtype or hparams.dim() != 2 or hparams.shape[1] != N_HPARAMS:
-        raise ValueError(f"hparams must be {state_dtype} [n_groups, {N_HPARAMS}] on {device}")
+    compute_dtype = state_dtype_for(param_dtype)
+    if hparams.device != device or hparams.dtype != compute_dtype or hparams.dim() != 2 or hparams.shape[1] != N_HPARAMS:
+        raise ValueError(f"hparams must be {compute_dtype} [n_groups, {N_HPARAMS}] on {device}")
     for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)):
         if value is not None:
             _check_scalar_tensor(name, value, device)
@@ -780,8 +834,9 @@ def adadelta_step_(
         # (the interpreter runs NVIDIA's).
         warp_size = 32 if device.type == "cpu" else triton.runtime.driver.active.get_current_target().warp_size
         config = default_config(
-            table.param_dtype, warp_size, master=master is not None, stochastic_rounding=bool(stochastic_rounding)
-        )
+            table.param_dtype, warp_size, master=master is not None, stochastic_rounding=bool(stochastic_rounding),
+            compressed_state=square_avg.dtype == torch.bfloat16,
+        )  # fmt: skip
         with _device_guard(device):
             adadelta_kernel.fn[grid](**args, BLOCK_SIZE=config.kwargs["BLOCK_SIZE"], num_warps=config.num_warps)
 

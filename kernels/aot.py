@@ -90,7 +90,8 @@ class DtypeMode:
     Args:
         name: short label, e.g. ``"bf16+master"``.
         param: Triton type of params and grads (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"fp64"``).
-        state: Triton type of ``square_avg``, ``acc_delta`` and the hyper-parameters.
+        state: Triton type of ``square_avg`` and ``acc_delta`` (``"bf16"``: compressed
+            state; the hyper-parameters and the math are fp32, fp64 for fp64 params).
         master: an fp32 master copy is read and written.
         stochastic_rounding: the param store rounds stochastically.
         floor_bytes: bytes per element the kernel must move (DESIGN.md's floor).
@@ -115,6 +116,11 @@ DTYPE_MODES: dict[str, DtypeMode] = {
         DtypeMode("bf16+sr", "bf16", "fp32", False, True, 22),
         DtypeMode("fp16+sr", "fp16", "fp32", False, True, 22),
         DtypeMode("fp64", "fp64", "fp64", False, False, 56),
+        # bf16 state (state_dtype=torch.bfloat16): 4 B of state read and written, not 8.
+        DtypeMode("fp32+bf16state", "fp32", "bf16", False, False, 20),
+        DtypeMode("bf16+bf16state", "bf16", "bf16", False, False, 14),
+        DtypeMode("bf16+master+bf16state", "bf16", "bf16", True, False, 20),
+        DtypeMode("bf16+sr+bf16state", "bf16", "bf16", False, True, 14),
     )
 }
 
@@ -132,8 +138,9 @@ def mode_configs(mode: DtypeMode | str, warp_size: int) -> list[triton.Config]:
     """The autotune configs a mode tries (``configs_for``)."""
     mode = DTYPE_MODES[mode] if isinstance(mode, str) else mode
     return adadelta.configs_for(
-        param_dtype(mode), warp_size, master=mode.master, stochastic_rounding=mode.stochastic_rounding
-    )
+        param_dtype(mode), warp_size, master=mode.master, stochastic_rounding=mode.stochastic_rounding,
+        compressed_state=mode.state == "bf16",
+    )  # fmt: skip
 
 
 TARGETS: dict[str, GPUTarget] = {
@@ -317,7 +324,7 @@ def _signature(mode: DtypeMode, grad_scaler: bool = False) -> dict[str, str]:
     signature = {
         "table_ptr": "*i64", "block_map_ptr": "*i32", "map_starts_ptr": "*i64",
         "square_avg_ptr": state, "acc_delta_ptr": state, "master_ptr": "*fp32",
-        "hparams_ptr": state, "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
+        "hparams_ptr": "*fp64" if mode.param == "fp64" else "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
         "seed": "i32", "n_pieces": "i32", "size_bucket": "i32",
     }  # fmt: skip
     if not mode.master:

@@ -1,8 +1,8 @@
 """Time whole ``step()`` calls of ``triton_adadelta.Adadelta`` against torch's Adadelta.
 
-Each shape is a list of fp32 params with fixed random grads (bf16 for the rows of
-``BF16_SHAPES``, ours in the mode the row names: master weights or stochastic
-rounding); the "zero_grad" shapes time ``step()`` + ``zero_grad()`` of a training
+Each shape is a list of fp32 params with fixed random grads (the rows of
+``MODE_SHAPES`` have bf16 params or ours in a mode: master weights, stochastic
+rounding or bf16 state); the "zero_grad" shapes time ``step()`` + ``zero_grad()`` of a training
 loop instead (see ``LOOPS``). The
 optimizers (ours, ``torch.optim.Adadelta(foreach=True)``, ``(foreach=False)`` and,
 unless ``--quick``, ``torch.compile(torch.optim.Adadelta(...).step)``) and three
@@ -94,29 +94,36 @@ SHAPES: dict[str, list[tuple[int, ...]]] = {
     "transformer 23M": transformer_shapes(),
     "16M bf16 in 100, master weights": [(160_000,)] * 100,
     "16M bf16 in 100, stochastic rounding": [(160_000,)] * 100,
+    "16M in 100, bf16 state": [(160_000,)] * 100,
+    "16M bf16 in 100, bf16 state": [(160_000,)] * 100,
 }
 
-# Shapes of bf16 params: (our options, bytes one param moves in our fused step). Every
-# optimizer of the row gets bf16 params; torch's keeps its state in bf16 too.
-#   master weights: read g (2) and the fp32 master, v, u (12); write them (12) and p (2).
-#   stochastic rounding: read p g (4) v u (8); write p (2) v u (8).
-BF16_SHAPES: dict[str, tuple[dict[str, bool], int]] = {
-    "16M bf16 in 100, master weights": ({"master_weights": True}, 28),
-    "16M bf16 in 100, stochastic rounding": ({"stochastic_rounding": True}, 22),
+# Shapes with a mode of their own: (param dtype, our options, bytes one param moves in
+# our fused step). Every optimizer of the row gets params of that dtype; torch's keeps
+# its state in the param dtype.
+#   bf16, master weights: read g (2) and the fp32 master, v, u (12); write them (12) and p (2).
+#   bf16, stochastic rounding: read p g (4) v u (8); write p (2) v u (8).
+#   fp32, bf16 state: read p g (8) v u (4); write p (4) v u (4).
+#   bf16, bf16 state: read p g (4) v u (4); write p (2) v u (4).
+MODE_SHAPES: dict[str, tuple[torch.dtype, dict[str, object], int]] = {
+    "16M bf16 in 100, master weights": (torch.bfloat16, {"master_weights": True}, 28),
+    "16M bf16 in 100, stochastic rounding": (torch.bfloat16, {"stochastic_rounding": True}, 22),
+    "16M in 100, bf16 state": (torch.float32, {"state_dtype": torch.bfloat16}, 20),
+    "16M bf16 in 100, bf16 state": (torch.bfloat16, {"state_dtype": torch.bfloat16}, 14),
 }
 
 
 def dtype_of(name: str) -> torch.dtype:
-    return torch.bfloat16 if name in BF16_SHAPES else torch.float32
+    return MODE_SHAPES[name][0] if name in MODE_SHAPES else torch.float32
 
 
 def floor_bytes_of(name: str) -> int:
-    return BF16_SHAPES[name][1] if name in BF16_SHAPES else FLOOR_BYTES_PER_PARAM
+    return MODE_SHAPES[name][2] if name in MODE_SHAPES else FLOOR_BYTES_PER_PARAM
 
 
 # The rows timed with compiled torch too: grads kept. (The loop rows would compile
 # the same 1000-param step again, minutes each on 2 cores.)
-COMPILED_SHAPES = ["1000 x 100", "16M in 100", "16M in 4", "transformer 23M", *BF16_SHAPES]
+COMPILED_SHAPES = ["1000 x 100", "16M in 100", "16M in 4", "transformer 23M", *MODE_SHAPES]
 
 
 def make_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -188,7 +195,7 @@ def bench_shape(
     """Round-robin timing of the optimizers and the bandwidth probes, for one shape."""
     timed = make_timer(device)
     n_params = sum(torch.Size(shape).numel() for shape in shapes)
-    dtype, options = dtype_of(name), BF16_SHAPES.get(name, ({}, 0))[0]
+    dtype, options = dtype_of(name), MODE_SHAPES.get(name, (None, {}, 0))[1]
     optimizers: dict[str, torch.optim.Optimizer] = {
         "triton_adadelta": triton_adadelta.Adadelta(make_params(shapes, device, 0, dtype), lr=1.0, **options),
         "torch foreach": torch.optim.Adadelta(make_params(shapes, device, 0, dtype), lr=1.0, foreach=True),
@@ -423,8 +430,9 @@ def format_table(results: list[dict[str, object]]) -> str:
     lines.append("times: median [q1-q3] over interleaved rounds; speed-up: torch's best eager median / ours;")
     lines.append("  vs comp.: torch.compile'd torch.optim.Adadelta's median / ours;")
     lines.append("  floor: the row's bytes per param (28 for fp32 and bf16 with master weights, 22 for bf16 with")
-    lines.append("  stochastic rounding) at the best probe's bandwidth (copy, STREAM triad, a += b); bf16 rows:")
-    lines.append("  every optimizer on bf16 params, ours with the mode the row names")
+    lines.append("  stochastic rounding, 20 and 14 for fp32 and bf16 with bf16 state) at the best probe's")
+    lines.append("  bandwidth (copy, STREAM triad, a += b); bf16 rows: every optimizer on bf16 params, ours")
+    lines.append("  with the mode the row names")
     lines.append("zero_grad rows: step() + zero_grad() timed together; grads from a real autograd backward,")
     lines.append("  or assigned in Python where the row says so. Medians of each part alone:")
     for result in results:

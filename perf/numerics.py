@@ -4,7 +4,11 @@
    (through the interpreter) and of torch.optim.Adadelta, after 1 and 100 steps: the
    computation of tests/test_accuracy.py.
 2. The bf16 linear regression of tests/test_mixed_precision.py: how far each bf16 mode's
-   final loss lands from the fp32 run's, for seeds 0-2.
+   final loss lands from the fp32 run's, for seeds 0-2 (bf16 state with master weights
+   among them).
+3. bf16 state (issue 15) on scikit-learn's handwritten digits (the MLP of
+   tests/test_compressed_state.py, 30 epochs, lr 1, rho 0.9): test loss and accuracy
+   against fp32 state for seeds 0-2, and 2000 steps at lr 0.1, 1 and 10.
 
 Usage::
 
@@ -33,6 +37,7 @@ import torch  # noqa: E402
 
 from machine import machine_info  # noqa: E402
 from test_accuracy import KEYS, ulp_errors  # noqa: E402
+from test_compressed_state import digits_run  # noqa: E402
 from test_mixed_precision import HYPER, regression_loss  # noqa: E402
 from triton_adadelta import Adadelta  # noqa: E402
 
@@ -56,6 +61,9 @@ def bf16_regression(seeds: list[int]) -> list[dict[str, object]]:
         "ours bf16, fp32 state": (torch.bfloat16, lambda p: Adadelta(p, **HYPER)),
         "ours + stochastic rounding": (torch.bfloat16, lambda p: Adadelta(p, stochastic_rounding=True, **HYPER)),
         "ours + master weights": (torch.bfloat16, lambda p: Adadelta(p, master_weights=True, **HYPER)),
+        "ours + master weights, bf16 state": (
+            torch.bfloat16, lambda p: Adadelta(p, master_weights=True, state_dtype=torch.bfloat16, **HYPER)
+        ),
     }
     rows = []
     for seed in seeds:
@@ -67,13 +75,32 @@ def bf16_regression(seeds: list[int]) -> list[dict[str, object]]:
     return rows
 
 
+def compressed_state(seeds: list[int]) -> dict[str, object]:
+    rows = []
+    for seed in seeds:
+        fp32, bf16 = digits_run(torch.float32, seed), digits_run(torch.bfloat16, seed)
+        rows.append({
+            "seed": seed, "fp32_test_loss": fp32["test_loss"], "bf16_state_test_loss": bf16["test_loss"],
+            "test_loss_off": bf16["test_loss"] / fp32["test_loss"] - 1,
+            "fp32_test_accuracy": fp32["test_accuracy"], "bf16_state_test_accuracy": bf16["test_accuracy"],
+            "finite": fp32["finite"] and bf16["finite"],
+        })  # fmt: skip
+    mean_off = float(np.mean([row["bf16_state_test_loss"] for row in rows]) / np.mean([row["fp32_test_loss"] for row in rows]) - 1)
+    accuracy_points = float(100 * np.mean([row["bf16_state_test_accuracy"] - row["fp32_test_accuracy"] for row in rows]))
+    stability = [{"lr": lr, **digits_run(torch.bfloat16, seed=1, lr=lr, steps=2000)} for lr in (0.1, 1.0, 10.0)]
+    return {"digits": rows, "mean_test_loss_off": mean_off, "mean_accuracy_points_off": accuracy_points, "stability_2000_steps": stability}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "perf" / "results")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     args = parser.parse_args(argv)
 
-    result = {"machine": machine_info(torch.device("cpu")), "accuracy": accuracy(), "bf16_regression": bf16_regression(args.seeds)}
+    result = {
+        "machine": machine_info(torch.device("cpu")), "accuracy": accuracy(), "bf16_regression": bf16_regression(args.seeds),
+        "compressed_state": compressed_state(args.seeds),
+    }  # fmt: skip
     print("error against the fp64 oracle, fp32 ulps (20000 elements, lr 1, rho 0.9, eps 1e-6, weight decay 0.01)")
     print(f"{'after':>9} {'quantity':>11} {'ours max':>10} {'torch max':>10} {'ours p99':>9} {'torch p99':>9}")
     for row in result["accuracy"]:
@@ -86,6 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'seed':>4} " + " ".join(f"{name:>27}" for name in names))
     for row in result["bf16_regression"]:
         print(f"{row['seed']:>4} " + " ".join(f"{row[name]:>+26.2%} " for name in names))
+    compressed = result["compressed_state"]
+    print("\nbf16 state on the digits MLP (30 epochs, lr 1, rho 0.9): held-out loss and accuracy")
+    print(f"{'seed':>4} {'fp32 loss':>10} {'bf16 loss':>10} {'off':>8} {'fp32 acc':>9} {'bf16 acc':>9}")
+    for row in compressed["digits"]:
+        print(f"{row['seed']:>4} {row['fp32_test_loss']:>10.4f} {row['bf16_state_test_loss']:>10.4f} {row['test_loss_off']:>+8.2%} "
+              f"{row['fp32_test_accuracy']:>9.2%} {row['bf16_state_test_accuracy']:>9.2%}")  # fmt: skip
+    print(f"mean test loss off: {compressed['mean_test_loss_off']:+.2%}; accuracy: {compressed['mean_accuracy_points_off']:+.2f} points")
+    for row in compressed["stability_2000_steps"]:
+        print(f"2000 steps at lr {row['lr']:>4}: finite {row['finite']}, test accuracy {row['test_accuracy']:.2%}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "numerics.json"
     path.write_text(json.dumps(result, indent=2))

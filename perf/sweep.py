@@ -264,7 +264,8 @@ class Buffers:
 
     def __init__(self, mode: aot.DtypeMode, n_elements: int, device: torch.device, offset: int = 0) -> None:
         param_dtype = _TORCH_DTYPES[mode.param]
-        state_dtype = state_dtype_for(param_dtype)
+        compute_dtype = state_dtype_for(param_dtype)
+        state_dtype = _TORCH_DTYPES[mode.state]
         generator = torch.Generator(device=device).manual_seed(0)
 
         def storage(dtype: torch.dtype) -> torch.Tensor:
@@ -278,7 +279,7 @@ class Buffers:
         self.acc_delta = torch.rand(n_elements, device=device, dtype=state_dtype, generator=generator) * 1e-3
         self.master = self.param.float() if mode.master else None
         self.table, _ = table_for_tensors([self.param], [self.grad])
-        self.hparams = hparams_table(((1.0, 0.9, 1e-6, 0.0, False),), state_dtype, device)
+        self.hparams = hparams_table(((1.0, 0.9, 1e-6, 0.0, False),), compute_dtype, device)
         self.written = [self.param, self.square_avg, self.acc_delta] + ([self.master] if mode.master else [])
         self.saved = [tensor.clone() for tensor in self.written]
 

@@ -43,6 +43,9 @@ class Step:
     param_magnitude: np.ndarray
     square_avg_magnitude: np.ndarray
     acc_delta_magnitude: np.ndarray
+    # v + eps before the range model: where it lies within roundoff of fp32's underflow
+    # threshold and eps is 0, fp32 may flush it to 0 (0/0 = NaN) or not.
+    denominator_unranged: np.ndarray
 
 
 def _range(x: np.ndarray, fp32_range: bool) -> np.ndarray:
@@ -102,6 +105,7 @@ def adadelta_step(
             g = r(g + weight_decay * p)  # fused
         v_new = r(r(rho * v) + r(one_minus_rho * g) * g)  # fused
         v_magnitude = r(r(rho * v) + times(r(times(one_minus_rho, g_magnitude)), g_magnitude)) + min_normal
+        denominator_unranged = r(rho * v) + one_minus_rho * g * g + eps
         ratio = np.sqrt(r(u + eps)) / np.sqrt(r(v_new + eps))
         d = r(ratio * g)
         # |error of d| <= ratio * |error of g| + |d| * (relative error of the ratio),
@@ -115,7 +119,7 @@ def adadelta_step(
         u_magnitude = r(r(rho * u) + times(r(times(one_minus_rho, d_magnitude)), d_magnitude)) + min_normal
         p_new = r(p - lr * d)  # fused
         p_magnitude = r(np.abs(p) + times(lr, d_magnitude)) + min_normal
-    return Step(p_new, v_new, u_new, p_magnitude, v_magnitude, u_magnitude)
+    return Step(p_new, v_new, u_new, p_magnitude, v_magnitude, u_magnitude, denominator_unranged)
 
 
 def round_to(x: np.ndarray, dtype: str) -> np.ndarray:

@@ -24,7 +24,7 @@ from test_oracle_properties import Mode, check_within
 from tolerances import TOLERANCES
 from triton_adadelta import cpu
 from triton_adadelta.flat import hparams_table, table_for_tensors
-from triton_adadelta.kernels.adadelta import GROUP_ROW, LR, state_dtype_for, vector_elements
+from triton_adadelta.kernels.adadelta import GROUP_ROW, LR, STATE_ALIGNMENT, state_dtype_for
 from triton_adadelta.kernels.adadelta import adadelta_step_ as update_kernel_
 from triton_adadelta.native_build import find_compiler
 
@@ -65,7 +65,7 @@ def assert_exact(actual: torch.Tensor, expected: torch.Tensor, message: str = ""
 
 @dataclass
 class Layout:
-    """The flat state of some params, laid out as FlatState does: vector-aligned segments."""
+    """The flat state of some params, laid out as FlatState does: segments aligned to STATE_ALIGNMENT."""
 
     offsets: list[int]
     n_state: int
@@ -73,11 +73,10 @@ class Layout:
     @staticmethod
     def of(params: list[torch.Tensor]) -> Layout:
         real = [torch.view_as_real(p) if p.is_complex() else p for p in params]
-        vector = vector_elements(real[0].dtype)
         offsets, end = [], 0
         for param in real:
             offsets.append(end)
-            end += -(-param.numel() // vector) * vector
+            end += -(-param.numel() // STATE_ALIGNMENT) * STATE_ALIGNMENT
         return Layout(offsets, end)
 
     def padding(self, params: list[torch.Tensor]) -> torch.Tensor:

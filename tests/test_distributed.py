@@ -509,9 +509,9 @@ def test_fsdp2_state_dict_looks_like_torch_s(fsdp2_results):
     _assert_trained(fsdp2_results["fsdp2"])
     for rank in range(WORLD_SIZE):
         ours, theirs = fsdp2_results["fsdp2"][rank]["layout"], fsdp2_results["fsdp2_torch"][rank]["layout"]
-        # Our groups carry torch's keys and our own (master_weights, stochastic_rounding).
+        # Our groups carry torch's keys and our own (master_weights, stochastic_rounding, state_dtype).
         assert set(theirs) - set(ours) == set()
-        assert set(ours) - set(theirs) == {"master_weights", "stochastic_rounding"}
+        assert set(ours) - set(theirs) == {"master_weights", "stochastic_rounding", "state_dtype"}
         states = [line for line in ours if line[0].isdigit()]
         assert states == [line for line in theirs if line[0].isdigit()] and len(states) == 4 * 3
         assert "0 square_avg DTensor (Shard(dim=0),) (16, 12) torch.float32" in states

@@ -1,5 +1,6 @@
-"""Memory: no copy of params or grads; the state is 2x params in fp32
-(plus the master copy only when asked); construction allocates nothing.
+"""Memory: no copy of params or grads; the state is 2x params in fp32, or in bf16
+with ``state_dtype=torch.bfloat16`` (plus the master copy only when asked);
+construction allocates nothing.
 
 Peak resident memory is read from Linux's /proc (VmHWM, reset through clear_refs),
 on buffers large enough (128 MiB of params) that allocator noise does not matter.
@@ -60,14 +61,20 @@ def peak_increase(fn) -> int:
 
 
 @pytest.mark.parametrize(
-    "dtype,options,state_bytes_per_param",
-    [(torch.float32, {}, 8), (torch.bfloat16, {}, 8), (torch.bfloat16, {"master_weights": True}, 12)],
-    ids=["fp32", "bf16", "bf16_master"],
+    "dtype,options,state_bytes_per_param,n",
+    [
+        (torch.float32, {}, 8, 1 << 25),
+        (torch.bfloat16, {}, 8, 1 << 25),
+        (torch.bfloat16, {"master_weights": True}, 12, 1 << 25),
+        # bf16 state (issue 15), on 64M params: 4 B per param, nothing kept in fp32.
+        (torch.float32, {"state_dtype": torch.bfloat16}, 4, 1 << 26),
+        (torch.bfloat16, {"state_dtype": torch.bfloat16}, 4, 1 << 26),
+    ],
+    ids=["fp32", "bf16", "bf16_master", "fp32_bf16_state", "bf16_bf16_state"],
 )
-def test_peak_memory_of_construction_and_steps(cpu_path, dtype, options, state_bytes_per_param):
+def test_peak_memory_of_construction_and_steps(cpu_path, dtype, options, state_bytes_per_param, n):
     _fix_malloc_threshold()
     Adadelta([torch.nn.Parameter(torch.zeros(8))]).step()  # one-time set-up out of the way
-    n = 1 << 25
     params = [torch.nn.Parameter(torch.randn(n // 4).to(dtype)) for _ in range(4)]
     for param in params:
         param.grad = torch.randn_like(param)

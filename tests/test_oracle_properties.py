@@ -23,9 +23,12 @@ class Mode:
     param_dtype: torch.dtype
     master: bool = False
     stochastic_rounding: bool = False
+    compressed_state: bool = False  # state_dtype=torch.bfloat16: stored rounded stochastically
 
     @property
     def state_dtype(self) -> torch.dtype:
+        if self.compressed_state:
+            return torch.bfloat16
         return torch.float64 if self.param_dtype == torch.float64 else torch.float32
 
     @property
@@ -42,6 +45,12 @@ MODES = [
     Mode("fp16_master", torch.float16, master=True),
     Mode("bf16_stochastic", torch.bfloat16, stochastic_rounding=True),
     Mode("fp16_stochastic", torch.float16, stochastic_rounding=True),
+    # bf16 state (issue 15): each stored state value is a stochastic rounding of the
+    # fp32 result, so one of the two bf16 neighbours of a value within the bound.
+    Mode("fp32_bf16_state", torch.float32, compressed_state=True),
+    Mode("bf16_bf16_state", torch.bfloat16, compressed_state=True),
+    Mode("bf16_master_bf16_state", torch.bfloat16, master=True, compressed_state=True),
+    Mode("fp16_stochastic_bf16_state", torch.float16, stochastic_rounding=True, compressed_state=True),
 ]
 BACKENDS = {"kernel": "triton", "cpu": "torch"}
 # Awkward sizes: one element, around the default block (4096), primes, many blocks.
@@ -71,14 +80,18 @@ def gradients(rng: np.random.Generator, size: int, specials: bool) -> np.ndarray
     return grads
 
 
-def check_within(name: str, actual: torch.Tensor, exact: np.ndarray, magnitude: np.ndarray, mode: Mode, stored: torch.dtype, stochastic: bool = False) -> None:
+def check_within(name: str, actual: torch.Tensor, exact: np.ndarray, magnitude: np.ndarray, mode: Mode,
+                 stored: torch.dtype, stochastic: bool = False, undecided: np.ndarray | None = None) -> None:  # fmt: skip
     """The stored value lies within the error bound of the exact one, in the storage dtype.
 
     The computed value q satisfies |q - exact| <= bound; storing rounds q to
     nearest, which is monotone, so the store lies in [RN(exact - bound), RN(exact + bound)].
     A stochastic store may take the other neighbour: one step further out each side.
+    Elements where ``undecided`` holds are not checked (see :func:`undecided_underflow`).
     """
     actual64 = actual.double().cpu().numpy()
+    if undecided is not None:
+        actual64, exact, magnitude = (np.where(undecided, 0.0, x) for x in (actual64, exact, magnitude))
     bound = roundoff_units() * UNIT_ROUNDOFF[mode.compute] * magnitude
     nan = np.isnan(exact)
     wrong_nan = np.flatnonzero(np.isnan(actual64) != nan)
@@ -132,14 +145,33 @@ def run_and_check(backend: str, mode: Mode, size: int, hyper: dict, seed: int, s
             backend=BACKENDS[backend],
         )
         exact = oracle.adadelta_step(weights_in, grad.double().cpu().numpy(), v_in, u_in, **oracle_hyper, grad_scale=grad_scale, fp32_range=fp32_range)
-        check_within("square_avg", square_avg, exact.square_avg, exact.square_avg_magnitude, mode, mode.state_dtype)
-        check_within("acc_delta", acc_delta, exact.acc_delta, exact.acc_delta_magnitude, mode, mode.state_dtype)
+        undecided = undecided_underflow(exact, oracle_hyper["eps"], mode) if fp32_range else None
+        check_within("square_avg", square_avg, exact.square_avg, exact.square_avg_magnitude, mode, mode.state_dtype,
+                     mode.compressed_state)  # fmt: skip
+        check_within("acc_delta", acc_delta, exact.acc_delta, exact.acc_delta_magnitude, mode, mode.state_dtype,
+                     mode.compressed_state, undecided)  # fmt: skip
         if master is not None:
-            check_within("master", master, exact.param, exact.param_magnitude, mode, torch.float32)
+            check_within("master", master, exact.param, exact.param_magnitude, mode, torch.float32, undecided=undecided)
             # The param is the master rounded to nearest, exactly.
             torch.testing.assert_close(param, master.to(mode.param_dtype), rtol=0, atol=0, equal_nan=True)
         else:
-            check_within("param", param, exact.param, exact.param_magnitude, mode, mode.param_dtype, mode.stochastic_rounding)
+            check_within("param", param, exact.param, exact.param_magnitude, mode, mode.param_dtype, mode.stochastic_rounding,
+                         undecided)  # fmt: skip
+
+
+def undecided_underflow(exact: oracle.Step, eps: float, mode: Mode) -> np.ndarray:
+    """Where fp32 may or may not flush ``v + eps`` to 0, so that delta is 0/0 = NaN or not.
+
+    With eps = 0 a denominator within roundoff of fp32's underflow threshold (half
+    the smallest subnormal) is 0 or the smallest subnormal as the roundings of its
+    inputs fall: a grad of 2**-75 plus a weight decay far below its ulp squares to
+    exactly 2**-150 in fp32, a tie that rounds to 0, while the exact value lies just
+    above it. acc_delta and the param then hang on a rounding, not on the math.
+    """
+    if eps != 0:
+        return np.zeros(exact.square_avg.shape, dtype=bool)
+    bound = roundoff_units() * UNIT_ROUNDOFF[mode.compute] * exact.square_avg_magnitude
+    return np.abs(exact.denominator_unranged - oracle.FP32_UNDERFLOW) <= bound
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
@@ -147,12 +179,15 @@ def run_and_check(backend: str, mode: Mode, size: int, hyper: dict, seed: int, s
 @given(size=SIZES, hyper=hyper_parameters(), seed=st.integers(0, 2**32 - 1), specials=st.booleans())
 @example(size=4097, hyper={"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0, "maximize": False}, seed=0, specials=True)
 @example(size=1, hyper={"lr": 0.0, "rho": 1.0, "eps": 0.0, "weight_decay": 0.0, "maximize": True}, seed=1, specials=True)
+# Found by Hypothesis: a squared grad at fp32's underflow tie, with eps = 0 (undecided_underflow).
+@example(size=4095, hyper={"lr": 0.0, "rho": 0.0, "eps": 0.0, "weight_decay": 4.5539574578985916e-35, "maximize": False},
+         seed=14750, specials=False)  # fmt: skip
 def test_one_step_within_roundoff_of_fp64_oracle(backend, mode, size, hyper, seed, specials):
     run_and_check(backend, mode, size, hyper, seed, steps=1, specials=specials)
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
-@pytest.mark.parametrize("mode", [MODES[0], MODES[2], MODES[4], MODES[6]], ids=lambda m: m.name)
+@pytest.mark.parametrize("mode", [MODES[0], MODES[2], MODES[4], MODES[6], MODES[8], MODES[10]], ids=lambda m: m.name)
 @given(size=st.integers(1, 5000), hyper=hyper_parameters(), seed=st.integers(0, 2**32 - 1), steps=st.integers(2, 6))
 def test_every_step_of_a_trajectory_within_roundoff_of_fp64_oracle(backend, mode, size, hyper, seed, steps):
     run_and_check(backend, mode, size, hyper, seed, steps=steps, specials=False)

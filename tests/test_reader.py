@@ -25,7 +25,7 @@ import triton_adadelta.optimizer
 import triton_adadelta.reader
 from triton_adadelta import Adadelta
 from triton_adadelta.flat import table_for_tensors
-from triton_adadelta.kernels.adadelta import ALIGNED_ROW, GRAD_ROW, N_TABLE_ROWS, PARAM_ROW
+from triton_adadelta.kernels.adadelta import ALIGNED_ROW, GRAD_ROW, N_TABLE_ROWS, PARAM_ROW, STATE_ALIGNMENT
 from triton_adadelta.reader import (
     READ_IRREGULAR,
     READ_NEW_GRADS,
@@ -58,10 +58,9 @@ def read_with_table(
     out = torch.full((3, n), -7, dtype=torch.int64) if out is None else out
     table = torch.full((N_TABLE_ROWS, 2 * n), -5, dtype=torch.int64)
     table[ALIGNED_ROW] = 0
-    # Where each piece starts: the bulk at 0, the tail after the 16-byte vectors.
+    # Where each piece starts: the bulk at 0, the tail after its whole STATE_ALIGNMENT elements.
     element_bytes = params[0].element_size()
-    vector = 16 // element_bytes
-    tails = [param.numel() // vector * vector * element_bytes for param in params]
+    tails = [param.numel() // STATE_ALIGNMENT * STATE_ALIGNMENT * element_bytes for param in params]
     piece_bytes = torch.tensor([[0, tail] for tail in tails], dtype=torch.int64)
     status = reader(
         params, out.data_ptr(), int(with_versions), table.data_ptr(), piece_bytes.data_ptr(), PARAM_ROW, GRAD_ROW,

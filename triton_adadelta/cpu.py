@@ -114,7 +114,8 @@ _LAYOUT = (
 
 # What the library must export; one without them is a bad file (rebuilt by the next process).
 _NATIVE_SYMBOLS = (
-    "adadelta_layout", "adadelta_step_f32", "adadelta_step_f64", "adadelta_step_lowp", "adadelta_has_f16",
+    "adadelta_layout", "adadelta_step_f32", "adadelta_step_f64", "adadelta_step_lowp", "adadelta_step_bf16_state",
+    "adadelta_has_f16",
     "adadelta_philox_rounds", "set_sqrt", "set_openmp",
 )  # fmt: skip
 
@@ -127,6 +128,8 @@ _NATIVE_BUILD_TIMEOUT_S = 20.0
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 # Low-precision params: their kind in the C source, and how the update is stored.
 _NATIVE_KINDS = {torch.bfloat16: 0, torch.float16: 1}
+# With bf16 state (adadelta_step_bf16_state) fp32 params are a kind too.
+_NATIVE_BF16_STATE_KINDS = {**_NATIVE_KINDS, torch.float32: 2}
 _STORE_NEAREST, _STORE_MASTER, _STORE_STOCHASTIC = range(3)
 
 _VERSION = operator.attrgetter("_version")
@@ -176,14 +179,16 @@ def _build_native_library() -> ctypes.CDLL:
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
             ctypes.c_int, ctypes.c_int64, ctypes.c_int,
         ]  # fmt: skip
-    library.adadelta_step_lowp.restype = ctypes.c_int
-    # table, n_pieces, square_avg, acc_delta, master, n_state, hparams, n_groups,
-    # grad_scale, found_inf, max_threads, parallel_min_elements, use_torch_sqrt, kind, store, seed
-    library.adadelta_step_lowp.argtypes = [
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
-    ]  # fmt: skip
+    for name in ("adadelta_step_lowp", "adadelta_step_bf16_state"):
+        function = getattr(library, name)
+        function.restype = ctypes.c_int
+        # table, n_pieces, square_avg, acc_delta, master, n_state, hparams, n_groups,
+        # grad_scale, found_inf, max_threads, parallel_min_elements, use_torch_sqrt, kind, store, seed
+        function.argtypes = [
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+        ]  # fmt: skip
     library.set_sqrt.restype = None
     library.set_sqrt.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     library.set_sqrt(*_torch_vml_sqrt())
@@ -375,8 +380,9 @@ def _native_step_(
     stochastic_rounding: bool = False,
     seed: int = 0,
 ) -> None:
-    """One C call over the whole table (fp32 or fp64 params, or bf16/fp16 against fp32 state)."""
-    dtype = square_avg.dtype
+    """One C call over the whole table (fp32 or fp64 params, or bf16/fp16 against fp32
+    state, or fp32/bf16/fp16 params against bf16 state)."""
+    dtype = hparams.dtype  # the compute dtype (the state's, but for bf16 state)
     pieces = table.pieces.contiguous()
     hparams = hparams.contiguous()
     scale_pointer, scale = _scalar_pointer(grad_scale, dtype)
@@ -385,8 +391,14 @@ def _native_step_(
         square_avg.numel(), hparams.data_ptr(), hparams.shape[0], scale_pointer, inf_pointer,
         torch.get_num_threads(), NATIVE_PARALLEL_MIN_ELEMENTS, int(use_torch_sqrt),
     )  # fmt: skip
-    if table.param_dtype in _NATIVE_KINDS:
-        store = _STORE_MASTER if master is not None else _STORE_STOCHASTIC if stochastic_rounding else _STORE_NEAREST
+    store = _STORE_MASTER if master is not None else _STORE_STOCHASTIC if stochastic_rounding else _STORE_NEAREST
+    if square_avg.dtype == torch.bfloat16:
+        result = library.adadelta_step_bf16_state(
+            pieces.data_ptr(), pieces.shape[1], square_avg.data_ptr(), acc_delta.data_ptr(),
+            None if master is None else master.data_ptr(), *common, _NATIVE_BF16_STATE_KINDS[table.param_dtype],
+            store, seed,
+        )  # fmt: skip
+    elif table.param_dtype in _NATIVE_KINDS:
         result = library.adadelta_step_lowp(
             pieces.data_ptr(), pieces.shape[1], square_avg.data_ptr(), acc_delta.data_ptr(),
             None if master is None else master.data_ptr(), *common, _NATIVE_KINDS[table.param_dtype], store, seed,
@@ -530,6 +542,7 @@ class _ChunkPlan:
         self.scratch["low"] = torch.empty(n, dtype=param_dtype, device=device)
         self.scratch["old"] = torch.empty(n, dtype=param_dtype, device=device)
         self.scratch["low_grad"] = torch.empty(n, dtype=param_dtype, device=device)
+        self.scratch["low_state"] = torch.empty(n, dtype=torch.bfloat16, device=device)
         self.noise = torch.empty(n, dtype=torch.float32, device=device)
         self.sources = {
             name: [
@@ -689,7 +702,9 @@ def _chunked_step_(
     found_inf: torch.Tensor | None,
 ) -> None:
     """The update as torch ops, one cache-sized chunk of the table at a time."""
-    device, compute_dtype, param_dtype = square_avg.device, square_avg.dtype, table.param_dtype
+    device, compute_dtype, param_dtype = square_avg.device, hparams.dtype, table.param_dtype
+    # bf16 state: widened into scratch, updated there, and rounded back stochastically.
+    compressed = square_avg.dtype != compute_dtype
     plan = _ChunkPlan.of(table, device)
     if not plan.chunks:
         return
@@ -706,7 +721,7 @@ def _chunked_step_(
     # found_inf masks the writes on the device: its value never reaches the host.
     proceed = None if found_inf is None else (found_inf == 0).reshape(())
     generator = None
-    if stochastic_rounding:
+    if stochastic_rounding or compressed:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
     low_precision = param_dtype != compute_dtype
@@ -743,13 +758,23 @@ def _chunked_step_(
             # Where to write: not in the gaps of the span, and nowhere when found_inf is set.
             keep = proceed if chunk.mask is None else chunk.mask if proceed is None else chunk.mask & proceed
             new_weights = scratch["new_weights"][:n] if keep is not None or weights is old_params else weights
-            if keep is None:
-                new_state = state  # in place
+            inputs = state
+            if compressed:
+                inputs = (scratch["square_avg"][:n].copy_(state[0]), scratch["acc_delta"][:n].copy_(state[1]))
+            if keep is None or compressed:
+                new_state = inputs  # in place (in scratch for bf16 state)
             else:
                 new_state = (scratch["square_avg"][:n], scratch["acc_delta"][:n])
-            _update_(weights, grad, *state, new_weights, *new_state, scalars[chunk.group], grad_scale, scratch)
-            _commit_(state[0], new_state[0], keep)
-            _commit_(state[1], new_state[1], keep)
+            _update_(weights, grad, *inputs, new_weights, *new_state, scalars[chunk.group], grad_scale, scratch)
+            if compressed:
+                low = scratch["low_state"][:n]
+                for stored, fresh in zip(state, new_state):
+                    torch.rand(n, generator=generator, device=device, out=plan.noise[:n])
+                    stochastic_round_(low, fresh, plan.noise[:n])
+                    _commit_(stored, low, keep)
+            else:
+                _commit_(state[0], new_state[0], keep)
+                _commit_(state[1], new_state[1], keep)
             if masters is not None:
                 _commit_(masters, new_weights, keep)
 
@@ -775,7 +800,14 @@ def _chunked_step_(
 # ---------------------------------------------------------------------------- entry
 
 
-def implementation(device: torch.device, param_dtype: torch.dtype, *, master: bool, stochastic_rounding: bool) -> str:
+def implementation(
+    device: torch.device,
+    param_dtype: torch.dtype,
+    *,
+    master: bool,
+    stochastic_rounding: bool,
+    state_dtype: torch.dtype | None = None,
+) -> str:
     """Which implementation of the CPU path updates such a state.
 
     Args:
@@ -783,6 +815,7 @@ def implementation(device: torch.device, param_dtype: torch.dtype, *, master: bo
         param_dtype: the params' dtype (a complex dtype counts as its real parts).
         master: whether the state keeps an fp32 master copy.
         stochastic_rounding: whether param stores round stochastically.
+        state_dtype: the state's dtype (default: the params' compute dtype).
 
     Returns:
         ``"cpu-native"`` where the fused C loop runs it, else ``"cpu-chunked"``.
@@ -790,15 +823,25 @@ def implementation(device: torch.device, param_dtype: torch.dtype, *, master: bo
     """
     if param_dtype.is_complex:
         param_dtype = torch.empty((), dtype=param_dtype).real.dtype
-    native = _native_for(device, param_dtype, master=master, stochastic_rounding=stochastic_rounding)
+    native = _native_for(
+        device, param_dtype, master=master, stochastic_rounding=stochastic_rounding,
+        compressed_state=state_dtype == torch.bfloat16,
+    )  # fmt: skip
     return "cpu-chunked" if native is None else "cpu-native"
 
 
 def _native_for(
-    device: torch.device, param_dtype: torch.dtype, *, master: bool, stochastic_rounding: bool
+    device: torch.device,
+    param_dtype: torch.dtype,
+    *,
+    master: bool,
+    stochastic_rounding: bool,
+    compressed_state: bool = False,
 ) -> ctypes.CDLL | None:
     """The native loop where it runs such a state (one decision for both callers)."""
     if device.type != "cpu" or (param_dtype not in _NATIVE_DTYPES and param_dtype not in _NATIVE_KINDS):
+        return None
+    if compressed_state and param_dtype not in _NATIVE_BF16_STATE_KINDS:
         return None
     library = native_library()
     if library is not None and param_dtype == torch.float16 and not _native_f16:
@@ -829,8 +872,9 @@ def adadelta_step_cpu_(
     Args:
         table: the pieces: addresses of params and grads, state offsets, lengths and
             hyper-parameter rows (:class:`~triton_adadelta.kernels.adadelta.SegmentTable`).
-        square_avg, acc_delta: the flat state, fp32 (fp64 for fp64 params); updated in place.
-        hparams: ``[n_groups, N_HPARAMS]`` in the state's dtype (lr, rho, 1 - rho,
+        square_avg, acc_delta: the flat state, fp32 (fp64 for fp64 params), or bf16
+            (rounded stochastically); updated in place.
+        hparams: ``[n_groups, N_HPARAMS]`` in the compute dtype (lr, rho, 1 - rho,
             eps, weight decay, maximize, lr is a tensor).
         master: optional flat fp32 master copy of low-precision params.
         stochastic_rounding: round low-precision param stores stochastically.
@@ -845,8 +889,9 @@ def adadelta_step_cpu_(
     if table.n_pieces == 0 or square_avg.device.type == "meta":
         return  # meta tensors hold no values: there is nothing to update
     library = _native_for(
-        square_avg.device, table.param_dtype, master=master is not None, stochastic_rounding=stochastic_rounding
-    )
+        square_avg.device, table.param_dtype, master=master is not None, stochastic_rounding=stochastic_rounding,
+        compressed_state=square_avg.dtype == torch.bfloat16,
+    )  # fmt: skip
     if library is not None:
         _native_step_(
             library, table, square_avg, acc_delta, hparams, grad_scale, found_inf,

@@ -33,10 +33,10 @@ from .kernels.adadelta import (
     N_TABLE_ROWS,
     NUMEL_ROW,
     PARAM_ROW,
+    STATE_ALIGNMENT,
     STATE_ROW,
     SegmentTable,
     state_dtype_for,
-    vector_elements,
 )
 from .reader import READ_NEW_GRADS, READ_NEW_PARAMS, READ_SAME, ParamReader, param_reader
 
@@ -75,12 +75,14 @@ def real_dtype_of(dtype: torch.dtype) -> torch.dtype:
     return torch.empty((), dtype=dtype).real.dtype if dtype.is_complex else dtype
 
 
-def state_key(param: torch.Tensor, group: dict[str, Any]) -> tuple[torch.device, torch.dtype, bool, bool, bool]:
+def state_key(
+    param: torch.Tensor, group: dict[str, Any]
+) -> tuple[torch.device, torch.dtype, bool, bool, torch.dtype, bool]:
     """Params with the same key share a :class:`FlatState` and a launch.
 
-    The key is (device, dtype, master weights, stochastic rounding, DTensor): the two
-    modes apply to bf16/fp16 params only. Complex params have states of their own, and
-    so do DTensor params (their state is handed out as DTensors).
+    The key is (device, dtype, master weights, stochastic rounding, state dtype,
+    DTensor): the two modes apply to bf16/fp16 params only. Complex params have states
+    of their own, and so do DTensor params (their state is handed out as DTensors).
     """
     low_precision = param.dtype in LOW_PRECISION
     return (
@@ -88,6 +90,7 @@ def state_key(param: torch.Tensor, group: dict[str, Any]) -> tuple[torch.device,
         param.dtype,
         bool(group["master_weights"]) and low_precision,
         bool(group["stochastic_rounding"]) and low_precision,
+        group.get("state_dtype", torch.float32),
         is_dtensor(param),
     )
 
@@ -202,11 +205,11 @@ def _static_pieces(
     device: torch.device,
     n_segments: int,
 ) -> _Pieces:
-    """Split each segment into its 16-byte-vector bulk and its short tail (two pieces)."""
+    """Split each segment into its bulk, a multiple of STATE_ALIGNMENT elements, and its
+    short tail (two pieces)."""
     index = torch.tensor(segments, dtype=torch.int64)
     numel = numels[index]
-    vector = vector_elements(dtype)
-    bulk = numel - numel % vector
+    bulk = numel - numel % STATE_ALIGNMENT
     static = torch.zeros(N_TABLE_ROWS, 2 * len(segments), dtype=torch.int64)
     static[STATE_ROW, 0::2] = offsets[index]
     static[STATE_ROW, 1::2] = offsets[index] + bulk
@@ -289,14 +292,14 @@ def table_for_tensors(
     dtype, device = params[0].dtype, params[0].device
     numels = [param.numel() for param in params]
     if offsets is None:
-        vector = vector_elements(dtype)
         offsets, end = [], 0
         for numel in numels:
             offsets.append(end)
-            end += -(-numel // vector) * vector
-    elif any(offset % vector_elements(dtype) for offset in offsets):
-        # The kernel's aligned branch promises 16-byte-aligned state for each piece.
-        raise ValueError(f"state offsets must be multiples of {vector_elements(dtype)} elements for {dtype}")
+            end += -(-numel // STATE_ALIGNMENT) * STATE_ALIGNMENT
+    elif any(offset % STATE_ALIGNMENT for offset in offsets):
+        # The kernel's aligned branch promises 16-byte-aligned state (bf16 state
+        # included) and whole Philox counters of noise for each piece.
+        raise ValueError(f"state offsets must be multiples of {STATE_ALIGNMENT} elements")
     n_state = max((offset + numel for offset, numel in zip(offsets, numels)), default=0)
     pieces = _static_pieces(
         list(range(len(params))),
@@ -369,6 +372,8 @@ class FlatState:
         groups: each param's param group index: its row of the hyper-parameter table.
         master_weights: keep an fp32 master copy (bf16/fp16 params).
         stochastic_rounding: round the param stores stochastically (bf16/fp16 params).
+        state_dtype: ``torch.float32`` (fp64 for fp64 params), or ``torch.bfloat16``
+            for ``square_avg`` and ``acc_delta`` stored in bf16, rounded stochastically.
     """
 
     def __init__(
@@ -378,6 +383,7 @@ class FlatState:
         *,
         master_weights: bool = False,
         stochastic_rounding: bool = False,
+        state_dtype: torch.dtype = torch.float32,
     ) -> None:
         if not params:
             raise ValueError("a FlatState needs at least one param")
@@ -393,19 +399,22 @@ class FlatState:
         self._param_numels = [tensor.numel() for tensor in local]
         # In real elements: a complex param is its real and imaginary parts.
         self.numels = [numel * (2 if param.is_complex() else 1) for numel, param in zip(self._param_numels, params)]
-        vector = vector_elements(self.dtype)
         self.offsets: list[int] = []
         end = 0
         for numel in self.numels:
             self.offsets.append(end)
-            end += -(-numel // vector) * vector
+            end += -(-numel // STATE_ALIGNMENT) * STATE_ALIGNMENT
         self.n_elements = end
         self.index = {id(param): i for i, param in enumerate(params)}
         self._all_segments = list(range(len(params)))
         self._device_index = params[0].get_device()
         self.stochastic_rounding = stochastic_rounding
 
-        state_dtype = state_dtype_for(self.dtype)
+        if state_dtype == torch.bfloat16 and self.dtype == torch.float64:
+            raise ValueError("state_dtype=torch.bfloat16 is for fp32, bf16 and fp16 params, not fp64")
+        if state_dtype != torch.bfloat16:
+            state_dtype = state_dtype_for(self.dtype)
+        self.compressed_state = state_dtype == torch.bfloat16
         self.square_avg = torch.zeros(self.n_elements, dtype=state_dtype, device=self.device)
         self.acc_delta = torch.zeros(self.n_elements, dtype=state_dtype, device=self.device)
         self.master: torch.Tensor | None = None
@@ -577,7 +586,7 @@ class FlatState:
             for group in param_groups
         )
         if key != self._hparams_key or self._hparams is None:
-            self._hparams = hparams_table(key, self.square_avg.dtype, self.device)
+            self._hparams = hparams_table(key, state_dtype_for(self.dtype), self.device)
             self._hparams_key = key
         for row, group in enumerate(param_groups):
             lr = group["lr"]

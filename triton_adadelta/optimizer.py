@@ -125,6 +125,22 @@ def _check_group_values(group: dict[str, Any], where: str) -> None:
         raise ValueError(f"{where}: differentiable=True is not supported by triton_adadelta.Adadelta")
     if group.get("master_weights", False) and group.get("stochastic_rounding", False):
         raise ValueError(f"{where}: master_weights and stochastic_rounding are exclusive")
+    _check_state_dtype(group.get("state_dtype", torch.float32), where)
+
+
+# The state dtypes a user may ask for: fp32 (fp64 for fp64 params), and bf16 with
+# stochastic rounding. 8-bit block-quantized state (torch.uint8) is not built yet.
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _check_state_dtype(state_dtype: object, where: str) -> None:
+    if state_dtype == torch.uint8:
+        raise ValueError(
+            f"{where}: state_dtype=torch.uint8 (8-bit block-quantized state) is not supported yet; "
+            "use torch.bfloat16 (4 B of state per param) or torch.float32"
+        )
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"{where}: state_dtype must be one of {STATE_DTYPES}, not {state_dtype!r}")
 
 
 def _loaded_step(key: object, step: object) -> torch.Tensor:
@@ -227,9 +243,13 @@ class Adadelta(Optimizer):
             copy that the update is applied to (default: False).
         stochastic_rounding (bool, optional): for bf16/fp16 params without master
             weights, round the param store stochastically (default: False).
-
-    The state (``square_avg``, ``acc_delta``) is fp32 whatever the param dtype
-    (fp64 for fp64 params).
+        state_dtype (torch.dtype, optional): ``torch.float32`` keeps ``square_avg``
+            and ``acc_delta`` in fp32 (fp64 for fp64 params); ``torch.bfloat16``
+            stores them in bf16, rounded stochastically (unbiased; the noise comes
+            from the element's index and a seed drawn from torch's generator), for
+            4 B of state per param instead of 8. The math stays fp32, and
+            :meth:`state_dict` gives fp32 state, as torch's does. Not for fp64
+            params (default: torch.float32).
     """
 
     _step_supports_amp_scaling = True
@@ -248,6 +268,7 @@ class Adadelta(Optimizer):
         differentiable: bool = False,
         master_weights: bool = False,
         stochastic_rounding: bool = False,
+        state_dtype: torch.dtype = torch.float32,
     ) -> None:
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -266,6 +287,7 @@ class Adadelta(Optimizer):
             )
         if master_weights and stochastic_rounding:
             raise ValueError("master_weights and stochastic_rounding are exclusive: choose one")
+        _check_state_dtype(state_dtype, "Adadelta")
         defaults = {
             "lr": lr,
             "rho": rho,
@@ -277,6 +299,7 @@ class Adadelta(Optimizer):
             "differentiable": differentiable,
             "master_weights": master_weights,
             "stochastic_rounding": stochastic_rounding,
+            "state_dtype": state_dtype,
         }
         # True: a flat state (and a launch) per param, as PuzzleLib's per-tensor mode.
         self.state_per_param = False
@@ -320,6 +343,15 @@ class Adadelta(Optimizer):
                     f"triton_adadelta updates plain tensors and DTensors of plain local tensors, not a "
                     f"{type(data).__name__} param; use torch.optim.Adadelta there"
                 )
+        state_dtype = param_group.get("state_dtype", self.defaults["state_dtype"])
+        _check_state_dtype(state_dtype, "a param group")
+        if state_dtype == torch.bfloat16:
+            wide = [t for t in tensors if isinstance(t, torch.Tensor) and t.dtype in (torch.float64, torch.complex128)]
+            if wide:
+                raise ValueError(
+                    f"state_dtype=torch.bfloat16 is for fp32, bf16 and fp16 params, not {wide[0].dtype}: "
+                    "put fp64 params in a param group of their own with state_dtype=torch.float32"
+                )
         # torch raises this at the first step; here already (the group is not added).
         _check_scalars_fit(
             {**self.defaults, **param_group},
@@ -333,6 +365,8 @@ class Adadelta(Optimizer):
         for group in self.param_groups:
             for name in ("foreach", "maximize", "differentiable", "capturable", "master_weights", "stochastic_rounding"):
                 group.setdefault(name, self.defaults.get(name, False) if name != "foreach" else None)
+            group.setdefault("state_dtype", self.defaults.get("state_dtype", torch.float32))
+        self.defaults.setdefault("state_dtype", torch.float32)
         # A copy (deepcopy, pickle) carries `state`, views of the flat states, and lays
         # them out anew at its first step.
         self.__dict__.setdefault("state_per_param", False)
@@ -358,8 +392,10 @@ class Adadelta(Optimizer):
                 params.append(param)
                 groups.append(g)
         states = []
-        for (_, _, master, stochastic, *_), (params, groups) in by_key.items():
-            flat = FlatState(params, groups, master_weights=master, stochastic_rounding=stochastic)
+        for (_, _, master, stochastic, state_dtype, *_), (params, groups) in by_key.items():
+            flat = FlatState(
+                params, groups, master_weights=master, stochastic_rounding=stochastic, state_dtype=state_dtype
+            )
             for i, param in enumerate(params):
                 carried = self.state.get(param)
                 if carried:
@@ -396,8 +432,9 @@ class Adadelta(Optimizer):
         return sorted(
             {
                 implementation(
-                    flat.device, flat.dtype, master=flat.master is not None, stochastic_rounding=flat.stochastic_rounding
-                )
+                    flat.device, flat.dtype, master=flat.master is not None, stochastic_rounding=flat.stochastic_rounding,
+                    state_dtype=flat.square_avg.dtype,
+                )  # fmt: skip
                 for flat in self.flat_states()
             }
         )
@@ -558,7 +595,8 @@ class Adadelta(Optimizer):
                 stand_in.copy_(source)
             stochastic = flat.stochastic_rounding
             # Drawn from torch's generator, so torch.manual_seed makes the rounding reproducible.
-            seed = int(torch.randint(1, 2**31 - 1, (1,)).item()) if stochastic else 0
+            rounds = stochastic or flat.compressed_state
+            seed = int(torch.randint(1, 2**31 - 1, (1,)).item()) if rounds else 0
             update_(
                 plan.table,
                 flat.square_avg,
@@ -647,6 +685,22 @@ class Adadelta(Optimizer):
                     torch._foreach_zero_(same)
 
     # --------------------------------------------------------------- state_dict
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state in :class:`torch.optim.Adadelta`'s format.
+
+        bf16 state (``state_dtype=torch.bfloat16``) is given as fp32 copies, which
+        hold its values exactly: torch's Adadelta loads the dict, and loading it back
+        here stores the same bf16 values, so a save and load resumes bit for bit.
+        """
+        state_dict = super().state_dict()
+        packed = state_dict["state"]
+        for key, value in packed.items():
+            compressed = [name for name in ("square_avg", "acc_delta") if getattr(value.get(name), "dtype", None) == torch.bfloat16]
+            if compressed:
+                # A new dict: torch's packing hands out the optimizer's own per-param dicts.
+                packed[key] = {**value, **{name: value[name].float() for name in compressed}}
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load an optimizer state from ours or :class:`torch.optim.Adadelta`'s.
 

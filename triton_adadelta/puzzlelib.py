@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .flat import FlatState
-from .optimizer import Adadelta
+from .optimizer import Adadelta, _check_state_dtype
 
 __all__ = ["AdaDelta"]
 
@@ -87,6 +87,9 @@ class AdaDelta:
             (default: 1e-6).
         nodeinfo (ProcessGroup, optional): the group to average grads over; None
             trains in one process (default: None).
+        state_dtype (torch.dtype, optional): the state's dtype, as
+            :class:`triton_adadelta.Adadelta` takes it: ``torch.bfloat16`` stores the
+            running averages in bf16, rounded stochastically (default: torch.float32).
 
     Attributes:
         rho, epsilon: the hyper-parameters, which may be changed between updates.
@@ -99,8 +102,12 @@ class AdaDelta:
         rho: float = 0.95,
         epsilon: float = 1e-6,
         nodeinfo: "dist.ProcessGroup | None" = None,
+        *,
+        state_dtype: torch.dtype = torch.float32,
     ) -> None:
         self._rho = _check_rho(rho)
+        _check_state_dtype(state_dtype, "AdaDelta")
+        self.state_dtype = state_dtype
         self._epsilon = _check_epsilon(epsilon)
         if nodeinfo is not None:
             if not dist.is_available() or not dist.is_initialized():
@@ -153,7 +160,7 @@ class AdaDelta:
         params = list(module.parameters())
         if not params:
             raise ValueError("setupOn got a module without parameters")
-        optimizer = Adadelta(params, lr=1.0, rho=self.rho, eps=self.epsilon)
+        optimizer = Adadelta(params, lr=1.0, rho=self.rho, eps=self.epsilon, state_dtype=self.state_dtype)
         optimizer.state_per_param = not useGlobalState
         self.useGlobalState = bool(useGlobalState)
         self._optimizer = optimizer

@@ -36,13 +36,22 @@ def backend_for(device: torch.device) -> str:
     return "torch"
 
 
-def implementation(device: torch.device, param_dtype: torch.dtype, *, master: bool, stochastic_rounding: bool) -> str:
+def implementation(
+    device: torch.device,
+    param_dtype: torch.dtype,
+    *,
+    master: bool,
+    stochastic_rounding: bool,
+    state_dtype: torch.dtype | None = None,
+) -> str:
     """The exact implementation that updates such a state: the backend, and on the CPU
     path which of its implementations (``"cpu-native"`` or ``"cpu-chunked"``)."""
     backend = backend_for(device)
     if backend != "torch":
         return backend
-    return cpu.implementation(device, param_dtype, master=master, stochastic_rounding=stochastic_rounding)
+    return cpu.implementation(
+        device, param_dtype, master=master, stochastic_rounding=stochastic_rounding, state_dtype=state_dtype
+    )
 
 
 def update_(

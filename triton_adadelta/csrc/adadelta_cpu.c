@@ -115,6 +115,8 @@ typedef struct {
     /* Low-precision params only (adadelta_step_lowp): */
     void *master;        /* the fp32 master copy, at the state's offsets (STORE_MASTER) */
     int kind, store;     /* KIND_* of the params, STORE_* of their update */
+    const void *variants; /* the kind's update functions: [N_STORES][N_FLAG_VARIANTS] */
+    int param_bytes, state_bytes; /* element sizes: params 2 (bf16/fp16) or 4; state 4 or 2 (bf16) */
     uint32_t key0, key1; /* the stochastic rounding's Philox key: the seed's halves */
     void *(*run)(void *); /* what runs a share of this step */
     int64_t total;        /* elements in the whole step */
@@ -345,6 +347,8 @@ DEFINE_UPDATE(double, f64, fma, sqrt)
                          noise and rounding, so the same bits. */
 
 enum { KIND_BF16, KIND_F16, N_KINDS };
+/* fp32 params, with bf16 state only (adadelta_step_bf16_state). */
+enum { KIND_F32 = N_KINDS };
 
 /* Steps of at least this many elements store params written without being read
    (master weights) with non-temporal stores: 2M elements move 56 MB, beyond the
@@ -503,15 +507,22 @@ static inline __attribute__((always_inline)) uint16_t round_stochastic(float x, 
     return (float)noise * (1.0f / 65536.0f) < fraction ? other : nearest;
 }
 
-/* A block of new weights, stochastically rounded into the params with the kernel's
-   noise (_noise16 in kernels/adadelta.py): half index % 8 of Philox's counter
-   index / 8, one Philox call per eight elements. Not inlined: one copy per kind. */
+/* Each rounded buffer draws its own stream: counters from stream << 56 on (the
+   kernel's PARAM_STREAM, SQUARE_AVG_STREAM, ACC_DELTA_STREAM and STREAM_SHIFT). */
+#define PARAM_STREAM_BASE 0ull
+#define SQUARE_AVG_STREAM_BASE (1ull << 56)
+#define ACC_DELTA_STREAM_BASE (2ull << 56)
+
+/* A block of new values, stochastically rounded into `p` with the kernel's noise
+   (_noise16 in kernels/adadelta.py): half index % 8 of Philox's counter
+   index / 8 + stream_base, one Philox call per eight elements. Not inlined: one copy
+   per kind. */
 static __attribute__((noinline)) void round_block_stochastic(
         const float *restrict w, uint16_t *restrict p, const int n, const int kind,
-        const uint64_t index, const uint32_t k0, const uint32_t k1) {
+        const uint64_t index, const uint32_t k0, const uint32_t k1, const uint64_t stream_base) {
     uint16_t noise[8 * (BLOCK / 8 + 2)] __attribute__((aligned(64)));
     const int skip = (int)(index & 7);
-    philox_block(noise, (skip + n + 7) >> 3, index >> 3, k0, k1);
+    philox_block(noise, (skip + n + 7) >> 3, (index >> 3) + stream_base, k0, k1);
     const uint16_t *restrict mine = noise + skip;
     if (kind == KIND_BF16) {
         for (int i = 0; i < n; ++i) p[i] = round_stochastic(w[i], KIND_BF16, mine[i]);
@@ -590,8 +601,76 @@ static inline __attribute__((always_inline)) void update_lowp(
             }
         }
         if (store == STORE_STOCHASTIC)
-            round_block_stochastic(w_block, pb, n, kind, index + (uint64_t)first, k0, k1);
+            round_block_stochastic(w_block, pb, n, kind, index + (uint64_t)first, k0, k1, PARAM_STREAM_BASE);
         if (streaming) store_streaming(p + first, p_block, n);
+    }
+}
+
+/* ------------------------------------------------------------------------------------
+   bf16 state (state_dtype=torch.bfloat16): square_avg and acc_delta widened exactly,
+   the fp32 math above, and the new values rounded stochastically into bf16, each
+   buffer from its own stream (the kernel's bits). Params of any kind: fp32 (stored
+   exactly), or bf16/fp16 in the three ways above. */
+
+static inline __attribute__((always_inline)) float load_value(const void *p, int64_t i, const int kind) {
+    if (kind == KIND_F32) return ((const float *)p)[i];
+    return widen(((const uint16_t *)p)[i], kind);
+}
+
+static inline __attribute__((always_inline)) void update_cs(
+        void *restrict p, const void *restrict gr, uint16_t *restrict v, uint16_t *restrict u,
+        float *restrict m, const int64_t n_elements, const float *restrict row, const float grad_scale,
+        const int use_torch_sqrt, const int flags, const int kind, const int store,
+        const uint64_t index, const uint32_t k0, const uint32_t k1) {
+    const float lr = row[LR], rho = row[RHO], one_minus_rho = row[ONE_MINUS_RHO];
+    const float eps = row[EPS], weight_decay = row[WEIGHT_DECAY];
+    float g_block[BLOCK] __attribute__((aligned(64)));
+    float w_block[BLOCK] __attribute__((aligned(64)));
+    float v_block[BLOCK] __attribute__((aligned(64)));
+    float u_block[BLOCK] __attribute__((aligned(64)));
+    float std[BLOCK] __attribute__((aligned(64)));
+    for (int64_t first = 0; first < n_elements; first += BLOCK) {
+        const int n = n_elements - first < BLOCK ? (int)(n_elements - first) : BLOCK;
+        const uint16_t *restrict vb = v + first, *restrict ub = u + first;
+        float *restrict mb = m + first;
+        for (int i = 0; i < n; ++i) {
+            w_block[i] = store == STORE_MASTER ? mb[i] : load_value(p, first + i, kind);
+            const float g = grad_f32(load_value(gr, first + i, kind), w_block[i], grad_scale, weight_decay, flags);
+            const float square = fmaf(one_minus_rho * g, g, widen(vb[i], KIND_BF16) * rho);
+            v_block[i] = square;
+            g_block[i] = g;
+            std[i] = square + eps;
+            u_block[i] = widen(ub[i], KIND_BF16);
+        }
+        if (!use_torch_sqrt) {
+            for (int i = 0; i < n; ++i) {
+                const float d = sqrtf(u_block[i] + eps) / sqrtf(std[i]) * g_block[i];
+                apply_f32(d, &u_block[i], &w_block[i], rho, one_minus_rho, lr, flags);
+            }
+        } else {
+            /* torch's sqrt works on arrays, as update_f32's three passes. */
+            float delta[BLOCK] __attribute__((aligned(64)));
+            for (int i = 0; i < n; ++i) delta[i] = u_block[i] + eps;
+            sqrt_block_f32(n, std, use_torch_sqrt);
+            sqrt_block_f32(n, delta, use_torch_sqrt);
+            for (int i = 0; i < n; ++i)
+                apply_f32(delta[i] / std[i] * g_block[i], &u_block[i], &w_block[i], rho, one_minus_rho, lr, flags);
+        }
+        const uint64_t at = index + (uint64_t)first;
+        round_block_stochastic(v_block, v + first, n, KIND_BF16, at, k0, k1, SQUARE_AVG_STREAM_BASE);
+        round_block_stochastic(u_block, u + first, n, KIND_BF16, at, k0, k1, ACC_DELTA_STREAM_BASE);
+        if (kind == KIND_F32) {
+            float *restrict pb = (float *)p + first;
+            for (int i = 0; i < n; ++i) pb[i] = w_block[i];
+        } else {
+            uint16_t *restrict pb = (uint16_t *)p + first;
+            if (store == STORE_MASTER)
+                for (int i = 0; i < n; ++i) mb[i] = w_block[i];
+            if (store == STORE_STOCHASTIC)
+                round_block_stochastic(w_block, pb, n, kind, at, k0, k1, PARAM_STREAM_BASE);
+            else
+                for (int i = 0; i < n; ++i) pb[i] = round_nearest(w_block[i], kind);
+        }
     }
 }
 
@@ -599,17 +678,20 @@ static inline __attribute__((always_inline)) void update_lowp(
    decay alone, each vectorized without branches; one more takes any flags at run
    time. Functions of their own: one switch over all of them took the compiler
    minutes (its PRE pass grows faster than the function), and a variant per flag
-   combination, as the fp32 loop has, 8 s more per build. */
-typedef void (*update_lowp_fn)(uint16_t *, const uint16_t *, float *, float *, float *, int64_t,
+   combination, as the fp32 loop has, 8 s more per build. Every variant takes its
+   buffers untyped, so that one share runner serves fp32 and bf16 state. */
+#define N_FLAG_VARIANTS 3
+typedef void (*update_lowp_fn)(void *, const void *, void *, void *, float *, int64_t,
                                const float *, float, int, int, int, uint64_t, uint32_t, uint32_t);
 #define LOWP_VARIANT(KIND, STORE, NAME, FLAGS)                                        \
     static __attribute__((noinline)) void update_lowp_##KIND##_##STORE##_##NAME(      \
-            uint16_t *p, const uint16_t *g, float *v, float *u, float *m, int64_t n,  \
+            void *p, const void *g, void *v, void *u, float *m, int64_t n,            \
             const float *row, float grad_scale, int use_torch_sqrt, int flags,        \
             int streaming, uint64_t index, uint32_t k0, uint32_t k1) {                \
         (void)flags;                                                                  \
-        update_lowp(p, g, v, u, m, n, row, grad_scale, use_torch_sqrt, FLAGS, KIND,   \
-                    STORE, STORE == STORE_MASTER && streaming, index, k0, k1);        \
+        update_lowp((uint16_t *)p, (const uint16_t *)g, (float *)v, (float *)u, m, n, \
+                    row, grad_scale, use_torch_sqrt, FLAGS, KIND, STORE,              \
+                    STORE == STORE_MASTER && streaming, index, k0, k1);               \
     }
 #define LOWP_STORE_VARIANTS(KIND, STORE)                                              \
     LOWP_VARIANT(KIND, STORE, plain, 0)                                               \
@@ -630,19 +712,59 @@ LOWP_KIND(KIND_BF16)
 LOWP_KIND(KIND_F16)
 #endif
 /* [kind][store][0: no flags, 1: weight decay alone, 2: any] */
-static const update_lowp_fn update_lowp_variants[N_KINDS][N_STORES][3] = {
+static const update_lowp_fn update_lowp_variants[N_KINDS][N_STORES][N_FLAG_VARIANTS] = {
     LOWP_KIND_NAMES(KIND_BF16),
 #if HAVE_F16
     LOWP_KIND_NAMES(KIND_F16),
 #endif
 };
 
-/* A share (see run_share_f32). */
+/* bf16 state: no flags and any flags (weight decay runs the latter), to keep the
+   build short; fp32 params store only one way. */
+#define CS_VARIANT(KIND, STORE, NAME, FLAGS)                                          \
+    static __attribute__((noinline)) void update_cs_##KIND##_##STORE##_##NAME(        \
+            void *p, const void *g, void *v, void *u, float *m, int64_t n,            \
+            const float *row, float grad_scale, int use_torch_sqrt, int flags,        \
+            int streaming, uint64_t index, uint32_t k0, uint32_t k1) {                \
+        (void)flags; (void)streaming;                                                 \
+        update_cs(p, g, (uint16_t *)v, (uint16_t *)u, m, n, row, grad_scale,          \
+                  use_torch_sqrt, FLAGS, KIND, STORE, index, k0, k1);                 \
+    }
+#define CS_STORE_VARIANTS(KIND, STORE) CS_VARIANT(KIND, STORE, plain, 0) CS_VARIANT(KIND, STORE, any, flags)
+#define CS_STORE_NAMES(KIND, STORE)                                                   \
+    { update_cs_##KIND##_##STORE##_plain, update_cs_##KIND##_##STORE##_any,           \
+      update_cs_##KIND##_##STORE##_any }
+#define CS_KIND(KIND)                                                                 \
+    CS_STORE_VARIANTS(KIND, STORE_NEAREST) CS_STORE_VARIANTS(KIND, STORE_MASTER)      \
+    CS_STORE_VARIANTS(KIND, STORE_STOCHASTIC)
+#define CS_KIND_NAMES(KIND)                                                           \
+    { CS_STORE_NAMES(KIND, STORE_NEAREST), CS_STORE_NAMES(KIND, STORE_MASTER),        \
+      CS_STORE_NAMES(KIND, STORE_STOCHASTIC) }
+
+CS_KIND(KIND_BF16)
+#if HAVE_F16
+CS_KIND(KIND_F16)
+#endif
+CS_STORE_VARIANTS(KIND_F32, STORE_NEAREST)
+/* [kind][store][flags variant]; KIND_F32 runs STORE_NEAREST only (the loader refuses the rest). */
+static const update_lowp_fn update_cs_variants[N_KINDS + 1][N_STORES][N_FLAG_VARIANTS] = {
+    CS_KIND_NAMES(KIND_BF16),
+#if HAVE_F16
+    CS_KIND_NAMES(KIND_F16),
+#else
+    {{0}},
+#endif
+    { CS_STORE_NAMES(KIND_F32, STORE_NEAREST) },
+};
+
+/* A share (see run_share_f32): the pieces it spans, each through the variant of its
+   group's flags in the share's table. */
 static void *run_share_lowp(void *arg) {
     const share_t *s = (const share_t *)arg;
     const int64_t *table = s->table, n_pieces = s->n_pieces;
     const float *hparams = (const float *)s->hparams;
-    float *square_avg = (float *)s->square_avg, *acc_delta = (float *)s->acc_delta;
+    const update_lowp_fn (*variants)[N_FLAG_VARIANTS] = (const update_lowp_fn (*)[N_FLAG_VARIANTS])s->variants;
+    char *square_avg = (char *)s->square_avg, *acc_delta = (char *)s->acc_delta;
     float *master = (float *)s->master;
     int64_t offset = s->offset, left = s->count;
     for (int64_t k = s->piece; k < n_pieces && left > 0; ++k, offset = 0) {
@@ -654,12 +776,12 @@ static void *run_share_lowp(void *arg) {
         const int flags = GROUP_FLAGS(s->has_grad_scale, row);
         const int64_t state = table[STATE_ROW * n_pieces + k] + offset;
         const int variant = flags == 0 ? 0 : flags == FLAG_WEIGHT_DECAY ? 1 : 2;
-        update_lowp_variants[s->kind][s->store][variant](
-            (uint16_t *)(intptr_t)table[PARAM_ROW * n_pieces + k] + offset,
-            (const uint16_t *)(intptr_t)table[GRAD_ROW * n_pieces + k] + offset,
-            square_avg + state, acc_delta + state, master ? master + state : 0, n, row,
-            (float)s->grad_scale, s->use_torch_sqrt, flags, s->total >= STREAMING_MIN_ELEMENTS,
-            (uint64_t)state, s->key0, s->key1);
+        variants[s->store][variant](
+            (char *)(intptr_t)table[PARAM_ROW * n_pieces + k] + offset * s->param_bytes,
+            (const char *)(intptr_t)table[GRAD_ROW * n_pieces + k] + offset * s->param_bytes,
+            square_avg + state * s->state_bytes, acc_delta + state * s->state_bytes,
+            master ? master + state : 0, n, row, (float)s->grad_scale, s->use_torch_sqrt, flags,
+            s->total >= STREAMING_MIN_ELEMENTS, (uint64_t)state, s->key0, s->key1);
     }
 #if defined(__AVX2__)
     _mm_sfence();  /* the streaming stores are seen before the step returns */
@@ -683,6 +805,29 @@ int adadelta_step_lowp(const int64_t *table, int64_t n_pieces, float *square_avg
         grad_scale_ptr ? (double)*grad_scale_ptr : 1.0, use_torch_sqrt, run_share_lowp);
     proto.master = master; proto.kind = kind; proto.store = store;
     proto.key0 = (uint32_t)(uint64_t)seed; proto.key1 = (uint32_t)((uint64_t)seed >> 32);
+    proto.variants = update_lowp_variants[kind];
+    proto.param_bytes = 2; proto.state_bytes = 4;
     /* 32 elements: a 64-byte line of params, two of state. */
+    return run_step(&proto, n_state, n_groups, 32, max_threads, parallel_min_elements);
+}
+
+/* One step with bf16 state (square_avg, acc_delta: bf16 bits), as adadelta_step_lowp
+   (the same arguments and returns), for params of kind KIND_BF16, KIND_F16 or
+   KIND_F32 (fp32 params: store STORE_NEAREST, which stores them exactly). */
+int adadelta_step_bf16_state(const int64_t *table, int64_t n_pieces, uint16_t *square_avg,
+        uint16_t *acc_delta, float *master, int64_t n_state, const float *hparams, int64_t n_groups,
+        const float *grad_scale_ptr, const float *found_inf_ptr, int max_threads,
+        int64_t parallel_min_elements, int use_torch_sqrt, int kind, int store, int64_t seed) {
+    if (kind < 0 || kind > KIND_F32 || (kind == KIND_F16 && !HAVE_F16)) return -2;
+    if (store < 0 || store >= N_STORES || (store == STORE_MASTER) != (master != 0)) return -2;
+    if (kind == KIND_F32 && store != STORE_NEAREST) return -2;
+    if (found_inf_ptr && *found_inf_ptr != 0) return 1;
+    share_t proto = share_proto(table, n_pieces, square_avg, acc_delta, hparams, grad_scale_ptr != 0,
+        grad_scale_ptr ? (double)*grad_scale_ptr : 1.0, use_torch_sqrt, run_share_lowp);
+    proto.master = master; proto.kind = kind; proto.store = store;
+    proto.key0 = (uint32_t)(uint64_t)seed; proto.key1 = (uint32_t)((uint64_t)seed >> 32);
+    proto.variants = update_cs_variants[kind];
+    proto.param_bytes = kind == KIND_F32 ? 4 : 2; proto.state_bytes = 2;
+    /* 32 elements: a 64-byte line of bf16 state (and of 16-bit params). */
     return run_step(&proto, n_state, n_groups, 32, max_threads, parallel_min_elements);
 }
