@@ -292,7 +292,7 @@ def bench_shape(
         "n_tensors": len(shapes),
         "n_params": n_params,
         "param_dtype": str(dtype).removeprefix("torch."),
-        "options": options,
+        "options": {key: str(value) if isinstance(value, torch.dtype) else value for key, value in options.items()},
         "floor_bytes_per_param": floor_bytes_of(name),
         "rounds": rounds,
         "copy_bandwidth_GBps": probe_bandwidth["copy"] / 1e9,

@@ -8,7 +8,8 @@
    among them).
 3. bf16 state (issue 15) on scikit-learn's handwritten digits (the MLP of
    tests/test_compressed_state.py, 30 epochs, lr 1, rho 0.9): test loss and accuracy
-   against fp32 state for seeds 0-2, and 2000 steps at lr 0.1, 1 and 10.
+   against fp32 state for seeds 0-2, and 2000 steps at lr 0.1, 1 and 10; on the CPU
+   path's C loop (the kernel's bits).
 
 Usage::
 
@@ -76,6 +77,10 @@ def bf16_regression(seeds: list[int]) -> list[dict[str, object]]:
 
 
 def compressed_state(seeds: list[int]) -> dict[str, object]:
+    # On the CPU path's C loop, which gives the kernel's bits in these modes (tested in
+    # tests/test_cpu_path.py and tests/test_compressed_state.py): the interpreter took
+    # over 20 minutes for these 12 000 steps.
+    os.environ["TRITON_INTERPRET"] = "0"
     rows = []
     for seed in seeds:
         fp32, bf16 = digits_run(torch.float32, seed), digits_run(torch.bfloat16, seed)
