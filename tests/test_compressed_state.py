@@ -304,3 +304,32 @@ def test_bf16_state_with_master_weights_tracks_the_fp32_regression(backend):
     fp32 = regression_loss(torch.float32, lambda p: torch.optim.Adadelta(p, **HYPER))
     ours = regression_loss(torch.bfloat16, lambda p: Adadelta(p, master_weights=True, state_dtype=torch.bfloat16, **HYPER))
     assert abs(ours / fp32 - 1) < 0.02, (ours, fp32)
+
+
+def test_complex_params_are_refused_bf16_state():
+    # Found by a user-style trial: accepted, the first step raised after updating the
+    # param, and later steps ran with no state handed out (a checkpoint lost it).
+    param = torch.nn.Parameter(torch.randn(8, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="not torch.complex64"):
+        Adadelta([param], state_dtype=torch.bfloat16)
+
+
+def test_a_groups_state_dtype_set_between_steps_takes_effect(backend):
+    # Found by a user-style trial: the edit was ignored while the group and state_dict
+    # said bf16, and an unsupported one was never checked.
+    param = torch.nn.Parameter(torch.randn(100))
+    optimizer = Adadelta([param])
+    param.grad = torch.randn(100)
+    optimizer.step()
+    fp32_state = optimizer.state[param]["square_avg"].clone()
+    optimizer.param_groups[0]["state_dtype"] = torch.bfloat16
+    assert optimizer.state[param]["square_avg"].dtype == torch.float32  # until the next step
+    optimizer.flat_states()  # the layout follows the group; the state is carried over
+    assert torch.equal(optimizer.state[param]["square_avg"], fp32_state.bfloat16())
+    optimizer.step()
+    assert optimizer.flat_states()[0].square_avg.dtype == torch.bfloat16
+    optimizer.param_groups[0]["state_dtype"] = torch.uint8
+    before = param.detach().clone(), optimizer.state[param]["square_avg"].clone()
+    with pytest.raises(ValueError, match="not supported yet"):
+        optimizer.step()
+    assert torch.equal(param, before[0]) and torch.equal(optimizer.state[param]["square_avg"], before[1])

@@ -133,6 +133,22 @@ def _check_group_values(group: dict[str, Any], where: str) -> None:
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def _check_group_state_dtype(group: dict[str, Any], default: torch.dtype, where: str) -> None:
+    """A group's ``state_dtype``, and that its params can have it (bf16 state is for
+    real fp32/bf16/fp16 params)."""
+    state_dtype = group.get("state_dtype", default)
+    _check_state_dtype(state_dtype, where)
+    if state_dtype != torch.bfloat16:
+        return
+    for param in group["params"]:
+        param = param[1] if isinstance(param, tuple) else param
+        if isinstance(param, torch.Tensor) and (param.dtype == torch.float64 or param.is_complex()):
+            raise ValueError(
+                f"{where}: state_dtype=torch.bfloat16 is for real fp32, bf16 and fp16 params, not {param.dtype}: "
+                "put such params in a param group of their own with state_dtype=torch.float32"
+            )
+
+
 def _check_state_dtype(state_dtype: object, where: str) -> None:
     if state_dtype == torch.uint8:
         raise ValueError(
@@ -306,6 +322,7 @@ class Adadelta(Optimizer):
         # The flat states, and each group's params when they were laid out.
         self._flat_states: list[FlatState] = []
         self._laid_out: list[list[torch.Tensor]] | None = None
+        self._laid_out_state_dtypes: list[object] = []
         # `self.state` and its size as of the last step, to notice edits from outside.
         self._state_seen: dict[Any, Any] | None = None
         self._state_size = 0
@@ -343,15 +360,7 @@ class Adadelta(Optimizer):
                     f"triton_adadelta updates plain tensors and DTensors of plain local tensors, not a "
                     f"{type(data).__name__} param; use torch.optim.Adadelta there"
                 )
-        state_dtype = param_group.get("state_dtype", self.defaults["state_dtype"])
-        _check_state_dtype(state_dtype, "a param group")
-        if state_dtype == torch.bfloat16:
-            wide = [t for t in tensors if isinstance(t, torch.Tensor) and t.dtype in (torch.float64, torch.complex128)]
-            if wide:
-                raise ValueError(
-                    f"state_dtype=torch.bfloat16 is for fp32, bf16 and fp16 params, not {wide[0].dtype}: "
-                    "put fp64 params in a param group of their own with state_dtype=torch.float32"
-                )
+        _check_group_state_dtype({"params": tensors, **param_group}, self.defaults["state_dtype"], "a param group")
         # torch raises this at the first step; here already (the group is not added).
         _check_scalars_fit(
             {**self.defaults, **param_group},
@@ -372,6 +381,7 @@ class Adadelta(Optimizer):
         self.__dict__.setdefault("state_per_param", False)
         self.__dict__.setdefault("_flat_states", [])
         self.__dict__.setdefault("_laid_out", None)
+        self.__dict__.setdefault("_laid_out_state_dtypes", [])
         self.__dict__.setdefault("_state_seen", None)
         self.__dict__.setdefault("_state_size", 0)
         self._handle = compiled.register(self)
@@ -383,6 +393,10 @@ class Adadelta(Optimizer):
         ``self.state`` is what is carried: views of the previous flat states, or the
         tensors a copy or ``load_state_dict`` left there.
         """
+        # A group's state_dtype may have been set since (param_groups[0]["state_dtype"] = ...):
+        # checked before anything changes.
+        for g, group in enumerate(self.param_groups):
+            _check_group_state_dtype(group, torch.float32, f"param group {g}")
         old = {id(param): (flat, i) for flat in self._flat_states for i, param in enumerate(flat.params)}
         by_key: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[int]]] = {}
         for g, group in enumerate(self.param_groups):
@@ -408,16 +422,19 @@ class Adadelta(Optimizer):
             states.append(flat)
         self._flat_states = states
         self._laid_out = [list(group["params"]) for group in self.param_groups]
+        self._laid_out_state_dtypes = [group.get("state_dtype") for group in self.param_groups]
         self._remember_state()
         return states
 
     def _current_states(self) -> list[FlatState]:
-        """The flat states, laid out again if a group's params changed."""
+        """The flat states, laid out again if a group's params or state dtype changed
+        (the state is carried over, rounded to nearest into bf16 state)."""
         laid_out = self._laid_out
         if (
             laid_out is None
             or len(laid_out) != len(self.param_groups)
             or not all(_same_objects(group["params"], seen) for group, seen in zip(self.param_groups, laid_out))
+            or any(group.get("state_dtype") is not dtype for group, dtype in zip(self.param_groups, self._laid_out_state_dtypes))
         ):
             return self._lay_out()
         return self._flat_states
@@ -730,7 +747,7 @@ class Adadelta(Optimizer):
         # memory), the optimizer is put back as it was.
         kept = {
             name: self.__dict__[name]
-            for name in ("state", "param_groups", "_flat_states", "_laid_out", "_state_seen", "_state_size")
+            for name in ("state", "param_groups", "_flat_states", "_laid_out", "_laid_out_state_dtypes", "_state_seen", "_state_size")
         }
         try:
             self.__setstate__({"state": defaultdict(dict), "param_groups": new_groups})
