@@ -462,8 +462,10 @@ class Adadelta(Optimizer):
         deleted or replaced. A param whose entry is gone or empty starts afresh, as
         with torch; one given a new entry continues from it.
 
-        Noticed when the dict or its size changed (checked at every step, for free);
-        a tensor replaced inside a param's entry is not (edit it in place instead).
+        Noticed when the dict or its size changed (checked at every step, for free).
+        Not noticed: a tensor replaced inside a param's entry, and an entry replaced
+        by a new dict while the size stays the same (``optimizer.state[p] = {...}``);
+        edit the entry's tensors in place instead.
         """
         if self.state is self._state_seen and len(self.state) == self._state_size:
             return
