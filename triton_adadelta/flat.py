@@ -410,8 +410,9 @@ class FlatState:
         self._device_index = params[0].get_device()
         self.stochastic_rounding = stochastic_rounding
 
-        if state_dtype == torch.bfloat16 and self.dtype == torch.float64:
-            raise ValueError("state_dtype=torch.bfloat16 is for fp32, bf16 and fp16 params, not fp64")
+        if state_dtype == torch.bfloat16 and (self.dtype == torch.float64 or self.param_dtype.is_complex):
+            # (The optimizer says so before anything changes; this guards the class itself.)
+            raise ValueError(f"state_dtype=torch.bfloat16 is for real fp32, bf16 and fp16 params, not {self.param_dtype}")
         if state_dtype != torch.bfloat16:
             state_dtype = state_dtype_for(self.dtype)
         self.compressed_state = state_dtype == torch.bfloat16
