@@ -115,6 +115,15 @@ _ACC_DELTA_STREAM_BASE = tl.constexpr(ACC_DELTA_STREAM << STREAM_SHIFT)
 # Philox counter's noise.
 STATE_ALIGNMENT = 8
 _STATE_ALIGNMENT = tl.constexpr(STATE_ALIGNMENT)
+# 8-bit state (state_dtype=torch.uint8): one fp32 scale per QUANT_BLOCK elements of the
+# flat state, at index (state index) >> QUANT_BLOCK_SHIFT. Every piece starts on a
+# quant block (its bulk is a multiple of QUANT_BLOCK, its tail shorter), so a block
+# never holds two pieces and one program sees each of its blocks whole; every
+# BLOCK_SIZE is a multiple of it.
+QUANT_BLOCK_SHIFT = 8
+QUANT_BLOCK = 1 << QUANT_BLOCK_SHIFT
+_QUANT_BLOCK = tl.constexpr(QUANT_BLOCK)
+_QUANT_BLOCK_SHIFT = tl.constexpr(QUANT_BLOCK_SHIFT)
 
 _ELEMENT_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8}
 
@@ -135,6 +144,9 @@ _MAX_PER_THREAD_MASTER = 8
 _MAX_PER_THREAD_FP64 = 8
 #   bf16 state: 8; 16 spilled 16 B on sm_90 (bf16 params, B4096_w8).
 _MAX_PER_THREAD_COMPRESSED_STATE = 8
+#   8-bit state: 16, the fewest whose codes load and store 128-bit; none spills on sm_80
+#   or sm_90, master weights included (8-bit codes hold fewer registers than fp32 state).
+_MAX_PER_THREAD_QUANTIZED_STATE = 16
 
 
 def configs_for(
@@ -144,13 +156,14 @@ def configs_for(
     master: bool = False,
     stochastic_rounding: bool = False,
     compressed_state: bool = False,
+    quantized_state: bool = False,
 ) -> list[triton.Config]:
     """The autotune configs that keep every access 128-bit and spill nothing.
 
     Each thread must hold at least 16 bytes of the narrowest streamed buffer (the
-    param/grad dtype, or bf16 state): bf16 at 1024 elements and 8 warps of 32 gets 4 elements per
-    thread, 64-bit accesses. And each mode keeps at most as many elements per thread
-    as compile without spills (see ``_MAX_PER_THREAD*``).
+    param/grad dtype, bf16 state, or 8-bit codes): bf16 at 1024 elements and 8 warps
+    of 32 gets 4 elements per thread, 64-bit accesses. And each mode keeps at most as
+    many elements per thread as compile without spills (see ``_MAX_PER_THREAD*``).
 
     Args:
         param_dtype: the params' dtype.
@@ -158,18 +171,26 @@ def configs_for(
         master: with fp32 master weights.
         stochastic_rounding: with stochastic rounding of the param stores.
         compressed_state: with bf16 state (``state_dtype=torch.bfloat16``).
+        quantized_state: with 8-bit state (``state_dtype=torch.uint8``).
     """
     most = _MAX_PER_THREAD
     if param_dtype == torch.float64:
         most = _MAX_PER_THREAD_FP64
-    if master:
+    if master and not quantized_state:
+        # (With 8-bit state, 16 elements per thread spill nothing: see _MAX_PER_THREAD_QUANTIZED_STATE.)
         most = min(most, _MAX_PER_THREAD_MASTER)
     if stochastic_rounding:
         most = min(most, _MAX_PER_THREAD_STOCHASTIC_ROUNDING)
     if compressed_state:
         most = min(most, _MAX_PER_THREAD_COMPRESSED_STATE)
-    # The narrowest streamed buffer: the params, or bf16 state.
-    narrowest = min(_ELEMENT_BYTES[param_dtype], 2) if compressed_state else _ELEMENT_BYTES[param_dtype]
+    if quantized_state:
+        most = min(most, _MAX_PER_THREAD_QUANTIZED_STATE)
+    # The narrowest streamed buffer: the params, bf16 state or 8-bit codes.
+    narrowest = _ELEMENT_BYTES[param_dtype]
+    if compressed_state:
+        narrowest = min(narrowest, 2)
+    if quantized_state:
+        narrowest = 1
     kept = []
     for config in AUTOTUNE_CONFIGS:
         per_thread = config.kwargs["BLOCK_SIZE"] // (warp_size * config.num_warps)
@@ -189,6 +210,7 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs: Any
     suited = configs_for(
         param_dtype, warp_size, master=kwargs["HAS_MASTER"], stochastic_rounding=kwargs["STOCHASTIC_ROUNDING"],
         compressed_state=named_args["square_avg_ptr"].dtype == torch.bfloat16,
+        quantized_state=named_args["square_avg_ptr"].dtype == torch.uint8,
     )  # fmt: skip
     allowed = {(c.kwargs["BLOCK_SIZE"], c.num_warps) for c in suited}
     return [c for c in configs if (c.kwargs["BLOCK_SIZE"], c.num_warps) in allowed] or configs
@@ -207,13 +229,14 @@ def default_config(
     master: bool = False,
     stochastic_rounding: bool = False,
     compressed_state: bool = False,
+    quantized_state: bool = False,
 ) -> triton.Config:
     """The config that runs untuned: ``DEFAULT_BLOCK_SIZE`` at ``DEFAULT_NUM_WARPS`` where
     :func:`configs_for` keeps it, else the largest kept block at those warps (fp64
     and master weights: 2048 on NVIDIA)."""
     kept = configs_for(
         param_dtype, warp_size, master=master, stochastic_rounding=stochastic_rounding,
-        compressed_state=compressed_state,
+        compressed_state=compressed_state, quantized_state=quantized_state,
     )  # fmt: skip
     return max(
         kept,
@@ -339,7 +362,8 @@ def _save_written(kwargs: dict[str, Any], reset_only: bool = False) -> None:
     """Autotuner pre-hook: copy every buffer a trial writes (never zero one)."""
     if reset_only:
         return
-    buffers = [kwargs[name] for name in ("square_avg_ptr", "acc_delta_ptr", "master_ptr") if kwargs[name] is not None]
+    names = ("square_avg_ptr", "acc_delta_ptr", "master_ptr", "square_avg_scale_ptr", "acc_delta_scale_ptr")
+    buffers = [kwargs[name] for name in names if kwargs[name] is not None]
     buffers += getattr(_tuning, "written", [])
     _tuning.saved = [(buffer, buffer.clone()) for buffer in buffers]
 
@@ -487,6 +511,73 @@ def _round_stochastic(x, noise16, DTYPE: tl.constexpr):
         return tl.where(noise16.to(tl.float32) * (1.0 / 65536.0) < fraction, other, nearest)
 
 
+# The 8-bit code: an unsigned float with 4 exponent and 4 mantissa bits (with
+# subnormals), times its quant block's power-of-two scale. Code c >= 16 stands for
+# 2**((c >> 4) - 15) * (1 + (c & 15) / 16), code c < 16 for c * 2**-18: 0 is 0, 240
+# is 1 and 255 is 1.9375, with 4 significant bits from 1.9375 down to 2**-14.
+_CODE_EXPONENT_BIAS = tl.constexpr(112 << 23)  # fp32 exponent field of 2**-15
+_SMALLEST_NORMAL_CODE_BITS = tl.constexpr(113 << 23)  # fp32 bits of 2**-14
+_SUBNORMAL_CODE_STEP = tl.constexpr(1.0 / 262144.0)  # 2**-18
+_RINT_MAGIC = tl.constexpr(8388608.0)  # 2**23: adding it rounds [0, 2**22) to an integer
+_RINT_MAGIC_BITS = tl.constexpr(0x4B000000)
+
+
+@triton.jit
+def _round_bits_at_code_precision(bits):
+    """fp32 ``bits`` rounded to nearest even at the code's 4 mantissa bits (19
+    dropped): a carry moves the exponent up, as it should."""
+    return bits + 0x3FFFF + ((bits >> 19) & 1)
+
+
+@triton.jit
+def _code_values(codes):
+    """The code's value before its block's scale (exact in fp32)."""
+    c = codes.to(tl.uint32)
+    normal = ((c << 19) + _CODE_EXPONENT_BIAS).to(tl.float32, bitcast=True)
+    return tl.where(c >= 16, normal, c.to(tl.float32) * _SUBNORMAL_CODE_STEP)
+
+
+@triton.jit
+def _dequantize(codes, scale, BLOCK: tl.constexpr):
+    """fp32 values of ``BLOCK`` codes: rows of ``QUANT_BLOCK``, each times its ``scale``."""
+    rows = tl.reshape(codes, [BLOCK // _QUANT_BLOCK, _QUANT_BLOCK])
+    return tl.reshape(_code_values(rows) * scale[:, None], [BLOCK])
+
+
+@triton.jit
+def _quantize(values, mask, BLOCK: tl.constexpr):
+    """fp32 ``values`` as ``(codes, scales)``: one scale per quant block, each value
+    rounded to nearest on its block's grid (``mask``: the values that count).
+
+    The scale is the power of two of the block's largest value rounded to the
+    code's precision, so that value's code is at most 255 and the quantizer is
+    exact: ``values / scale`` is exact, and each code is the value rounded to the
+    nearest (ties to even) of the block's grid. A block with a NaN or inf gets a
+    NaN scale (every value reads back NaN); one whose largest value is below
+    fp32's smallest normal, or zero, gets scale 0 and codes 0.
+    """
+    rows = tl.reshape(values, [BLOCK // _QUANT_BLOCK, _QUANT_BLOCK])
+    valid = tl.reshape(mask, [BLOCK // _QUANT_BLOCK, _QUANT_BLOCK])
+    finite = tl.abs(rows) < float("inf")  # (False for NaN)
+    not_finite = tl.max(tl.where(valid & ~finite, 1, 0), axis=1)
+    # AdaDelta's state is never negative; a negative value (none arises) counts as 0.
+    rows = tl.where(valid & finite, tl.maximum(rows, 0.0), 0.0)
+    exponent = _round_bits_at_code_precision(tl.max(rows, axis=1).to(tl.uint32, bitcast=True)) >> 23
+    usable = (not_finite == 0) & (exponent >= 1) & (exponent <= 254)
+    scale = tl.where(usable, (exponent << 23).to(tl.float32, bitcast=True), 0.0)
+    # 1 / scale is exact: a power of two (2**-127, for the largest scale, a subnormal).
+    inverse = tl.div_rn(tl.full([BLOCK // _QUANT_BLOCK], 1.0, tl.float32), tl.where(usable, scale, 1.0))
+    scaled = rows * inverse[:, None]
+    bits = scaled.to(tl.uint32, bitcast=True)
+    normal = (_round_bits_at_code_precision(bits) - _CODE_EXPONENT_BIAS) >> 19
+    # Below 2**-14: a multiple of 2**-18, rounded half to even by the magic add.
+    subnormal = ((scaled * 262144.0) + _RINT_MAGIC).to(tl.uint32, bitcast=True) - _RINT_MAGIC_BITS
+    codes = tl.where(bits >= _SMALLEST_NORMAL_CODE_BITS, normal, subnormal)
+    codes = tl.where(usable[:, None], codes, 0).to(tl.uint8)
+    scale = tl.where(usable | ((not_finite == 0) & (exponent == 0)), scale, float("nan"))
+    return tl.reshape(codes, [BLOCK]), scale
+
+
 @triton.jit
 def _update_block(
     # pointers: the piece's param and grad, and its place in the flat state
@@ -495,10 +586,15 @@ def _update_block(
     square_avg_ptr,
     acc_delta_ptr,
     master_ptr,
-    # where: element offsets within the piece, and the mask
+    square_avg_scale_ptr,
+    acc_delta_scale_ptr,
+    # where: element offsets within the piece, the mask, and the state index of offs[0]
     offs,
     mask,
     state_offs,
+    block_base,
+    first_offs,
+    numel,
     # hyper-parameters (compute dtype scalars)
     lr,
     rho,
@@ -508,7 +604,6 @@ def _update_block(
     maximize,
     grad_scale,
     seed,
-    noise_base,
     # meta-parameters
     HAS_MASTER: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr,
@@ -518,21 +613,36 @@ def _update_block(
     BLOCK: tl.constexpr,
 ):
     # Noise is drawn before the loads: the generator's temporaries die before the
-    # streams' values live. (CONTIGUOUS_NOISE: state_offs is noise_base + arange(BLOCK),
-    # noise_base a multiple of 8.)
+    # streams' values live. (state_offs is block_base + arange(BLOCK); CONTIGUOUS_NOISE:
+    # block_base is a multiple of 8.)
     if STOCHASTIC_ROUNDING:
-        noise = _noise(seed, state_offs, noise_base, CONTIGUOUS_NOISE, BLOCK, _PARAM_STREAM_BASE)
+        noise = _noise(seed, state_offs, block_base, CONTIGUOUS_NOISE, BLOCK, _PARAM_STREAM_BASE)
     COMPRESSED_STATE: tl.constexpr = square_avg_ptr.dtype.element_ty == tl.bfloat16
     if COMPRESSED_STATE:
-        square_avg_noise = _noise(seed, state_offs, noise_base, CONTIGUOUS_NOISE, BLOCK, _SQUARE_AVG_STREAM_BASE)
-        acc_delta_noise = _noise(seed, state_offs, noise_base, CONTIGUOUS_NOISE, BLOCK, _ACC_DELTA_STREAM_BASE)
+        square_avg_noise = _noise(seed, state_offs, block_base, CONTIGUOUS_NOISE, BLOCK, _SQUARE_AVG_STREAM_BASE)
+        acc_delta_noise = _noise(seed, state_offs, block_base, CONTIGUOUS_NOISE, BLOCK, _ACC_DELTA_STREAM_BASE)
+    # 8-bit state: the block holds whole quant blocks (block_base a multiple of
+    # QUANT_BLOCK); a quant block is the piece's if its first element is.
+    QUANTIZED_STATE: tl.constexpr = square_avg_ptr.dtype.element_ty == tl.uint8
+    if QUANTIZED_STATE:
+        rows = tl.arange(0, BLOCK // _QUANT_BLOCK)
+        scale_index = (block_base >> _QUANT_BLOCK_SHIFT) + rows
+        row_valid = first_offs + rows * _QUANT_BLOCK < numel
     if HAS_MASTER:
         param = tl.load(master_ptr + state_offs, mask=mask).to(COMPUTE_DTYPE)
     else:
         param = _widen(tl.load(param_ptr + offs, mask=mask), COMPUTE_DTYPE)
     grad = _widen(tl.load(grad_ptr + offs, mask=mask), COMPUTE_DTYPE)
-    square_avg = _widen(tl.load(square_avg_ptr + state_offs, mask=mask), COMPUTE_DTYPE)
-    acc_delta = _widen(tl.load(acc_delta_ptr + state_offs, mask=mask), COMPUTE_DTYPE)
+    if QUANTIZED_STATE:
+        # (Every access in this function, not in a helper: the AOT check finds each
+        # branch's accesses by their call site in the kernel.)
+        square_avg_scale = tl.load(square_avg_scale_ptr + scale_index, mask=row_valid, other=0.0)
+        acc_delta_scale = tl.load(acc_delta_scale_ptr + scale_index, mask=row_valid, other=0.0)
+        square_avg = _dequantize(tl.load(square_avg_ptr + state_offs, mask=mask, other=0), square_avg_scale, BLOCK)
+        acc_delta = _dequantize(tl.load(acc_delta_ptr + state_offs, mask=mask, other=0), acc_delta_scale, BLOCK)
+    else:
+        square_avg = _widen(tl.load(square_avg_ptr + state_offs, mask=mask), COMPUTE_DTYPE)
+        acc_delta = _widen(tl.load(acc_delta_ptr + state_offs, mask=mask), COMPUTE_DTYPE)
 
     if HAS_GRAD_SCALE:
         grad = _div(grad, grad_scale)
@@ -553,8 +663,17 @@ def _update_block(
         # bf16 state: rounded stochastically, so that its expectation is the fp32 value.
         square_avg = _round_stochastic(square_avg, _noise_halves(square_avg_noise, CONTIGUOUS_NOISE, BLOCK), tl.bfloat16)
         acc_delta = _round_stochastic(acc_delta, _noise_halves(acc_delta_noise, CONTIGUOUS_NOISE, BLOCK), tl.bfloat16)
-    tl.store(square_avg_ptr + state_offs, square_avg.to(square_avg_ptr.dtype.element_ty), mask=mask)
-    tl.store(acc_delta_ptr + state_offs, acc_delta.to(acc_delta_ptr.dtype.element_ty), mask=mask)
+    if QUANTIZED_STATE:
+        # 8-bit state: rounded to nearest on each quant block's grid.
+        square_avg_codes, square_avg_scale = _quantize(square_avg, mask, BLOCK)
+        acc_delta_codes, acc_delta_scale = _quantize(acc_delta, mask, BLOCK)
+        tl.store(square_avg_ptr + state_offs, square_avg_codes, mask=mask)
+        tl.store(acc_delta_ptr + state_offs, acc_delta_codes, mask=mask)
+        tl.store(square_avg_scale_ptr + scale_index, square_avg_scale, mask=row_valid)
+        tl.store(acc_delta_scale_ptr + scale_index, acc_delta_scale, mask=row_valid)
+    else:
+        tl.store(square_avg_ptr + state_offs, square_avg.to(square_avg_ptr.dtype.element_ty), mask=mask)
+        tl.store(acc_delta_ptr + state_offs, acc_delta.to(acc_delta_ptr.dtype.element_ty), mask=mask)
     if HAS_MASTER:
         tl.store(master_ptr + state_offs, param.to(master_ptr.dtype.element_ty), mask=mask)
     if STOCHASTIC_ROUNDING:
@@ -573,12 +692,13 @@ def _load_piece(
     PARAM_DTYPE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr,
+    ALIGNMENT: tl.constexpr = _STATE_ALIGNMENT,
 ):
     """A piece's param and grad pointers, state offset and length, read from the table.
 
     With ``ALIGNED`` the values carry the promises the table keeps for an aligned
     piece: 16-byte aligned param and grad, a state offset and a length in whole
-    vectors. They give 128-bit accesses. ``tl.multiple_of`` marks the op that made a
+    vectors (multiples of ``ALIGNMENT``: ``QUANT_BLOCK`` for 8-bit state). They give 128-bit accesses. ``tl.multiple_of`` marks the op that made a
     value, wherever the value is used, so the aligned branch loads its own copies:
     hints on values shared with the other branch reached it too, the compiler merged
     the two branches, and unaligned pieces and tails got 128-bit accesses (checked in
@@ -592,8 +712,8 @@ def _load_piece(
     if ALIGNED:
         param_ptr = tl.multiple_of(param_ptr, 16)
         grad_ptr = tl.multiple_of(grad_ptr, 16)
-        state_offset = tl.multiple_of(state_offset, _STATE_ALIGNMENT)
-        numel = tl.multiple_of(numel, _STATE_ALIGNMENT)
+        state_offset = tl.multiple_of(state_offset, ALIGNMENT)
+        numel = tl.multiple_of(numel, ALIGNMENT)
     if HAS_FOUND_INF:
         # A GradScaler that found inf/NaN skips the step on the device: with no
         # elements left in range every load and store is masked off.
@@ -626,6 +746,8 @@ def adadelta_kernel(
     square_avg_ptr,
     acc_delta_ptr,
     master_ptr,
+    square_avg_scale_ptr,  # 8-bit state: one fp32 scale per QUANT_BLOCK (else None)
+    acc_delta_scale_ptr,
     # hyper-parameters
     hparams_ptr,
     grad_scale_ptr,
@@ -671,14 +793,18 @@ def adadelta_kernel(
     # Each branch reads the piece itself (see _load_piece): the hints of the aligned
     # branch must not reach the other.
     if aligned != 0:
+        # 8-bit state's pieces start and end on quant blocks: 16 codes are 128 bits.
+        quantized: tl.constexpr = square_avg_ptr.dtype.element_ty == tl.uint8
         param_ptr, grad_ptr, state_offset, numel = _load_piece(
-            table_ptr, n_pieces, piece, found_inf_ptr, PARAM_DTYPE, HAS_FOUND_INF, True
-        )
+            table_ptr, n_pieces, piece, found_inf_ptr, PARAM_DTYPE, HAS_FOUND_INF, True,
+            _QUANT_BLOCK if quantized else _STATE_ALIGNMENT,
+        )  # fmt: skip
         _update_block(
-            param_ptr, grad_ptr, square_avg_ptr, acc_delta_ptr, master_ptr,
+            param_ptr, grad_ptr, square_avg_ptr, acc_delta_ptr, master_ptr, square_avg_scale_ptr, acc_delta_scale_ptr,
             offs, offs < numel, state_offset + offs,
-            lr, rho, one_minus_rho, eps, weight_decay, maximize, grad_scale, seed,
             state_offset + block * BLOCK_SIZE,  # a multiple of STATE_ALIGNMENT
+            block * BLOCK_SIZE, numel,
+            lr, rho, one_minus_rho, eps, weight_decay, maximize, grad_scale, seed,
             HAS_MASTER, STOCHASTIC_ROUNDING, HAS_GRAD_SCALE, compute_ty, True, BLOCK_SIZE,
         )  # fmt: skip
     else:
@@ -691,9 +817,10 @@ def adadelta_kernel(
         for start in tl.static_range(0, BLOCK_SIZE, MIN_BLOCK_SIZE):
             sub_offs = block * BLOCK_SIZE + start + tl.arange(0, MIN_BLOCK_SIZE)
             _update_block(
-                param_ptr, grad_ptr, square_avg_ptr, acc_delta_ptr, master_ptr,
-                sub_offs, sub_offs < numel, state_offset + sub_offs,
-                lr, rho, one_minus_rho, eps, weight_decay, maximize, grad_scale, seed, 0,
+                param_ptr, grad_ptr, square_avg_ptr, acc_delta_ptr, master_ptr, square_avg_scale_ptr,
+                acc_delta_scale_ptr, sub_offs, sub_offs < numel, state_offset + sub_offs,
+                state_offset + block * BLOCK_SIZE + start, block * BLOCK_SIZE + start, numel,
+                lr, rho, one_minus_rho, eps, weight_decay, maximize, grad_scale, seed,
                 HAS_MASTER, STOCHASTIC_ROUNDING, HAS_GRAD_SCALE, compute_ty, False, MIN_BLOCK_SIZE,
             )  # fmt: skip
 
@@ -714,6 +841,8 @@ def check_launch(
     stochastic_rounding: bool,
     grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
+    square_avg_scale: torch.Tensor | None = None,
+    acc_delta_scale: torch.Tensor | None = None,
 ) -> None:
     """Check that a table, its state and its hyper-parameters fit together (both backends).
 
@@ -725,8 +854,28 @@ def check_launch(
     if param_dtype not in PARAM_DTYPES:
         raise ValueError(f"param dtype {param_dtype} is not supported; use one of {PARAM_DTYPES}")
     state_dtype = state_dtype_for(param_dtype)
-    if square_avg.dtype == torch.bfloat16 and param_dtype != torch.float64:
-        state_dtype = torch.bfloat16  # compressed state (the math stays fp32)
+    if square_avg.dtype in (torch.bfloat16, torch.uint8) and param_dtype != torch.float64:
+        state_dtype = square_avg.dtype  # bf16 or 8-bit state (the math stays fp32)
+    quantized = state_dtype == torch.uint8
+    if quantized:
+        if square_avg.numel() % QUANT_BLOCK:
+            raise ValueError(f"8-bit state has a whole number of {QUANT_BLOCK}-element blocks, not {square_avg.numel()} elements")
+        for name, scale in (("square_avg_scale", square_avg_scale), ("acc_delta_scale", acc_delta_scale)):
+            if scale is None or scale.dtype != torch.float32 or scale.dim() != 1 or not scale.is_contiguous():
+                raise ValueError(f"8-bit state needs {name}: a 1-D contiguous fp32 buffer, one scale per {QUANT_BLOCK} elements")
+            if scale.numel() != square_avg.numel() // QUANT_BLOCK or scale.device != square_avg.device:
+                raise ValueError(
+                    f"{name} has {scale.numel()} scales on {scale.device}; the state needs "
+                    f"{square_avg.numel() // QUANT_BLOCK} on {square_avg.device}"
+                )
+        # Once per set of pieces (the cache is theirs): on a GPU the check reads the device.
+        if not table.cache.get("starts_on_quant_blocks"):
+            bad_offsets = (table.pieces[STATE_ROW] % QUANT_BLOCK != 0) & (table.pieces[NUMEL_ROW] > 0)
+            if bool(bad_offsets.any()):
+                raise ValueError(f"8-bit state: every piece of the table must start on a multiple of {QUANT_BLOCK} elements")
+            table.cache["starts_on_quant_blocks"] = True
+    elif square_avg_scale is not None or acc_delta_scale is not None:
+        raise ValueError("square_avg_scale and acc_delta_scale are for 8-bit (torch.uint8) state only")
     buffers = {"square_avg": square_avg, "acc_delta": acc_delta}
     if master is not None:
         buffers["master"] = master
@@ -764,13 +913,17 @@ def adadelta_step_(
     seed: int = 0,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    square_avg_scale: torch.Tensor | None = None,
+    acc_delta_scale: torch.Tensor | None = None,
 ) -> None:
     """Apply one AdaDelta step in place to every piece of ``table``, in one kernel launch.
 
     Args:
         table: the pieces: addresses of params and grads, state offsets, lengths,
             hyper-parameter rows and alignment (:class:`SegmentTable`).
-        square_avg, acc_delta: the flat state, fp32 (fp64 for fp64 params); updated in place.
+        square_avg, acc_delta: the flat state, fp32 (fp64 for fp64 params), bf16, or
+            uint8 codes (8-bit state, with ``square_avg_scale`` and ``acc_delta_scale``,
+            one fp32 scale per ``QUANT_BLOCK`` elements); updated in place.
         hparams: ``[n_groups, N_HPARAMS]`` in the state's dtype: lr, rho, 1 - rho,
             eps, weight decay and maximize (0/1) of each param group.
         master: optional flat fp32 master copy of low-precision params, updated in
@@ -783,7 +936,10 @@ def adadelta_step_(
     Raises:
         ValueError: if the buffers do not fit together or the device cannot run Triton.
     """
-    check_launch(table, square_avg, acc_delta, hparams, master, stochastic_rounding, grad_scale, found_inf)
+    check_launch(
+        table, square_avg, acc_delta, hparams, master, stochastic_rounding, grad_scale, found_inf,
+        square_avg_scale, acc_delta_scale,
+    )  # fmt: skip
     device = square_avg.device
     if device.type == "cpu" and not interpreter_enabled():
         raise ValueError("CPU buffers run the Triton kernel only with TRITON_INTERPRET=1")
@@ -804,6 +960,8 @@ def adadelta_step_(
         square_avg_ptr=square_avg,
         acc_delta_ptr=acc_delta,
         master_ptr=master,
+        square_avg_scale_ptr=square_avg_scale,
+        acc_delta_scale_ptr=acc_delta_scale,
         hparams_ptr=hparams,
         grad_scale_ptr=grad_scale,
         found_inf_ptr=found_inf,
@@ -835,7 +993,7 @@ def adadelta_step_(
         warp_size = 32 if device.type == "cpu" else triton.runtime.driver.active.get_current_target().warp_size
         config = default_config(
             table.param_dtype, warp_size, master=master is not None, stochastic_rounding=bool(stochastic_rounding),
-            compressed_state=square_avg.dtype == torch.bfloat16,
+            compressed_state=square_avg.dtype == torch.bfloat16, quantized_state=square_avg.dtype == torch.uint8,
         )  # fmt: skip
         with _device_guard(device):
             adadelta_kernel.fn[grid](**args, BLOCK_SIZE=config.kwargs["BLOCK_SIZE"], num_warps=config.num_warps)

@@ -91,10 +91,12 @@ class DtypeMode:
         name: short label, e.g. ``"bf16+master"``.
         param: Triton type of params and grads (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"fp64"``).
         state: Triton type of ``square_avg`` and ``acc_delta`` (``"bf16"``: compressed
-            state; the hyper-parameters and the math are fp32, fp64 for fp64 params).
+            state; ``"u8"``: 8-bit codes with one fp32 scale per ``QUANT_BLOCK``; the
+            hyper-parameters and the math are fp32, fp64 for fp64 params).
         master: an fp32 master copy is read and written.
         stochastic_rounding: the param store rounds stochastically.
-        floor_bytes: bytes per element the kernel must move (DESIGN.md's floor).
+        floor_bytes: bytes per element the kernel must move (DESIGN.md's floor), 8-bit
+            state's scales included (``scale_bytes``).
     """
 
     name: str
@@ -102,7 +104,18 @@ class DtypeMode:
     state: str
     master: bool
     stochastic_rounding: bool
-    floor_bytes: int
+    floor_bytes: float
+
+    @property
+    def scale_bytes(self) -> float:
+        """8-bit state's scales, per element: two buffers' fp32 scale per quant block,
+        each read and written."""
+        return 2 * 2 * 4 / adadelta.QUANT_BLOCK if self.state == "u8" else 0
+
+    @property
+    def streamed_bytes(self) -> float:
+        """The floor less the scales: what the per-element accesses move."""
+        return self.floor_bytes - self.scale_bytes
 
 
 DTYPE_MODES: dict[str, DtypeMode] = {
@@ -121,11 +134,17 @@ DTYPE_MODES: dict[str, DtypeMode] = {
         DtypeMode("bf16+bf16state", "bf16", "bf16", False, False, 14),
         DtypeMode("bf16+master+bf16state", "bf16", "bf16", True, False, 20),
         DtypeMode("bf16+sr+bf16state", "bf16", "bf16", False, True, 14),
+        # 8-bit state (state_dtype=torch.uint8): 2 B of codes read and written, and
+        # 4 fp32 scale accesses per 256 elements.
+        DtypeMode("fp32+u8state", "fp32", "u8", False, False, 16.0625),
+        DtypeMode("bf16+u8state", "bf16", "u8", False, False, 10.0625),
+        DtypeMode("bf16+master+u8state", "bf16", "u8", True, False, 16.0625),
+        DtypeMode("bf16+sr+u8state", "bf16", "u8", False, True, 10.0625),
     )
 }
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-_BITS = {"fp64": 64, "fp32": 32, "bf16": 16, "fp16": 16}
+_BITS = {"fp64": 64, "fp32": 32, "bf16": 16, "fp16": 16, "u8": 8}
 
 
 def param_dtype(mode: DtypeMode | str) -> torch.dtype:
@@ -139,7 +158,7 @@ def mode_configs(mode: DtypeMode | str, warp_size: int) -> list[triton.Config]:
     mode = DTYPE_MODES[mode] if isinstance(mode, str) else mode
     return adadelta.configs_for(
         param_dtype(mode), warp_size, master=mode.master, stochastic_rounding=mode.stochastic_rounding,
-        compressed_state=mode.state == "bf16",
+        compressed_state=mode.state == "bf16", quantized_state=mode.state == "u8",
     )  # fmt: skip
 
 
@@ -166,10 +185,15 @@ class BranchReport:
         ir_loads, ir_stores: the tensor loads and stores of the branch's region in
             the Triton IR, as ``"f32[4096]"`` (element type and length).
         block_size: the elements of a block, which the branch's accesses must cover.
+        scale_load_widths, scale_store_widths: 8-bit state's scale accesses per thread,
+            ``{bits: count}``, apart: every thread of a quant block reads its scale, so
+            they are not the bytes moved (the IR's accesses are).
     """
 
     load_widths: dict[int, int] = field(default_factory=dict)
     store_widths: dict[int, int] = field(default_factory=dict)
+    scale_load_widths: dict[int, int] = field(default_factory=dict)
+    scale_store_widths: dict[int, int] = field(default_factory=dict)
     bytes_per_element: float = 0.0
     ir_loads: list[str] = field(default_factory=list)
     ir_stores: list[str] = field(default_factory=list)
@@ -240,8 +264,9 @@ class KernelReport:
 
     @property
     def at_floor(self) -> bool:
+        streamed = DTYPE_MODES[self.mode].streamed_bytes
         return all(
-            branch.bytes_per_element == self.floor_bytes and branch.ir_bytes_per_element == self.floor_bytes
+            branch.bytes_per_element == streamed and branch.ir_bytes_per_element == self.floor_bytes
             for branch in (self.aligned, self.unaligned)
         )
 
@@ -263,8 +288,17 @@ class KernelReport:
                 f"loads {self.unaligned.load_widths}, stores {self.unaligned.store_widths}"
             )
         for name, branch in (("aligned", self.aligned), ("unaligned", self.unaligned)):
-            if branch.bytes_per_element != self.floor_bytes:
-                found.append(f"{name} branch: {branch.bytes_per_element} B/element in the assembly, floor {self.floor_bytes}")
+            if branch.bytes_per_element != mode.streamed_bytes:
+                found.append(
+                    f"{name} branch: {branch.bytes_per_element} B/element in the assembly, floor {mode.streamed_bytes}"
+                    + (" (scales apart)" if mode.scale_bytes else "")
+                )
+            scale_widths = set(branch.scale_load_widths) | set(branch.scale_store_widths)
+            if (mode.state == "u8") != bool(scale_widths) or scale_widths - {32}:
+                found.append(
+                    f"{name} branch: scale accesses {branch.scale_load_widths} / {branch.scale_store_widths}, "
+                    f"{'32-bit ones' if mode.state == 'u8' else 'none'} expected"
+                )
             if branch.ir_bytes_per_element != self.floor_bytes:
                 found.append(
                     f"{name} branch: {branch.ir_bytes_per_element} B/element in the Triton IR "
@@ -324,11 +358,14 @@ def _signature(mode: DtypeMode, grad_scaler: bool = False) -> dict[str, str]:
     signature = {
         "table_ptr": "*i64", "block_map_ptr": "*i32", "map_starts_ptr": "*i64",
         "square_avg_ptr": state, "acc_delta_ptr": state, "master_ptr": "*fp32",
+        "square_avg_scale_ptr": "*fp32", "acc_delta_scale_ptr": "*fp32",
         "hparams_ptr": "*fp64" if mode.param == "fp64" else "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
         "seed": "i32", "n_pieces": "i32", "size_bucket": "i32",
     }  # fmt: skip
     if not mode.master:
         del signature["master_ptr"]
+    if mode.state != "u8":
+        del signature["square_avg_scale_ptr"], signature["acc_delta_scale_ptr"]
     if not grad_scaler:
         del signature["grad_scale_ptr"], signature["found_inf_ptr"]
     return signature
@@ -347,6 +384,8 @@ def _constants(mode: DtypeMode, block_size: int, grad_scaler: bool) -> dict[str,
     }
     if not mode.master:
         constants["master_ptr"] = None
+    if mode.state != "u8":
+        constants["square_avg_scale_ptr"] = constants["acc_delta_scale_ptr"] = None
     if not grad_scaler:
         constants["grad_scale_ptr"] = constants["found_inf_ptr"] = None
     return constants
@@ -452,6 +491,7 @@ class _KernelSource:
     last_line: int
     aligned_call: int
     unaligned_call: int
+    scale_lines: frozenset[int] = frozenset()  # the lines of 8-bit state's scale accesses
 
 
 def _kernel_source() -> _KernelSource:
@@ -471,17 +511,24 @@ def _kernel_source() -> _KernelSource:
         if isinstance(node, ast.If):
             aligned, unaligned = update_call(node.body), update_call(node.orelse)
             if aligned is not None and unaligned is not None:
+                path = os.path.realpath(inspect.getsourcefile(fn) or "")
+                with open(path) as file:
+                    scale_lines = frozenset(
+                        number for number, text in enumerate(file, 1) if "_scale_ptr + scale_index" in text
+                    )
                 return _KernelSource(
-                    path=os.path.realpath(inspect.getsourcefile(fn) or ""),
+                    path=path,
                     first_line=first,
                     last_line=first + len(lines) - 1,
                     aligned_call=first + aligned - 1,
                     unaligned_call=first + unaligned - 1,
+                    scale_lines=scale_lines,
                 )
     raise RuntimeError("adadelta_kernel has no if/else with an _update_block call in each branch")
 
 
 ALIGNED, UNALIGNED, BOOKKEEPING, UNATTRIBUTED = "aligned", "unaligned", "bookkeeping", "unattributed"
+SCALES = "-scales"
 
 _PTX_FILE = re.compile(r'^\s*\.file\s+(\d+)\s+"([^"]*)"')
 _PTX_LOC = re.compile(r"^\s*\.loc\s+(\d+)\s+(\d+)\s+\d+(.*)$")
@@ -530,7 +577,10 @@ def _classify(site_line: int | None, in_kernel_file: bool, source: _KernelSource
 
 
 def _accesses(assembly: str, is_amd: bool, source: _KernelSource) -> Iterator[tuple[str, str, int]]:
-    """Every global load and store of the assembly: (branch, "load"/"store", bits)."""
+    """Every global load and store of the assembly: (branch, "load"/"store", bits).
+
+    8-bit state's scale accesses (their own line in the kernel file) come under
+    ``"<branch>" + SCALES``."""
     lines = assembly.splitlines()
     # The file table (at the end of a PTX file): index -> file name. Names, not paths:
     # Triton's cache is keyed on the source, not on its path, so a kernel compiled from
@@ -543,6 +593,11 @@ def _accesses(assembly: str, is_amd: bool, source: _KernelSource) -> Iterator[tu
             files[match.group(1)] = os.path.basename(match.group(2))
     where = UNATTRIBUTED
     kernel_name = os.path.basename(source.path)
+
+    def scales(where: str, file_index: str, line_number: str) -> str:
+        in_file = files.get(file_index) == kernel_name
+        return where + SCALES if in_file and int(line_number) in source.scale_lines else where
+
     for line in lines:
         if is_amd:
             if match := _AMD_LOC.match(line):
@@ -553,6 +608,7 @@ def _accesses(assembly: str, is_amd: bool, source: _KernelSource) -> Iterator[tu
                 else:
                     in_file = files.get(match.group(1)) == kernel_name
                     where = _classify(int(match.group(2)), in_file, source)
+                where = scales(where, match.group(1), match.group(2))
                 continue
             if match := _AMD_ACCESS.match(line):
                 yield where, match.group(1), _amd_width(match.group(2))
@@ -563,7 +619,7 @@ def _accesses(assembly: str, is_amd: bool, source: _KernelSource) -> Iterator[tu
                     file_index, site = inlined.group(1), int(inlined.group(2))
                 else:
                     file_index, site = match.group(1), int(match.group(2))
-                where = _classify(site, files.get(file_index) == kernel_name, source)
+                where = scales(_classify(site, files.get(file_index) == kernel_name, source), match.group(1), match.group(2))
                 continue
             stripped = line.strip()
             if stripped.startswith("//"):
@@ -693,7 +749,9 @@ def inspect_kernel(
     source = _kernel_source()
     threads = (64 if is_amd else 32) * num_warps
     widths: dict[str, tuple[Counter[int], Counter[int]]] = {
-        name: (Counter(), Counter()) for name in (ALIGNED, UNALIGNED, BOOKKEEPING, UNATTRIBUTED)
+        name + part: (Counter(), Counter())
+        for name in (ALIGNED, UNALIGNED, BOOKKEEPING, UNATTRIBUTED)
+        for part in ("", SCALES)
     }
     assembly = asm["amdgcn"] if is_amd else asm["ptx"]
     for where, kind, bits in _accesses(assembly, is_amd, source):
@@ -704,9 +762,12 @@ def inspect_kernel(
         loads, stores = widths[name]
         moved_bits = sum(bits * count for bits, count in (loads + stores).items())
         per_element = moved_bits / 8 * threads / block_size
+        scale_loads, scale_stores = widths[name + SCALES]
         return BranchReport(
             load_widths=dict(sorted(loads.items())),
             store_widths=dict(sorted(stores.items())),
+            scale_load_widths=dict(sorted(scale_loads.items())),
+            scale_store_widths=dict(sorted(scale_stores.items())),
             bytes_per_element=int(per_element) if per_element.is_integer() else per_element,
             ir_loads=ir[name][0],
             ir_stores=ir[name][1],
@@ -754,7 +815,10 @@ def inspect_kernel(
         floor_bytes=mode.floor_bytes,
         other_loads=dict(sorted(other_loads.items())),
         other_stores=dict(sorted(other_stores.items())),
-        unattributed=sum((widths[UNATTRIBUTED][0] + widths[UNATTRIBUTED][1]).values()),
+        unattributed=sum(
+            sum((widths[name][0] + widths[name][1]).values())
+            for name in (UNATTRIBUTED, UNATTRIBUTED + SCALES, BOOKKEEPING + SCALES)
+        ),
         offset_problems=offset_problems,
         **measured,
     )

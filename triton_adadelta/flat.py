@@ -33,11 +33,13 @@ from .kernels.adadelta import (
     N_TABLE_ROWS,
     NUMEL_ROW,
     PARAM_ROW,
+    QUANT_BLOCK,
     STATE_ALIGNMENT,
     STATE_ROW,
     SegmentTable,
     state_dtype_for,
 )
+from .quant import dequantize, quantize_
 from .reader import READ_NEW_GRADS, READ_NEW_PARAMS, READ_SAME, ParamReader, param_reader
 
 __all__ = ["FlatState", "StepPlan", "check_param_state", "hparams_table", "state_key", "table_for_tensors"]
@@ -144,10 +146,34 @@ def check_param_state(key: object, param: torch.Tensor, value: object) -> None:
                 f"state '{name}' of param {key} has shape {tuple(tensor.shape)} "
                 f"but the param has shape {tuple(param.shape)}"
             )
+        if tensor.dtype == torch.uint8 and name != "master_param" and not sharded:
+            # 8-bit state's own form (Adadelta.compact_state_dict): codes and their scales.
+            _check_scales(key, name, tensor, value.get(f"{name}_scale"))
+            continue
         if tensor.is_complex() != param.is_complex() or not (tensor.is_floating_point() or tensor.is_complex()):
             raise ValueError(f"state '{name}' of param {key} is {tensor.dtype} but the param is {param.dtype}")
     if torch.as_tensor(value["step"]).numel() != 1:
         raise ValueError(f"state 'step' of param {key} must be a scalar")
+
+
+def _check_scales(key: object, name: str, codes: torch.Tensor, scales: object) -> None:
+    """8-bit codes come with one fp32 scale per QUANT_BLOCK of them, under ``{name}_scale``."""
+    n_blocks = -(-codes.numel() // QUANT_BLOCK)
+    if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or scales.numel() != n_blocks:
+        raise ValueError(
+            f"state '{name}' of param {key} holds 8-bit codes, which need '{name}_scale': "
+            f"{n_blocks} fp32 scales (one per {QUANT_BLOCK} codes)"
+        )
+
+
+def _state_values(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """A param's saved ``square_avg`` or ``acc_delta`` as a flat real tensor: 8-bit codes
+    (with their ``_scale``) dequantized, anything else as it is."""
+    tensor = local_tensor(state[name].detach())
+    if tensor.dtype == torch.uint8:
+        scales = state[f"{name}_scale"].detach()
+        return dequantize(tensor.reshape(-1), scales.to(tensor.device).reshape(-1))
+    return _real_flat(tensor)
 
 
 def grad_mismatch(grad: torch.Tensor, param: torch.Tensor) -> Exception | None:
@@ -204,12 +230,13 @@ def _static_pieces(
     dtype: torch.dtype,
     device: torch.device,
     n_segments: int,
+    alignment: int = STATE_ALIGNMENT,
 ) -> _Pieces:
-    """Split each segment into its bulk, a multiple of STATE_ALIGNMENT elements, and its
-    short tail (two pieces)."""
+    """Split each segment into its bulk, a multiple of ``alignment`` elements (STATE_ALIGNMENT,
+    or QUANT_BLOCK for 8-bit state), and its short tail (two pieces)."""
     index = torch.tensor(segments, dtype=torch.int64)
     numel = numels[index]
-    bulk = numel - numel % STATE_ALIGNMENT
+    bulk = numel - numel % alignment
     static = torch.zeros(N_TABLE_ROWS, 2 * len(segments), dtype=torch.int64)
     static[STATE_ROW, 0::2] = offsets[index]
     static[STATE_ROW, 1::2] = offsets[index] + bulk
@@ -278,13 +305,16 @@ def table_for_tensors(
     *,
     offsets: list[int] | None = None,
     groups: list[int] | None = None,
+    alignment: int = STATE_ALIGNMENT,
 ) -> tuple[SegmentTable, int]:
     """A segment table over contiguous ``params`` and ``grads`` (for tests and benchmarks).
 
     Args:
         params, grads: contiguous tensors of one device and real dtype, pairwise the same size.
-        offsets: each param's offset in the flat state (default: packed, vector-aligned).
+        offsets: each param's offset in the flat state (default: packed, aligned).
         groups: each param's row of the hyper-parameter table (default: 0).
+        alignment: where segments start and bulks end, in elements: ``STATE_ALIGNMENT``,
+            or ``QUANT_BLOCK`` for 8-bit state.
 
     Returns:
         The table, and the number of flat state elements it needs.
@@ -295,11 +325,12 @@ def table_for_tensors(
         offsets, end = [], 0
         for numel in numels:
             offsets.append(end)
-            end += -(-numel // STATE_ALIGNMENT) * STATE_ALIGNMENT
-    elif any(offset % STATE_ALIGNMENT for offset in offsets):
+            end += -(-numel // alignment) * alignment
+    elif any(offset % alignment for offset in offsets):
         # The kernel's aligned branch promises 16-byte-aligned state (bf16 state
-        # included) and whole Philox counters of noise for each piece.
-        raise ValueError(f"state offsets must be multiples of {STATE_ALIGNMENT} elements")
+        # included) and whole Philox counters of noise for each piece; 8-bit state,
+        # whole quant blocks.
+        raise ValueError(f"state offsets must be multiples of {alignment} elements")
     n_state = max((offset + numel for offset, numel in zip(offsets, numels)), default=0)
     pieces = _static_pieces(
         list(range(len(params))),
@@ -309,6 +340,7 @@ def table_for_tensors(
         dtype,
         device,
         len(params),
+        alignment,
     )
     table = _make_table(
         pieces, [p.data_ptr() for p in params], [g.data_ptr() for g in grads], list(params), list(grads), dtype, device
@@ -372,8 +404,10 @@ class FlatState:
         groups: each param's param group index: its row of the hyper-parameter table.
         master_weights: keep an fp32 master copy (bf16/fp16 params).
         stochastic_rounding: round the param stores stochastically (bf16/fp16 params).
-        state_dtype: ``torch.float32`` (fp64 for fp64 params), or ``torch.bfloat16``
-            for ``square_avg`` and ``acc_delta`` stored in bf16, rounded stochastically.
+        state_dtype: ``torch.float32`` (fp64 for fp64 params); ``torch.bfloat16``
+            for ``square_avg`` and ``acc_delta`` stored in bf16, rounded stochastically;
+            or ``torch.uint8`` for 8-bit codes with one fp32 scale per ``QUANT_BLOCK``
+            (:mod:`triton_adadelta.quant`), in ``square_avg_scale``/``acc_delta_scale``.
     """
 
     def __init__(
@@ -399,25 +433,37 @@ class FlatState:
         self._param_numels = [tensor.numel() for tensor in local]
         # In real elements: a complex param is its real and imaginary parts.
         self.numels = [numel * (2 if param.is_complex() else 1) for numel, param in zip(self._param_numels, params)]
+        # 8-bit state: segments on whole quant blocks, and each bulk too (see _static_pieces).
+        self.quantized_state = state_dtype == torch.uint8
+        self.alignment = QUANT_BLOCK if self.quantized_state else STATE_ALIGNMENT
         self.offsets: list[int] = []
         end = 0
         for numel in self.numels:
             self.offsets.append(end)
-            end += -(-numel // STATE_ALIGNMENT) * STATE_ALIGNMENT
+            end += -(-numel // self.alignment) * self.alignment
         self.n_elements = end
         self.index = {id(param): i for i, param in enumerate(params)}
         self._all_segments = list(range(len(params)))
         self._device_index = params[0].get_device()
         self.stochastic_rounding = stochastic_rounding
 
-        if state_dtype == torch.bfloat16 and (self.dtype == torch.float64 or self.param_dtype.is_complex):
+        if state_dtype in (torch.bfloat16, torch.uint8) and (self.dtype == torch.float64 or self.param_dtype.is_complex):
             # (The optimizer says so before anything changes; this guards the class itself.)
-            raise ValueError(f"state_dtype=torch.bfloat16 is for real fp32, bf16 and fp16 params, not {self.param_dtype}")
-        if state_dtype != torch.bfloat16:
+            raise ValueError(f"state_dtype={state_dtype} is for real fp32, bf16 and fp16 params, not {self.param_dtype}")
+        if self.quantized_state and self.sharded:
+            raise ValueError("state_dtype=torch.uint8 is not supported for DTensor (FSDP2) params yet")
+        if state_dtype not in (torch.bfloat16, torch.uint8):
             state_dtype = state_dtype_for(self.dtype)
+        # bf16 state: rounded stochastically, so a step needs a seed.
         self.compressed_state = state_dtype == torch.bfloat16
         self.square_avg = torch.zeros(self.n_elements, dtype=state_dtype, device=self.device)
         self.acc_delta = torch.zeros(self.n_elements, dtype=state_dtype, device=self.device)
+        # 8-bit state's scales, one per quant block (zero: a fresh block reads zeros).
+        self.square_avg_scale: torch.Tensor | None = None
+        self.acc_delta_scale: torch.Tensor | None = None
+        if self.quantized_state:
+            self.square_avg_scale = torch.zeros(self.n_elements // QUANT_BLOCK, dtype=torch.float32, device=self.device)
+            self.acc_delta_scale = torch.zeros(self.n_elements // QUANT_BLOCK, dtype=torch.float32, device=self.device)
         self.master: torch.Tensor | None = None
         if master_weights:
             self.master = torch.zeros(self.n_elements, dtype=torch.float32, device=self.device)
@@ -520,17 +566,32 @@ class FlatState:
                 stride=param.stride(),
             )  # fmt: skip
         state = {"step": self.steps[i], "square_avg": view(self.square_avg), "acc_delta": view(self.acc_delta)}
+        if self.quantized_state:
+            # The codes (above, in the param's shape) and their scales: 8-bit state's own form.
+            state["square_avg_scale"] = self.square_avg_scale[self._scale_range(i)]
+            state["acc_delta_scale"] = self.acc_delta_scale[self._scale_range(i)]
         if self.master is not None:
             state["master_param"] = view(self.master)
         self.handed_out[i] = state
         return state
 
+    def _scale_range(self, i: int) -> slice:
+        """Where segment ``i``'s quant blocks' scales are (8-bit state)."""
+        first = self.offsets[i] // QUANT_BLOCK
+        return slice(first, first + -(-self.numels[i] // QUANT_BLOCK))
+
     def load_param_state(self, i: int, state: dict[str, torch.Tensor], *, with_master: bool = True) -> None:
-        """Copy one param's state in (shapes checked by the caller); fp32 is never downcast."""
+        """Copy one param's state in (shapes checked by the caller); fp32 is never
+        downcast, except into bf16 state (rounded to nearest) or 8-bit state
+        (quantized). 8-bit codes with their scales are taken as their values."""
         start, end = self.offsets[i], self.offsets[i] + self.numels[i]
         self.steps[i].copy_(torch.as_tensor(state["step"], dtype=torch.float32))
         for name in ("square_avg", "acc_delta"):
-            getattr(self, name)[start:end].copy_(_real_flat(local_tensor(state[name].detach()).to(self.device)))
+            values = _state_values(state, name).to(self.device)
+            if self.quantized_state:
+                quantize_(values.float(), getattr(self, name)[start:end], getattr(self, f"{name}_scale")[self._scale_range(i)])
+            else:
+                getattr(self, name)[start:end].copy_(values)
         if self.master is not None and with_master and "master_param" in state:
             self.master[start:end].copy_(_real_flat(local_tensor(state["master_param"].detach()).to(self.device)))
         self.initialized[i] = True
@@ -542,6 +603,9 @@ class FlatState:
         self.steps[i].zero_()
         self.square_avg[start:end].zero_()
         self.acc_delta[start:end].zero_()
+        if self.quantized_state:
+            self.square_avg_scale[self._scale_range(i)].zero_()
+            self.acc_delta_scale[self._scale_range(i)].zero_()
         if self.master is not None:
             self._copy_param_to_master(i)
         self.initialized[i] = False
@@ -724,8 +788,9 @@ class FlatState:
         pieces = self._pieces.get(key)
         if pieces is None:
             pieces = _static_pieces(
-                segments, self._offsets_t, self._numels_t, self._groups_t, self.dtype, self.device, len(self.params)
-            )
+                segments, self._offsets_t, self._numels_t, self._groups_t, self.dtype, self.device, len(self.params),
+                self.alignment,
+            )  # fmt: skip
             self._pieces[key] = pieces
         return pieces
 

@@ -14,6 +14,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
+from .quant import dequantize
 from .flat import FlatState, Relayout, StepPlan, check_param_state, is_dtensor, local_tensor, state_key
 from . import compiled
 from .reader import grad_zeroer, record_function
@@ -130,31 +131,33 @@ def _check_group_values(group: dict[str, Any], where: str) -> None:
 
 # The state dtypes a user may ask for: fp32 (fp64 for fp64 params), and bf16 with
 # stochastic rounding. 8-bit block-quantized state (torch.uint8) is not built yet.
-STATE_DTYPES = (torch.float32, torch.bfloat16)
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
 
 
 def _check_group_state_dtype(group: dict[str, Any], default: torch.dtype, where: str) -> None:
-    """A group's ``state_dtype``, and that its params can have it (bf16 state is for
-    real fp32/bf16/fp16 params)."""
+    """A group's ``state_dtype``, and that its params can have it (bf16 and 8-bit state
+    are for real fp32/bf16/fp16 params, and 8-bit state not for DTensor params yet)."""
     state_dtype = group.get("state_dtype", default)
     _check_state_dtype(state_dtype, where)
-    if state_dtype != torch.bfloat16:
+    if state_dtype == torch.float32:
         return
     for param in group["params"]:
         param = param[1] if isinstance(param, tuple) else param
-        if isinstance(param, torch.Tensor) and (param.dtype == torch.float64 or param.is_complex()):
+        if not isinstance(param, torch.Tensor):
+            continue
+        if param.dtype == torch.float64 or param.is_complex():
             raise ValueError(
-                f"{where}: state_dtype=torch.bfloat16 is for real fp32, bf16 and fp16 params, not {param.dtype}: "
+                f"{where}: state_dtype={state_dtype} is for real fp32, bf16 and fp16 params, not {param.dtype}: "
                 "put such params in a param group of their own with state_dtype=torch.float32"
+            )
+        if state_dtype == torch.uint8 and is_dtensor(param):
+            raise ValueError(
+                f"{where}: state_dtype=torch.uint8 is not supported for DTensor (FSDP2) params yet; "
+                "use torch.bfloat16 (4 B of state per param) or torch.float32"
             )
 
 
 def _check_state_dtype(state_dtype: object, where: str) -> None:
-    if state_dtype == torch.uint8:
-        raise ValueError(
-            f"{where}: state_dtype=torch.uint8 (8-bit block-quantized state) is not supported yet; "
-            "use torch.bfloat16 (4 B of state per param) or torch.float32"
-        )
     if state_dtype not in STATE_DTYPES:
         raise ValueError(f"{where}: state_dtype must be one of {STATE_DTYPES}, not {state_dtype!r}")
 
@@ -264,8 +267,13 @@ class Adadelta(Optimizer):
             stores them in bf16, rounded stochastically (unbiased; the noise comes
             from the element's index and a seed drawn from torch's generator), for
             4 B of state per param instead of 8. The math stays fp32, and
-            :meth:`state_dict` gives fp32 state, as torch's does. Not for fp64
-            params (default: torch.float32).
+            :meth:`state_dict` gives fp32 state, as torch's does. ``torch.uint8``
+            stores each as 8-bit codes with one fp32 scale per block of 256
+            elements (2.03 B of state per param; rounded to nearest on the block's
+            grid, see :mod:`triton_adadelta.quant`); :meth:`state_dict` gives the
+            fp32 values, which load back to the same codes, and
+            :meth:`compact_state_dict` the codes and scales themselves. Neither is
+            for fp64 or complex params (default: torch.float32).
     """
 
     _step_supports_amp_scaling = True
@@ -626,6 +634,8 @@ class Adadelta(Optimizer):
                 seed=seed,
                 grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
                 found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True),
+                square_avg_scale=flat.square_avg_scale,
+                acc_delta_scale=flat.acc_delta_scale,
             )
             for param, stand_in in plan.write_back:
                 param.copy_(stand_in)
@@ -714,10 +724,31 @@ class Adadelta(Optimizer):
         state_dict = super().state_dict()
         packed = state_dict["state"]
         for key, value in packed.items():
-            compressed = [name for name in ("square_avg", "acc_delta") if getattr(value.get(name), "dtype", None) == torch.bfloat16]
-            if compressed:
+            dtypes = {name: getattr(value.get(name), "dtype", None) for name in ("square_avg", "acc_delta")}
+            if torch.bfloat16 in dtypes.values():
                 # A new dict: torch's packing hands out the optimizer's own per-param dicts.
-                packed[key] = {**value, **{name: value[name].float() for name in compressed}}
+                packed[key] = {**value, **{name: value[name].float() for name in dtypes}}
+            elif torch.uint8 in dtypes.values():
+                # 8-bit state: the codes' values, in the param's shape; not the scales.
+                fp32 = {name: dequantize(value[name].reshape(-1), value[f"{name}_scale"]).view(value[name].shape) for name in dtypes}
+                packed[key] = {k: v for k, v in value.items() if not k.endswith("_scale")} | fp32
+        return state_dict
+
+    def compact_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` with 8-bit state as its codes and scales.
+
+        For ``state_dtype=torch.uint8`` each param's ``square_avg`` and ``acc_delta``
+        are its uint8 codes (1 B per element, in the param's shape) and
+        ``square_avg_scale`` / ``acc_delta_scale`` one fp32 scale per 256 of them:
+        2.03 B per param for both, against 8 in :meth:`state_dict`'s fp32 form.
+        :meth:`load_state_dict` takes either form and restores the same codes; only
+        this optimizer reads the compact one. Other state is as in :meth:`state_dict`.
+        """
+        state_dict = super().state_dict()
+        packed = state_dict["state"]
+        for key, value in packed.items():
+            if getattr(value.get("square_avg"), "dtype", None) == torch.bfloat16:
+                packed[key] = {**value, **{name: value[name].float() for name in ("square_avg", "acc_delta")}}
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

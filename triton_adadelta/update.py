@@ -65,6 +65,8 @@ def update_(
     seed: int = 0,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    square_avg_scale: torch.Tensor | None = None,
+    acc_delta_scale: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> None:
     """One step over every piece of ``table``: one launch (see :func:`adadelta_step_`).
@@ -73,6 +75,8 @@ def update_(
     """
     backend = backend or backend_for(square_avg.device)
     step = cpu.adadelta_step_cpu_ if backend == "torch" else adadelta_step_
+    # (The scales only with 8-bit state: the CPU path takes them as keywords then.)
+    scales = {} if square_avg_scale is None else {"square_avg_scale": square_avg_scale, "acc_delta_scale": acc_delta_scale}
     step(
         table,
         square_avg,
@@ -83,6 +87,7 @@ def update_(
         seed=seed,
         grad_scale=grad_scale,
         found_inf=found_inf,
+        **scales,
     )
 
 
