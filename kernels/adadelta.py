@@ -562,8 +562,10 @@ def _quantize(values, mask, BLOCK: tl.constexpr):
     not_finite = tl.max(tl.where(valid & ~finite, 1, 0), axis=1)
     # AdaDelta's state is never negative; a negative value (none arises) counts as 0.
     rows = tl.where(valid & finite, tl.maximum(rows, 0.0), 0.0)
-    exponent = _round_bits_at_code_precision(tl.max(rows, axis=1).to(tl.uint32, bitcast=True)) >> 23
-    usable = (not_finite == 0) & (exponent >= 1) & (exponent <= 254)
+    largest = tl.max(rows, axis=1).to(tl.uint32, bitcast=True)
+    exponent = _round_bits_at_code_precision(largest) >> 23
+    # (A subnormal largest value gives scale 0, whichever way it rounds.)
+    usable = (not_finite == 0) & (largest >= 0x800000) & (exponent <= 254)
     scale = tl.where(usable, (exponent << 23).to(tl.float32, bitcast=True), 0.0)
     # 1 / scale is exact: a power of two (2**-127, for the largest scale, a subnormal).
     inverse = tl.div_rn(tl.full([BLOCK // _QUANT_BLOCK], 1.0, tl.float32), tl.where(usable, scale, 1.0))
@@ -574,7 +576,7 @@ def _quantize(values, mask, BLOCK: tl.constexpr):
     subnormal = ((scaled * 262144.0) + _RINT_MAGIC).to(tl.uint32, bitcast=True) - _RINT_MAGIC_BITS
     codes = tl.where(bits >= _SMALLEST_NORMAL_CODE_BITS, normal, subnormal)
     codes = tl.where(usable[:, None], codes, 0).to(tl.uint8)
-    scale = tl.where(usable | ((not_finite == 0) & (exponent == 0)), scale, float("nan"))
+    scale = tl.where(usable | ((not_finite == 0) & (largest < 0x800000)), scale, float("nan"))
     return tl.reshape(codes, [BLOCK]), scale
 
 

@@ -24,7 +24,7 @@ TARGET = "sm_90"
 def _default_job(mode: aot.DtypeMode, grad_scaler: bool = False) -> tuple:
     config = default_config(
         aot.param_dtype(mode), aot.TARGETS[TARGET].warp_size, master=mode.master, stochastic_rounding=mode.stochastic_rounding,
-        compressed_state=mode.state == "bf16",
+        compressed_state=mode.state == "bf16", quantized_state=mode.state == "u8",
     )  # fmt: skip
     return (mode.name, config.kwargs["BLOCK_SIZE"], config.num_warps, TARGET, grad_scaler)
 
@@ -56,7 +56,7 @@ def test_unaligned_branch_is_apart_and_scalar(sm90_report: aot.KernelReport) -> 
     report = sm90_report
     mode = aot.DTYPE_MODES[report.mode]
     assert report.unaligned.load_widths and report.unaligned.store_widths, report
-    element_bits = {16: {"bf16", "fp16"}, 32: {"fp32"}, 64: {"fp64"}}
+    element_bits = {8: {"u8"}, 16: {"bf16", "fp16"}, 32: {"fp32"}, 64: {"fp64"}}
     for bits in report.unaligned.widths:
         assert {mode.param, mode.state, *(["fp32"] if mode.master else [])} & element_bits[bits], report
 
@@ -71,12 +71,16 @@ def test_no_spills_by_ptxas(sm90_report: aot.KernelReport) -> None:
 
 def test_both_branches_move_exactly_the_bytes_floor(sm90_report: aot.KernelReport) -> None:
     # Each input loaded once and each output stored once (DESIGN.md's table), in the
-    # assembly and in the Triton IR, whichever branch a piece takes.
+    # assembly and in the Triton IR, whichever branch a piece takes. 8-bit state's
+    # scales count in the IR (one load and store per quant block), not in the
+    # assembly, where every thread of a block reads its scale: those are 32-bit and apart.
     report = sm90_report
-    floor = aot.DTYPE_MODES[report.mode].floor_bytes
+    mode = aot.DTYPE_MODES[report.mode]
     for branch in (report.aligned, report.unaligned):
-        assert branch.bytes_per_element == floor, report
-        assert branch.ir_bytes_per_element == floor, report
+        assert branch.bytes_per_element == mode.streamed_bytes, report
+        assert branch.ir_bytes_per_element == mode.floor_bytes, report
+        scale_widths = set(branch.scale_load_widths) | set(branch.scale_store_widths)
+        assert scale_widths == ({32} if mode.state == "u8" else set()), report
 
 
 def test_only_scalar_bookkeeping_outside_the_branches(sm90_report: aot.KernelReport) -> None:

@@ -24,11 +24,14 @@ class Mode:
     master: bool = False
     stochastic_rounding: bool = False
     compressed_state: bool = False  # state_dtype=torch.bfloat16: stored rounded stochastically
+    quantized_state: bool = False  # state_dtype=torch.uint8: 8-bit codes, a scale per block
 
     @property
     def state_dtype(self) -> torch.dtype:
         if self.compressed_state:
             return torch.bfloat16
+        if self.quantized_state:
+            return torch.uint8
         return torch.float64 if self.param_dtype == torch.float64 else torch.float32
 
     @property
@@ -51,6 +54,12 @@ MODES = [
     Mode("bf16_bf16_state", torch.bfloat16, compressed_state=True),
     Mode("bf16_master_bf16_state", torch.bfloat16, master=True, compressed_state=True),
     Mode("fp16_stochastic_bf16_state", torch.float16, stochastic_rounding=True, compressed_state=True),
+    # 8-bit state (issue 15): each block's scale and codes are the exact quantizer's
+    # (tests/oracle.py) of values within the bound (check_quantized).
+    Mode("fp32_u8_state", torch.float32, quantized_state=True),
+    Mode("bf16_u8_state", torch.bfloat16, quantized_state=True),
+    Mode("bf16_master_u8_state", torch.bfloat16, master=True, quantized_state=True),
+    Mode("fp16_stochastic_u8_state", torch.float16, stochastic_rounding=True, quantized_state=True),
 ]
 BACKENDS = {"kernel": "triton", "cpu": "torch"}
 # Awkward sizes: one element, around the default block (4096), primes, many blocks.
@@ -115,18 +124,86 @@ def check_within(name: str, actual: torch.Tensor, exact: np.ndarray, magnitude: 
         )
 
 
+def check_quantized(name: str, codes: torch.Tensor, scales: torch.Tensor, exact: np.ndarray, magnitude: np.ndarray,
+                    mode: Mode, undecided: np.ndarray | None = None) -> None:  # fmt: skip
+    """8-bit state: each block's scale and codes are the exact quantizer's of values within the bound.
+
+    The computed values q satisfy |q - exact| <= bound. The block's scale depends on
+    its largest q only, monotonically, so it lies between the scales of the largest
+    lower and upper ends; given the scale, each code is q rounded to nearest on the
+    block's grid, which is monotone, so it lies between the roundings of the ends.
+    A block with a non-finite value (or one the bound allows, or an undecided one)
+    may have a NaN scale.
+    """
+    size = exact.size
+    codes64 = codes[:size].cpu().numpy().astype(np.int64)
+    scales64 = scales.double().cpu().numpy()
+    bound = roundoff_units() * UNIT_ROUNDOFF[mode.compute] * magnitude
+    with np.errstate(invalid="ignore"):
+        low, high = np.maximum(exact - bound, 0.0), exact + bound
+    free = np.zeros(size, dtype=bool) if undecided is None else undecided
+    for block in range(-(-size // oracle.QUANT_BLOCK)):
+        where = slice(block * oracle.QUANT_BLOCK, min(size, (block + 1) * oracle.QUANT_BLOCK))
+        scale, block_codes = scales64[block], codes64[where]
+        finite = np.isfinite(exact[where])
+        may_be_nan = not finite.all() or (high[where] >= oracle.FP32_OVERFLOW).any() or free[where].any()
+        if np.isnan(scale):
+            assert may_be_nan, f"{name} block {block}: NaN scale, but every value is finite: {exact[where]}"
+            continue
+        assert finite.all(), f"{name} block {block}: scale {scale!r} for non-finite values"
+        smallest, largest = oracle.block_scale(low[where].max()), oracle.block_scale(high[where].max())
+        assert smallest <= scale <= largest and (scale == 0 or np.log2(scale).is_integer()), (
+            f"{name} block {block}: scale {scale!r}, allowed [{smallest!r}, {largest!r}] (largest value "
+            f"{exact[where].max()!r})"
+        )
+        if scale == 0:
+            assert not block_codes.any(), f"{name} block {block}: scale 0 with codes {block_codes[block_codes != 0]}"
+            continue
+        stored = oracle.code_value(block_codes) * scale
+        lowest = oracle.round_to_code_grid(low[where], scale)
+        highest = oracle.round_to_code_grid(high[where], scale)
+        bad = ~free[where] & ~((lowest <= stored) & (stored <= highest))
+        if bad.any():
+            i = np.flatnonzero(bad)[0]
+            raise AssertionError(
+                f"{name}[{where.start + i}] = code {block_codes[i]} x {scale!r} = {stored[i]!r}, exact "
+                f"{exact[where][i]!r}, allowed [{lowest[i]!r}, {highest[i]!r}] ({bad.sum()} out of bound)"
+            )
+
+
 def run_and_check(backend: str, mode: Mode, size: int, hyper: dict, seed: int, steps: int, specials: bool,
                   grad_scale: float | None = None, device: torch.device = torch.device("cpu")) -> None:  # fmt: skip
     """``steps`` steps of ``backend`` on buffers on ``device``, each checked against the oracle."""
     rng = np.random.default_rng(seed)
     master = None
+    # 8-bit state and the master copy are padded to whole quant blocks.
+    state_size = -(-size // oracle.QUANT_BLOCK) * oracle.QUANT_BLOCK if mode.quantized_state else size
     if mode.master:
-        master = torch.from_numpy(rng.standard_normal(size)).float().to(device)
-        param = master.to(mode.param_dtype)
+        master = torch.from_numpy(rng.standard_normal(state_size)).float().to(device)
+        param = master[:size].to(mode.param_dtype)
     else:
         param = torch.from_numpy(rng.standard_normal(size)).to(device, mode.param_dtype)
-    square_avg = torch.from_numpy(rng.uniform(0, 10, size) * (rng.random(size) < 0.5)).to(device, mode.state_dtype)
-    acc_delta = torch.from_numpy(rng.uniform(0, 10, size) * (rng.random(size) < 0.5)).to(device, mode.state_dtype)
+    scales = {}
+    if mode.quantized_state:
+        # Random codes (half of them 0) and power-of-two scales, padded to whole blocks.
+        n_blocks = -(-size // oracle.QUANT_BLOCK)
+        padded = n_blocks * oracle.QUANT_BLOCK
+        codes = lambda: torch.from_numpy(rng.integers(0, 256, padded) * (rng.random(padded) < 0.5)).to(device, torch.uint8)  # noqa: E731
+        square_avg, acc_delta = codes(), codes()
+        for name in ("square_avg_scale", "acc_delta_scale"):
+            scales[name] = torch.from_numpy(2.0 ** rng.integers(-30, 10, n_blocks)).to(device, torch.float32)
+        square_avg[size:] = 0
+        acc_delta[size:] = 0
+    else:
+        square_avg = torch.from_numpy(rng.uniform(0, 10, size) * (rng.random(size) < 0.5)).to(device, mode.state_dtype)
+        acc_delta = torch.from_numpy(rng.uniform(0, 10, size) * (rng.random(size) < 0.5)).to(device, mode.state_dtype)
+
+    def state_values(name: str, buffer: torch.Tensor) -> np.ndarray:
+        if not mode.quantized_state:
+            return buffer.double().cpu().numpy().copy()
+        scale = np.repeat(scales[f"{name}_scale"].double().cpu().numpy(), oracle.QUANT_BLOCK)
+        return oracle.code_value(buffer.cpu().numpy()[:size]) * scale[:size]
+
     fp32_range = mode.compute == "float32"
     # The contract, as in torch: hyper-parameters act as fp32 scalars on fp32 math
     # (an lr of 1e-103 is 0 there). 1 - rho is computed in fp64 first, as torch does.
@@ -136,24 +213,30 @@ def run_and_check(backend: str, mode: Mode, size: int, hyper: dict, seed: int, s
     for t in range(steps):
         grad = torch.from_numpy(gradients(rng, size, specials)).to(device, mode.param_dtype)
         # Copies: for fp64 buffers .double() is the buffer itself, which the step overwrites.
-        weights_in = (master if master is not None else param).double().cpu().numpy().copy()
-        v_in, u_in = square_avg.double().cpu().numpy().copy(), acc_delta.double().cpu().numpy().copy()
+        weights_in = (master[:size] if master is not None else param).double().cpu().numpy().copy()
+        v_in, u_in = state_values("square_avg", square_avg), state_values("acc_delta", acc_delta)
         scale_tensor = None if grad_scale is None else torch.tensor([grad_scale], device=device)
         step_flat_(
             param, grad, square_avg, acc_delta, **hyper, master=master,
             stochastic_rounding=mode.stochastic_rounding, seed=seed + t, grad_scale=scale_tensor,
-            backend=BACKENDS[backend],
+            backend=BACKENDS[backend], **scales,
         )
         exact = oracle.adadelta_step(weights_in, grad.double().cpu().numpy(), v_in, u_in, **oracle_hyper, grad_scale=grad_scale, fp32_range=fp32_range)
         undecided = undecided_underflow(exact, oracle_hyper["eps"], mode) if fp32_range else None
-        check_within("square_avg", square_avg, exact.square_avg, exact.square_avg_magnitude, mode, mode.state_dtype,
-                     mode.compressed_state)  # fmt: skip
-        check_within("acc_delta", acc_delta, exact.acc_delta, exact.acc_delta_magnitude, mode, mode.state_dtype,
-                     mode.compressed_state, undecided)  # fmt: skip
+        if mode.quantized_state:
+            check_quantized("square_avg", square_avg, scales["square_avg_scale"], exact.square_avg,
+                            exact.square_avg_magnitude, mode)  # fmt: skip
+            check_quantized("acc_delta", acc_delta, scales["acc_delta_scale"], exact.acc_delta,
+                            exact.acc_delta_magnitude, mode, undecided)  # fmt: skip
+        else:
+            check_within("square_avg", square_avg, exact.square_avg, exact.square_avg_magnitude, mode, mode.state_dtype,
+                         mode.compressed_state)  # fmt: skip
+            check_within("acc_delta", acc_delta, exact.acc_delta, exact.acc_delta_magnitude, mode, mode.state_dtype,
+                         mode.compressed_state, undecided)  # fmt: skip
         if master is not None:
-            check_within("master", master, exact.param, exact.param_magnitude, mode, torch.float32, undecided=undecided)
+            check_within("master", master[:size], exact.param, exact.param_magnitude, mode, torch.float32, undecided=undecided)
             # The param is the master rounded to nearest, exactly.
-            torch.testing.assert_close(param, master.to(mode.param_dtype), rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(param, master[:size].to(mode.param_dtype), rtol=0, atol=0, equal_nan=True)
         else:
             check_within("param", param, exact.param, exact.param_magnitude, mode, mode.param_dtype, mode.stochastic_rounding,
                          undecided)  # fmt: skip
@@ -187,7 +270,7 @@ def test_one_step_within_roundoff_of_fp64_oracle(backend, mode, size, hyper, see
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
-@pytest.mark.parametrize("mode", [MODES[0], MODES[2], MODES[4], MODES[6], MODES[8], MODES[10]], ids=lambda m: m.name)
+@pytest.mark.parametrize("mode", [MODES[0], MODES[2], MODES[4], MODES[6], MODES[8], MODES[10], MODES[12], MODES[14]], ids=lambda m: m.name)
 @given(size=st.integers(1, 5000), hyper=hyper_parameters(), seed=st.integers(0, 2**32 - 1), steps=st.integers(2, 6))
 def test_every_step_of_a_trajectory_within_roundoff_of_fp64_oracle(backend, mode, size, hyper, seed, steps):
     run_and_check(backend, mode, size, hyper, seed, steps=steps, specials=False)

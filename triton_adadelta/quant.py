@@ -8,8 +8,8 @@ block's scale, a power of two: code ``c >= 16`` stands for
 scale is the power of two of the block's largest value rounded to 5 significant bits,
 so every value of the block has a code, and dividing by the scale is exact: a value is
 stored rounded to nearest (ties to even) on its block's grid. A block with a NaN or an
-inf gets a NaN scale; one whose largest value is below fp32's smallest normal, a zero
-scale. The kernel (``kernels/adadelta.py``, ``_quantize``) and the C loop
+inf gets a NaN scale (so does one whose largest value rounds past fp32's range); one
+whose largest value is below fp32's smallest normal (zero included), a zero scale. The kernel (``kernels/adadelta.py``, ``_quantize``) and the C loop
 (``csrc/adadelta_cpu.c``) store the same codes and scales; these functions follow the
 same steps, so that dequantizing and quantizing again gives back the same codes.
 """
@@ -70,8 +70,10 @@ def quantize_(values: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -
     not_finite = ~finite.all(dim=1)
     # AdaDelta's state is never negative; a negative value counts as 0, as in the kernel.
     rows = torch.where(finite, rows.clamp(min=0.0), 0.0)
-    exponent = _round_bits_at_code_precision(_fp32_bits(rows.amax(dim=1))) >> 23
-    usable = ~not_finite & (exponent >= 1) & (exponent <= 254)
+    largest = _fp32_bits(rows.amax(dim=1))
+    exponent = _round_bits_at_code_precision(largest) >> 23
+    # (A subnormal largest value gives scale 0, whichever way it rounds.)
+    usable = ~not_finite & (largest >= 0x800000) & (exponent <= 254)
     scale = torch.where(usable, _from_bits(exponent << 23), 0.0)
     inverse = 1.0 / torch.where(usable, scale, 1.0)  # exact: a power of two
     scaled = rows * inverse[:, None]
@@ -82,4 +84,4 @@ def quantize_(values: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -
     code = torch.where(bits >= _SMALLEST_NORMAL_CODE_BITS, normal, subnormal)
     code = torch.where(usable[:, None], code, 0)
     codes.copy_(code.reshape(-1)[:n].to(torch.uint8).view_as(codes))
-    scales.copy_(torch.where(usable | (~not_finite & (exponent == 0)), scale, float("nan")).view_as(scales))
+    scales.copy_(torch.where(usable | (~not_finite & (largest < 0x800000)), scale, float("nan")).view_as(scales))

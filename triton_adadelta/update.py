@@ -13,6 +13,8 @@ from . import cpu
 from .flat import hparams_table, table_for_tensors
 from .kernels.adadelta import (
     LR,
+    QUANT_BLOCK,
+    STATE_ALIGNMENT,
     SegmentTable,
     adadelta_step_,
     interpreter_enabled,
@@ -107,20 +109,26 @@ def step_flat_(
     seed: int = 0,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    square_avg_scale: torch.Tensor | None = None,
+    acc_delta_scale: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> None:
     """One step on flat 1-D buffers, as a one-segment table (tests and benchmarks).
 
     Args:
         param, grad: 1-D contiguous buffers of one dtype; ``param`` is updated in place.
-        square_avg, acc_delta, master: the state, as in :func:`adadelta_step_`.
+        square_avg, acc_delta, master: the state, as in :func:`adadelta_step_`; 8-bit
+            state (uint8 codes, with ``square_avg_scale`` and ``acc_delta_scale``) is
+            padded to a whole number of ``QUANT_BLOCK`` elements.
         lr, rho, eps, weight_decay, maximize: as in ``torch.optim.Adadelta``.
         backend: ``"triton"`` or ``"torch"`` (default: the device's, :func:`backend_for`).
     """
-    if param.shape != grad.shape or param.shape != square_avg.shape:
+    quantized = square_avg.dtype == torch.uint8
+    state_numel = -(-param.numel() // QUANT_BLOCK) * QUANT_BLOCK if quantized else param.numel()
+    if param.shape != grad.shape or square_avg.shape != (state_numel,):
         raise ValueError(f"param {tuple(param.shape)}, grad {tuple(grad.shape)} and state "
                          f"{tuple(square_avg.shape)} must be the same size")  # fmt: skip
-    table, _ = table_for_tensors([param], [grad])
+    table, _ = table_for_tensors([param], [grad], alignment=QUANT_BLOCK if quantized else STATE_ALIGNMENT)
     lr_is_tensor = isinstance(lr, torch.Tensor)
     hparams = hparams_table(
         ((None if lr_is_tensor else lr, rho, eps, weight_decay, maximize),), state_dtype_for(param.dtype), param.device
@@ -137,5 +145,7 @@ def step_flat_(
         seed=seed,
         grad_scale=grad_scale,
         found_inf=found_inf,
+        square_avg_scale=square_avg_scale,
+        acc_delta_scale=acc_delta_scale,
         backend=backend,
     )
