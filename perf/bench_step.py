@@ -96,6 +96,8 @@ SHAPES: dict[str, list[tuple[int, ...]]] = {
     "16M bf16 in 100, stochastic rounding": [(160_000,)] * 100,
     "16M in 100, bf16 state": [(160_000,)] * 100,
     "16M bf16 in 100, bf16 state": [(160_000,)] * 100,
+    "16M in 100, 8-bit state": [(160_000,)] * 100,
+    "16M bf16 in 100, 8-bit state": [(160_000,)] * 100,
 }
 
 # Shapes with a mode of their own: (param dtype, our options, bytes one param moves in
@@ -105,11 +107,16 @@ SHAPES: dict[str, list[tuple[int, ...]]] = {
 #   bf16, stochastic rounding: read p g (4) v u (8); write p (2) v u (8).
 #   fp32, bf16 state: read p g (8) v u (4); write p (4) v u (4).
 #   bf16, bf16 state: read p g (4) v u (4); write p (2) v u (4).
-MODE_SHAPES: dict[str, tuple[torch.dtype, dict[str, object], int]] = {
+#   fp32, 8-bit state: read p g (8) v u (2); write p (4) v u (2); and 4 fp32 scales per
+#   256 params (0.0625).
+#   bf16, 8-bit state: read p g (4) v u (2); write p (2) v u (2); the scales.
+MODE_SHAPES: dict[str, tuple[torch.dtype, dict[str, object], float]] = {
     "16M bf16 in 100, master weights": (torch.bfloat16, {"master_weights": True}, 28),
     "16M bf16 in 100, stochastic rounding": (torch.bfloat16, {"stochastic_rounding": True}, 22),
     "16M in 100, bf16 state": (torch.float32, {"state_dtype": torch.bfloat16}, 20),
     "16M bf16 in 100, bf16 state": (torch.bfloat16, {"state_dtype": torch.bfloat16}, 14),
+    "16M in 100, 8-bit state": (torch.float32, {"state_dtype": torch.uint8}, 16.0625),
+    "16M bf16 in 100, 8-bit state": (torch.bfloat16, {"state_dtype": torch.uint8}, 10.0625),
 }
 
 
@@ -117,7 +124,7 @@ def dtype_of(name: str) -> torch.dtype:
     return MODE_SHAPES[name][0] if name in MODE_SHAPES else torch.float32
 
 
-def floor_bytes_of(name: str) -> int:
+def floor_bytes_of(name: str) -> float:
     return MODE_SHAPES[name][2] if name in MODE_SHAPES else FLOOR_BYTES_PER_PARAM
 
 
@@ -430,7 +437,8 @@ def format_table(results: list[dict[str, object]]) -> str:
     lines.append("times: median [q1-q3] over interleaved rounds; speed-up: torch's best eager median / ours;")
     lines.append("  vs comp.: torch.compile'd torch.optim.Adadelta's median / ours;")
     lines.append("  floor: the row's bytes per param (28 for fp32 and bf16 with master weights, 22 for bf16 with")
-    lines.append("  stochastic rounding, 20 and 14 for fp32 and bf16 with bf16 state) at the best probe's")
+    lines.append("  stochastic rounding, 20 and 14 for fp32 and bf16 with bf16 state, 16.06 and 10.06 with 8-bit")
+    lines.append("  state) at the best probe's")
     lines.append("  bandwidth (copy, STREAM triad, a += b); bf16 rows: every optimizer on bf16 params, ours")
     lines.append("  with the mode the row names")
     lines.append("zero_grad rows: step() + zero_grad() timed together; grads from a real autograd backward,")

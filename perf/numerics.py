@@ -6,7 +6,7 @@
 2. The bf16 linear regression of tests/test_mixed_precision.py: how far each bf16 mode's
    final loss lands from the fp32 run's, for seeds 0-2 (bf16 state with master weights
    among them).
-3. bf16 state (issue 15) on scikit-learn's handwritten digits (the MLP of
+3. bf16 and 8-bit state (issue 15) on scikit-learn's handwritten digits (the MLP of
    tests/test_compressed_state.py, 30 epochs, lr 1, rho 0.9): test loss and accuracy
    against fp32 state for seeds 0-2, and 2000 steps at lr 0.1, 1 and 10; on the CPU
    path's C loop (the kernel's bits).
@@ -65,6 +65,9 @@ def bf16_regression(seeds: list[int]) -> list[dict[str, object]]:
         "ours + master weights, bf16 state": (
             torch.bfloat16, lambda p: Adadelta(p, master_weights=True, state_dtype=torch.bfloat16, **HYPER)
         ),
+        "ours + master weights, 8-bit state": (
+            torch.bfloat16, lambda p: Adadelta(p, master_weights=True, state_dtype=torch.uint8, **HYPER)
+        ),
     }
     rows = []
     for seed in seeds:
@@ -76,23 +79,24 @@ def bf16_regression(seeds: list[int]) -> list[dict[str, object]]:
     return rows
 
 
-def compressed_state(seeds: list[int]) -> dict[str, object]:
+def compressed_state(seeds: list[int], state_dtype: torch.dtype, label: str) -> dict[str, object]:
+    """The digits runs of ``state_dtype`` against fp32 state (``label``: its name in the rows)."""
     # On the CPU path's C loop, which gives the kernel's bits in these modes (tested in
-    # tests/test_cpu_path.py and tests/test_compressed_state.py): the interpreter took
-    # over 20 minutes for these 12 000 steps.
+    # tests/test_cpu_path.py, tests/test_compressed_state.py and tests/test_u8_state_cpu.py):
+    # the interpreter took over 20 minutes for these 12 000 steps.
     os.environ["TRITON_INTERPRET"] = "0"
     rows = []
     for seed in seeds:
-        fp32, bf16 = digits_run(torch.float32, seed), digits_run(torch.bfloat16, seed)
+        fp32, compressed = digits_run(torch.float32, seed), digits_run(state_dtype, seed)
         rows.append({
-            "seed": seed, "fp32_test_loss": fp32["test_loss"], "bf16_state_test_loss": bf16["test_loss"],
-            "test_loss_off": bf16["test_loss"] / fp32["test_loss"] - 1,
-            "fp32_test_accuracy": fp32["test_accuracy"], "bf16_state_test_accuracy": bf16["test_accuracy"],
-            "finite": fp32["finite"] and bf16["finite"],
+            "seed": seed, "fp32_test_loss": fp32["test_loss"], f"{label}_test_loss": compressed["test_loss"],
+            "test_loss_off": compressed["test_loss"] / fp32["test_loss"] - 1,
+            "fp32_test_accuracy": fp32["test_accuracy"], f"{label}_test_accuracy": compressed["test_accuracy"],
+            "finite": fp32["finite"] and compressed["finite"],
         })  # fmt: skip
-    mean_off = float(np.mean([row["bf16_state_test_loss"] for row in rows]) / np.mean([row["fp32_test_loss"] for row in rows]) - 1)
-    accuracy_points = float(100 * np.mean([row["bf16_state_test_accuracy"] - row["fp32_test_accuracy"] for row in rows]))
-    stability = [{"lr": lr, **digits_run(torch.bfloat16, seed=1, lr=lr, steps=2000)} for lr in (0.1, 1.0, 10.0)]
+    mean_off = float(np.mean([row[f"{label}_test_loss"] for row in rows]) / np.mean([row["fp32_test_loss"] for row in rows]) - 1)
+    accuracy_points = float(100 * np.mean([row[f"{label}_test_accuracy"] - row["fp32_test_accuracy"] for row in rows]))
+    stability = [{"lr": lr, **digits_run(state_dtype, seed=1, lr=lr, steps=2000)} for lr in (0.1, 1.0, 10.0)]
     return {"digits": rows, "mean_test_loss_off": mean_off, "mean_accuracy_points_off": accuracy_points, "stability_2000_steps": stability}
 
 
@@ -104,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "machine": machine_info(torch.device("cpu")), "accuracy": accuracy(), "bf16_regression": bf16_regression(args.seeds),
-        "compressed_state": compressed_state(args.seeds),
+        "compressed_state": compressed_state(args.seeds, torch.bfloat16, "bf16_state"),
+        "quantized_state": compressed_state(args.seeds, torch.uint8, "u8_state"),
     }  # fmt: skip
     print("error against the fp64 oracle, fp32 ulps (20000 elements, lr 1, rho 0.9, eps 1e-6, weight decay 0.01)")
     print(f"{'after':>9} {'quantity':>11} {'ours max':>10} {'torch max':>10} {'ours p99':>9} {'torch p99':>9}")
@@ -118,15 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'seed':>4} " + " ".join(f"{name:>27}" for name in names))
     for row in result["bf16_regression"]:
         print(f"{row['seed']:>4} " + " ".join(f"{row[name]:>+26.2%} " for name in names))
-    compressed = result["compressed_state"]
-    print("\nbf16 state on the digits MLP (30 epochs, lr 1, rho 0.9): held-out loss and accuracy")
-    print(f"{'seed':>4} {'fp32 loss':>10} {'bf16 loss':>10} {'off':>8} {'fp32 acc':>9} {'bf16 acc':>9}")
-    for row in compressed["digits"]:
-        print(f"{row['seed']:>4} {row['fp32_test_loss']:>10.4f} {row['bf16_state_test_loss']:>10.4f} {row['test_loss_off']:>+8.2%} "
-              f"{row['fp32_test_accuracy']:>9.2%} {row['bf16_state_test_accuracy']:>9.2%}")  # fmt: skip
-    print(f"mean test loss off: {compressed['mean_test_loss_off']:+.2%}; accuracy: {compressed['mean_accuracy_points_off']:+.2f} points")
-    for row in compressed["stability_2000_steps"]:
-        print(f"2000 steps at lr {row['lr']:>4}: finite {row['finite']}, test accuracy {row['test_accuracy']:.2%}")
+    for key, label, name in (("compressed_state", "bf16_state", "bf16"), ("quantized_state", "u8_state", "8-bit")):
+        compressed = result[key]
+        print(f"\n{name} state on the digits MLP (30 epochs, lr 1, rho 0.9): held-out loss and accuracy")
+        print(f"{'seed':>4} {'fp32 loss':>10} {name + ' loss':>10} {'off':>8} {'fp32 acc':>9} {name + ' acc':>9}")
+        for row in compressed["digits"]:
+            print(f"{row['seed']:>4} {row['fp32_test_loss']:>10.4f} {row[label + '_test_loss']:>10.4f} {row['test_loss_off']:>+8.2%} "
+                  f"{row['fp32_test_accuracy']:>9.2%} {row[label + '_test_accuracy']:>9.2%}")  # fmt: skip
+        print(f"mean test loss off: {compressed['mean_test_loss_off']:+.2%}; accuracy: {compressed['mean_accuracy_points_off']:+.2f} points")
+        for row in compressed["stability_2000_steps"]:
+            print(f"2000 steps at lr {row['lr']:>4}: finite {row['finite']}, test accuracy {row['test_accuracy']:.2%}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "numerics.json"
     path.write_text(json.dumps(result, indent=2))

@@ -1,6 +1,7 @@
-"""Memory: no copy of params or grads; the state is 2x params in fp32, or in bf16
-with ``state_dtype=torch.bfloat16`` (plus the master copy only when asked);
-construction allocates nothing.
+"""Memory: no copy of params or grads; the state is 2x params in fp32, in bf16 with
+``state_dtype=torch.bfloat16``, or 8-bit codes and a scale per 256 with
+``state_dtype=torch.uint8`` (plus the master copy only when asked); construction
+allocates nothing.
 
 Peak resident memory is read from Linux's /proc (VmHWM, reset through clear_refs),
 on buffers large enough (128 MiB of params) that allocator noise does not matter.
@@ -69,8 +70,11 @@ def peak_increase(fn) -> int:
         # bf16 state (issue 15), on 64M params: 4 B per param, nothing kept in fp32.
         (torch.float32, {"state_dtype": torch.bfloat16}, 4, 1 << 26),
         (torch.bfloat16, {"state_dtype": torch.bfloat16}, 4, 1 << 26),
+        # 8-bit state: 2 B of codes and 2 fp32 scales per 256 params.
+        (torch.float32, {"state_dtype": torch.uint8}, 2 + 8 / 256, 1 << 26),
+        (torch.bfloat16, {"state_dtype": torch.uint8}, 2 + 8 / 256, 1 << 26),
     ],
-    ids=["fp32", "bf16", "bf16_master", "fp32_bf16_state", "bf16_bf16_state"],
+    ids=["fp32", "bf16", "bf16_master", "fp32_bf16_state", "bf16_bf16_state", "fp32_u8_state", "bf16_u8_state"],
 )
 def test_peak_memory_of_construction_and_steps(cpu_path, dtype, options, state_bytes_per_param, n):
     _fix_malloc_threshold()

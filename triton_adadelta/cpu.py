@@ -23,13 +23,17 @@ Two implementations; :func:`implementation` says which one runs a given state:
   ``TRITON_ADADELTA_CPU_SQRT=torch`` it calls torch's own sqrt and is bit-identical
   to ``torch.optim.Adadelta`` (:func:`matches_torch_sqrt`). The first call in a fresh
   cache compiles for a few seconds; later processes load the cached library
-  (:mod:`triton_adadelta.native_build`).
+  (:mod:`triton_adadelta.native_build`). uint8 (block-quantized) state is decoded,
+  updated and encoded one quant block of 256 elements at a time, each block by one
+  thread, into the kernel's codes and scales.
 * ``"cpu-chunked"`` (no C compiler, ``TRITON_ADADELTA_NATIVE_CPU=0``, fp16 where the
   compiler lacks ``_Float16``, or a device other than the CPU): torch ops over
   cache-sized chunks of the table. Small params are gathered into one chunk (one
   ``torch.cat``) and written back with one ``torch._foreach_copy_``, so a thousand
   small params cost a few ops, not a thousand times a dozen. Its stochastic
-  rounding draws torch's noise, not the kernel's.
+  rounding draws torch's noise, not the kernel's. uint8 state is encoded with
+  :mod:`triton_adadelta.quant` (the kernel's codes and scales; a chunk holds whole
+  quant blocks).
 
 Neither reads a tensor's value on the host: lr (in the hyper-parameter table),
 ``grad_scale`` and ``found_inf`` are read by the C loop through pointers, and by
@@ -63,6 +67,7 @@ from .kernels.adadelta import (
     ONE_MINUS_RHO,
     PARAM_ROW,
     PHILOX_ROUNDS,
+    QUANT_BLOCK,
     RHO,
     STATE_ROW,
     WEIGHT_DECAY,
@@ -72,6 +77,7 @@ from .kernels.adadelta import (
 )
 from .flat import hparams_table, table_for_tensors
 from .native_build import BuildError, cpu_model, load_cached
+from .quant import dequantize, quantize_
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -115,22 +121,24 @@ _LAYOUT = (
 # What the library must export; one without them is a bad file (rebuilt by the next process).
 _NATIVE_SYMBOLS = (
     "adadelta_layout", "adadelta_step_f32", "adadelta_step_f64", "adadelta_step_lowp", "adadelta_step_bf16_state",
-    "adadelta_has_f16",
-    "adadelta_philox_rounds", "set_sqrt", "set_openmp",
+    "adadelta_step_u8_state", "adadelta_has_f16",
+    "adadelta_philox_rounds", "adadelta_quant_block", "set_sqrt", "set_openmp",
 )  # fmt: skip
 
-# The compiler's time limit: with the bf16/fp16 and bf16-state loops the build took
-# 8.7 s alone on the 2-core machine we measure on (gcc 12; 6.3 s before the bf16-state
-# loops, 2.3-3.1 s for the fp32/fp64 loops alone, which took 5.6 s with 4 builds at
-# once and 11.6 s with 8); a hanging compiler gives up here and the CPU path runs
-# chunked (see native_build).
+# The compiler's time limit: with the bf16/fp16, bf16-state and uint8-state loops the
+# build took 12.3-12.5 s alone on the 2-core machine we measure on (gcc 12; 8.7 s
+# before the uint8-state loops, 6.3 s before the bf16-state ones, 2.3-3.1 s for the
+# fp32/fp64 loops alone, which took 5.6 s with 4 builds at once and 11.6 s with 8); a
+# hanging compiler gives up here and the CPU path runs chunked (see native_build).
 _NATIVE_BUILD_TIMEOUT_S = 20.0
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 # Low-precision params: their kind in the C source, and how the update is stored.
 _NATIVE_KINDS = {torch.bfloat16: 0, torch.float16: 1}
-# With bf16 state (adadelta_step_bf16_state) fp32 params are a kind too.
+# With bf16 state (adadelta_step_bf16_state) fp32 params are a kind too; uint8 state
+# (adadelta_step_u8_state) takes the same kinds.
 _NATIVE_BF16_STATE_KINDS = {**_NATIVE_KINDS, torch.float32: 2}
+_COMPRESSED_STATE_DTYPES = (torch.bfloat16, torch.uint8)
 _STORE_NEAREST, _STORE_MASTER, _STORE_STOCHASTIC = range(3)
 
 _VERSION = operator.attrgetter("_version")
@@ -170,6 +178,9 @@ def _build_native_library() -> ctypes.CDLL:
     rounds = ctypes.c_int.in_dll(library, "adadelta_philox_rounds").value
     if rounds != PHILOX_ROUNDS:
         raise BuildError(f"{_SOURCE.name} draws noise with {rounds} Philox rounds, the kernel with {PHILOX_ROUNDS}")
+    quant_block = ctypes.c_int.in_dll(library, "adadelta_quant_block").value
+    if quant_block != QUANT_BLOCK:
+        raise BuildError(f"{_SOURCE.name} scales uint8 state per {quant_block} elements, the kernel per {QUANT_BLOCK}")
     for suffix in ("f32", "f64"):
         function = getattr(library, f"adadelta_step_{suffix}")
         function.restype = ctypes.c_int
@@ -190,6 +201,14 @@ def _build_native_library() -> ctypes.CDLL:
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
             ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
         ]  # fmt: skip
+    function = library.adadelta_step_u8_state
+    function.restype = ctypes.c_int
+    # As adadelta_step_bf16_state, with square_avg_scale and acc_delta_scale after acc_delta.
+    function.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+    ]  # fmt: skip
     library.set_sqrt.restype = None
     library.set_sqrt.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     library.set_sqrt(*_torch_vml_sqrt())
@@ -380,9 +399,12 @@ def _native_step_(
     master: torch.Tensor | None = None,
     stochastic_rounding: bool = False,
     seed: int = 0,
+    square_avg_scale: torch.Tensor | None = None,
+    acc_delta_scale: torch.Tensor | None = None,
 ) -> None:
     """One C call over the whole table (fp32 or fp64 params, or bf16/fp16 against fp32
-    state, or fp32/bf16/fp16 params against bf16 state)."""
+    state, or fp32/bf16/fp16 params against bf16 or uint8 state; uint8 state with its
+    two scale buffers, checked by :func:`_check_quantized_state`)."""
     dtype = hparams.dtype  # the compute dtype (the state's, but for bf16 state)
     pieces = table.pieces.contiguous()
     hparams = hparams.contiguous()
@@ -393,7 +415,15 @@ def _native_step_(
         torch.get_num_threads(), NATIVE_PARALLEL_MIN_ELEMENTS, int(use_torch_sqrt),
     )  # fmt: skip
     store = _STORE_MASTER if master is not None else _STORE_STOCHASTIC if stochastic_rounding else _STORE_NEAREST
-    if square_avg.dtype == torch.bfloat16:
+    if square_avg.dtype == torch.uint8:
+        _check_quantized_state(square_avg, acc_delta, square_avg_scale, acc_delta_scale)
+        assert square_avg_scale is not None and acc_delta_scale is not None  # (checked)
+        result = library.adadelta_step_u8_state(
+            pieces.data_ptr(), pieces.shape[1], square_avg.data_ptr(), acc_delta.data_ptr(),
+            square_avg_scale.data_ptr(), acc_delta_scale.data_ptr(), None if master is None else master.data_ptr(),
+            *common, _NATIVE_BF16_STATE_KINDS[table.param_dtype], store, seed,
+        )  # fmt: skip
+    elif square_avg.dtype == torch.bfloat16:
         result = library.adadelta_step_bf16_state(
             pieces.data_ptr(), pieces.shape[1], square_avg.data_ptr(), acc_delta.data_ptr(),
             None if master is None else master.data_ptr(), *common, _NATIVE_BF16_STATE_KINDS[table.param_dtype],
@@ -410,10 +440,46 @@ def _native_step_(
     if result == -2:
         raise ValueError(f"the native CPU loop cannot run {table.param_dtype} params; nothing was changed")
     if result < 0:
+        quantized = square_avg.dtype == torch.uint8
         raise ValueError(
             f"the segment table does not fit its state ({square_avg.numel()} elements) or its "
-            f"hyper-parameters ({hparams.shape[0]} groups); nothing was changed"
+            f"hyper-parameters ({hparams.shape[0]} groups)"
+            + (f", or a piece does not start at a multiple of {QUANT_BLOCK} elements" if quantized else "")
+            + "; nothing was changed"
         )
+
+
+def _check_quantized_state(
+    square_avg: torch.Tensor,
+    acc_delta: torch.Tensor,
+    square_avg_scale: torch.Tensor | None,
+    acc_delta_scale: torch.Tensor | None,
+) -> None:
+    """uint8 state's buffers fit together: codes of a whole number of quant blocks, and
+    one fp32 scale per block in each scale buffer (the C loop writes through them).
+
+    Raises:
+        ValueError: naming what does not fit.
+    """
+    n_state = square_avg.numel()
+    if n_state % QUANT_BLOCK:
+        raise ValueError(f"uint8 state must hold a multiple of {QUANT_BLOCK} elements, not {n_state}")
+    if acc_delta.dtype != torch.uint8 or acc_delta.numel() != n_state:
+        raise ValueError(f"acc_delta must be uint8 of {n_state} elements, as square_avg is")
+    for name, scale in (("square_avg_scale", square_avg_scale), ("acc_delta_scale", acc_delta_scale)):
+        if scale is None:
+            raise ValueError(f"uint8 state needs {name}: one fp32 scale per {QUANT_BLOCK} elements")
+        if (
+            scale.dtype != torch.float32
+            or scale.dim() != 1
+            or not scale.is_contiguous()
+            or scale.numel() != n_state // QUANT_BLOCK
+            or scale.device != square_avg.device
+        ):
+            raise ValueError(
+                f"{name} must be a 1-D contiguous fp32 buffer of {n_state // QUANT_BLOCK} elements on "
+                f"{square_avg.device}, got {scale.dtype} {tuple(scale.shape)} on {scale.device}"
+            )
 
 
 # -------------------------------------------------------------------------- chunked
@@ -701,11 +767,18 @@ def _chunked_step_(
     seed: int,
     grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
+    *,
+    square_avg_scale: torch.Tensor | None = None,
+    acc_delta_scale: torch.Tensor | None = None,
 ) -> None:
     """The update as torch ops, one cache-sized chunk of the table at a time."""
     device, compute_dtype, param_dtype = square_avg.device, hparams.dtype, table.param_dtype
     # bf16 state: widened into scratch, updated there, and rounded back stochastically.
+    # uint8 state: decoded into scratch, updated there, and encoded back by quant
+    # block; a chunk starts on a piece's start or a multiple of CHUNK_ELEMENTS into it,
+    # so it holds whole quant blocks (but the padding after its last piece).
     compressed = square_avg.dtype != compute_dtype
+    quantized = square_avg.dtype == torch.uint8
     plan = _ChunkPlan.of(table, device)
     if not plan.chunks:
         return
@@ -714,6 +787,13 @@ def _chunked_step_(
             f"the segment table does not fit its state ({square_avg.numel()} elements) or its "
             f"hyper-parameters ({hparams.shape[0]} groups); nothing was changed"
         )
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None
+    if quantized:
+        _check_quantized_state(square_avg, acc_delta, square_avg_scale, acc_delta_scale)
+        assert square_avg_scale is not None and acc_delta_scale is not None  # (checked)
+        scales = (square_avg_scale, acc_delta_scale)
+        if any(chunk.state_start % QUANT_BLOCK for chunk in plan.chunks):
+            raise ValueError(f"uint8 state: every piece must start at a multiple of {QUANT_BLOCK} elements")
     grads = table.read or [param.grad for param in table.written]  # (see SegmentTable.read)
     param_views, grad_views = _param_views_of(table, plan), _views_of(grads, plan)
     scalars = _group_scalars(hparams)
@@ -722,7 +802,7 @@ def _chunked_step_(
     # found_inf masks the writes on the device: its value never reaches the host.
     proceed = None if found_inf is None else (found_inf == 0).reshape(())
     generator = None
-    if stochastic_rounding or compressed:
+    if stochastic_rounding or (compressed and not quantized):
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
     low_precision = param_dtype != compute_dtype
@@ -760,14 +840,25 @@ def _chunked_step_(
             keep = proceed if chunk.mask is None else chunk.mask if proceed is None else chunk.mask & proceed
             new_weights = scratch["new_weights"][:n] if keep is not None or weights is old_params else weights
             inputs = state
-            if compressed:
+            if quantized:
+                assert scales is not None
+                inputs = (
+                    scratch["square_avg"][:n].copy_(_dequantize_chunk(state[0], scales[0], start)),
+                    scratch["acc_delta"][:n].copy_(_dequantize_chunk(state[1], scales[1], start)),
+                )
+            elif compressed:
                 inputs = (scratch["square_avg"][:n].copy_(state[0]), scratch["acc_delta"][:n].copy_(state[1]))
             if keep is None or compressed:
                 new_state = inputs  # in place (in scratch for bf16 state)
             else:
                 new_state = (scratch["square_avg"][:n], scratch["acc_delta"][:n])
             _update_(weights, grad, *inputs, new_weights, *new_state, scalars[chunk.group], grad_scale, scratch)
-            if compressed:
+            if quantized:
+                assert scales is not None
+                blocks_kept = _blocks_to_keep(chunk.mask, proceed)
+                for codes, block_scales, fresh in zip(state, scales, new_state):
+                    _store_quantized_(fresh, codes, block_scales, start, chunk.mask, keep, blocks_kept)
+            elif compressed:
                 low = scratch["low_state"][:n]
                 for stored, fresh in zip(state, new_state):
                     torch.rand(n, generator=generator, device=device, out=plan.noise[:n])
@@ -798,6 +889,51 @@ def _chunked_step_(
     torch._C._autograd._unsafe_set_version_counter(table.written, versions)
 
 
+def _dequantize_chunk(codes: torch.Tensor, scales: torch.Tensor, start: int) -> torch.Tensor:
+    """fp32 values of a chunk's uint8 ``codes`` (from state element ``start``, a multiple
+    of QUANT_BLOCK), from the whole flat ``scales``."""
+    first, n_blocks = start // QUANT_BLOCK, -(-codes.numel() // QUANT_BLOCK)
+    return dequantize(codes, scales[first : first + n_blocks])
+
+
+def _blocks_to_keep(valid: torch.Tensor | None, proceed: torch.Tensor | None) -> torch.Tensor | None:
+    """Which quant blocks of a chunk get a new scale (None: all): those holding a piece
+    (``valid``: True where one lies; None: everywhere), and none when ``proceed`` is False."""
+    if valid is None:
+        return proceed
+    n_blocks = -(-valid.numel() // QUANT_BLOCK)
+    padded = torch.zeros(n_blocks * QUANT_BLOCK, dtype=torch.bool, device=valid.device)
+    padded[: valid.numel()] = valid
+    keep = padded.view(n_blocks, QUANT_BLOCK).any(dim=1)
+    return keep if proceed is None else keep & proceed
+
+
+def _store_quantized_(
+    values: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    start: int,
+    valid: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    blocks_kept: torch.Tensor | None,
+) -> None:
+    """Encode a chunk's new fp32 ``values`` into its ``codes`` and its blocks' scales
+    (from state element ``start``, a multiple of QUANT_BLOCK, in the whole flat
+    ``scales``), as the C loop does.
+
+    ``valid``: True where a piece lies (None: everywhere): the gaps between pieces,
+    padding or other params' state, count in no block's max. ``keep``: the codes
+    written (None: all), ``blocks_kept``: the scales (see :func:`_blocks_to_keep`).
+    """
+    n_blocks = -(-values.numel() // QUANT_BLOCK)
+    first = start // QUANT_BLOCK
+    block_scales = scales[first : first + n_blocks]
+    new_codes, new_scales = torch.empty_like(codes), torch.empty_like(block_scales)
+    quantize_(values if valid is None else torch.where(valid, values, 0.0), new_codes, new_scales)
+    _commit_(codes, new_codes, keep)
+    _commit_(block_scales, new_scales, blocks_kept)
+
+
 # ---------------------------------------------------------------------------- entry
 
 
@@ -816,7 +952,8 @@ def implementation(
         param_dtype: the params' dtype (a complex dtype counts as its real parts).
         master: whether the state keeps an fp32 master copy.
         stochastic_rounding: whether param stores round stochastically.
-        state_dtype: the state's dtype (default: the params' compute dtype).
+        state_dtype: the state's dtype (default: the params' compute dtype; bf16, or
+            uint8 for block-quantized state).
 
     Returns:
         ``"cpu-native"`` where the fused C loop runs it, else ``"cpu-chunked"``.
@@ -826,7 +963,7 @@ def implementation(
         param_dtype = torch.empty((), dtype=param_dtype).real.dtype
     native = _native_for(
         device, param_dtype, master=master, stochastic_rounding=stochastic_rounding,
-        compressed_state=state_dtype == torch.bfloat16,
+        compressed_state=state_dtype in _COMPRESSED_STATE_DTYPES,
     )  # fmt: skip
     return "cpu-chunked" if native is None else "cpu-native"
 
@@ -839,7 +976,8 @@ def _native_for(
     stochastic_rounding: bool,
     compressed_state: bool = False,
 ) -> ctypes.CDLL | None:
-    """The native loop where it runs such a state (one decision for both callers)."""
+    """The native loop where it runs such a state (one decision for both callers).
+    ``compressed_state``: bf16 or uint8 state (fp32, bf16 and fp16 params)."""
     if device.type != "cpu" or (param_dtype not in _NATIVE_DTYPES and param_dtype not in _NATIVE_KINDS):
         return None
     if compressed_state and param_dtype not in _NATIVE_BF16_STATE_KINDS:
@@ -862,6 +1000,8 @@ def adadelta_step_cpu_(
     seed: int = 0,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    square_avg_scale: torch.Tensor | None = None,
+    acc_delta_scale: torch.Tensor | None = None,
 ) -> None:
     """Apply one AdaDelta step in place to every piece of ``table``, without Triton.
 
@@ -873,8 +1013,9 @@ def adadelta_step_cpu_(
     Args:
         table: the pieces: addresses of params and grads, state offsets, lengths and
             hyper-parameter rows (:class:`~triton_adadelta.kernels.adadelta.SegmentTable`).
-        square_avg, acc_delta: the flat state, fp32 (fp64 for fp64 params), or bf16
-            (rounded stochastically); updated in place.
+        square_avg, acc_delta: the flat state, fp32 (fp64 for fp64 params), bf16
+            (rounded stochastically), or uint8 codes (block-quantized, with the two
+            scale buffers); updated in place.
         hparams: ``[n_groups, N_HPARAMS]`` in the compute dtype (lr, rho, 1 - rho,
             eps, weight decay, maximize, lr is a tensor).
         master: optional flat fp32 master copy of low-precision params.
@@ -882,21 +1023,32 @@ def adadelta_step_cpu_(
         seed: seed of the stochastic rounding.
         grad_scale: optional 1-element tensor the gradient is divided by.
         found_inf: optional 1-element tensor; when non-zero nothing changes.
+        square_avg_scale, acc_delta_scale: uint8 state only (and then both): one fp32
+            scale per QUANT_BLOCK (256) elements of ``square_avg`` and ``acc_delta``,
+            ``[n_state // 256]``; updated in place. Every piece must start at a
+            multiple of 256 elements of the state.
 
     Raises:
         ValueError: if the buffers, the table and the hyper-parameters do not fit together.
     """
-    check_launch(table, square_avg, acc_delta, hparams, master, stochastic_rounding, grad_scale, found_inf)
+    check_launch(
+        table, square_avg, acc_delta, hparams, master, stochastic_rounding, grad_scale, found_inf,
+        square_avg_scale=square_avg_scale, acc_delta_scale=acc_delta_scale,
+    )  # fmt: skip
     if table.n_pieces == 0 or square_avg.device.type == "meta":
         return  # meta tensors hold no values: there is nothing to update
     library = _native_for(
         square_avg.device, table.param_dtype, master=master is not None, stochastic_rounding=stochastic_rounding,
-        compressed_state=square_avg.dtype == torch.bfloat16,
+        compressed_state=square_avg.dtype in _COMPRESSED_STATE_DTYPES,
     )  # fmt: skip
     if library is not None:
         _native_step_(
             library, table, square_avg, acc_delta, hparams, grad_scale, found_inf,
             use_torch_sqrt=matches_torch_sqrt(), master=master, stochastic_rounding=stochastic_rounding, seed=seed,
+            square_avg_scale=square_avg_scale, acc_delta_scale=acc_delta_scale,
         )  # fmt: skip
         return
-    _chunked_step_(table, square_avg, acc_delta, hparams, master, stochastic_rounding, seed, grad_scale, found_inf)
+    _chunked_step_(
+        table, square_avg, acc_delta, hparams, master, stochastic_rounding, seed, grad_scale, found_inf,
+        square_avg_scale=square_avg_scale, acc_delta_scale=acc_delta_scale,
+    )  # fmt: skip

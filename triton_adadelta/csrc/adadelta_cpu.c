@@ -116,7 +116,8 @@ typedef struct {
     void *master;        /* the fp32 master copy, at the state's offsets (STORE_MASTER) */
     int kind, store;     /* KIND_* of the params, STORE_* of their update */
     const void *variants; /* the kind's update functions: [N_STORES][N_FLAG_VARIANTS] */
-    int param_bytes, state_bytes; /* element sizes: params 2 (bf16/fp16) or 4; state 4 or 2 (bf16) */
+    int param_bytes, state_bytes; /* element sizes: params 2 (bf16/fp16) or 4; state 4, 2 (bf16) or 1 (uint8) */
+    float *square_avg_scale, *acc_delta_scale; /* uint8 state: one scale per QUANT_BLOCK (else NULL) */
     uint32_t key0, key1; /* the stochastic rounding's Philox key: the seed's halves */
     void *(*run)(void *); /* what runs a share of this step */
     int64_t total;        /* elements in the whole step */
@@ -147,9 +148,12 @@ static share_t share_proto(const int64_t *table, int64_t n_pieces, void *square_
 /* Check the table against the state and the hyper-parameters, split it into shares
    (each a copy of `proto` with its own part) and run them, each with proto->run.
    `line` is the elements per share's rounding: where the pieces start on a cache
-   line, as a big param does, no two threads write one line.
+   line, as a big param does, no two threads write one line. `quant` (uint8 state:
+   QUANT_BLOCK, else 0): every piece must start at a multiple of it, and each share
+   ends on a multiple of it inside its last piece, so that no two threads encode one
+   quant block (a tail shorter than `line` would shift the concatenation's lines).
    Returns 0, or -1 (nothing written) when the table does not fit. */
-static int run_step(const share_t *proto, int64_t n_state, int64_t n_groups, int64_t line,
+static int run_step(const share_t *proto, int64_t n_state, int64_t n_groups, int64_t line, int64_t quant,
                     int max_threads, int64_t parallel_min_elements) {
     const int64_t *table = proto->table, n_pieces = proto->n_pieces;
     /* Check every piece before writing any, so that a bad table changes nothing. */
@@ -161,6 +165,7 @@ static int run_step(const share_t *proto, int64_t n_state, int64_t n_groups, int
         if (numel < 0) return -1;
         if (numel > 0 && (state < 0 || state > n_state - numel
                           || group < 0 || group >= n_groups)) return -1;
+        if (numel > 0 && quant && state % quant != 0) return -1;
         total += numel;
     }
     int n_threads = total >= parallel_min_elements ? max_threads : 1;
@@ -184,6 +189,16 @@ static int run_step(const share_t *proto, int64_t n_state, int64_t n_groups, int
             const int64_t rest = table[NUMEL_ROW * n_pieces + piece] - offset;
             if (skip < rest) { offset += skip; skip = 0; }
             else { skip -= rest; ++piece; offset = 0; }
+        }
+        if (quant && offset % quant != 0) {
+            /* Inside a quant block: this share takes the rest of it (offset > 0, so
+               `piece` is a piece, and its rest is still left). */
+            const int64_t rest = table[NUMEL_ROW * n_pieces + piece] - offset;
+            const int64_t extra = quant - offset % quant < rest ? quant - offset % quant : rest;
+            s->count += extra;
+            left -= extra;
+            offset += extra;
+            if (offset == table[NUMEL_ROW * n_pieces + piece]) { ++piece; offset = 0; }
         }
     }
     if (gomp_parallel && n_threads > 1) {
@@ -327,7 +342,7 @@ int adadelta_step_##SUFFIX(const int64_t *table, int64_t n_pieces, T *square_avg
     const share_t proto = share_proto(table, n_pieces, square_avg, acc_delta, hparams, \
         grad_scale_ptr != 0, grad_scale_ptr ? (double)*grad_scale_ptr : 1.0,          \
         use_torch_sqrt, run_share_##SUFFIX);                                          \
-    return run_step(&proto, n_state, n_groups, 64 / (int64_t)sizeof(T), max_threads,  \
+    return run_step(&proto, n_state, n_groups, 64 / (int64_t)sizeof(T), 0, max_threads, \
                     parallel_min_elements);                                           \
 }
 
@@ -607,69 +622,271 @@ static inline __attribute__((always_inline)) void update_lowp(
 }
 
 /* ------------------------------------------------------------------------------------
-   bf16 state (state_dtype=torch.bfloat16): square_avg and acc_delta widened exactly,
-   the fp32 math above, and the new values rounded stochastically into bf16, each
-   buffer from its own stream (the kernel's bits). Params of any kind: fp32 (stored
-   exactly), or bf16/fp16 in the three ways above. */
+   Compressed state: a block of square_avg and acc_delta decoded exactly into fp32,
+   the fp32 math above on it, and the block's new values encoded back.
+   Params of any kind: fp32 (stored exactly), or bf16/fp16 in the three ways above.
+
+   bf16 state (state_dtype=torch.bfloat16): widened; the new values rounded
+   stochastically into bf16, each buffer from its own stream (the kernel's bits).
+
+   uint8 state (state_dtype=torch.uint8): one code per element and one fp32 scale per
+   QUANT_BLOCK elements of the flat state (the kernel's format, kernels/adadelta.py): a
+   code is an unsigned float8 (4 exponent bits of bias 15, 4 mantissa bits,
+   subnormals), its value that times the block's power-of-two scale. Encoding a block
+   picks the scale that puts its max at most 1.9375 and rounds each value to nearest
+   even on that grid. Every piece starts at a multiple of QUANT_BLOCK (its padding
+   beyond numel is neither read into the max nor written). */
+
+enum { STATE_BF16, STATE_U8 };
+#define QUANT_BLOCK 256
+const int adadelta_quant_block = QUANT_BLOCK; /* checked by the loader */
+_Static_assert(QUANT_BLOCK <= BLOCK, "a quant block fits one block of the update");
+#define U8_NAN_BITS 0x7FC00000u /* the scale of a block with a NaN or an inf */
 
 static inline __attribute__((always_inline)) float load_value(const void *p, int64_t i, const int kind) {
     if (kind == KIND_F32) return ((const float *)p)[i];
     return widen(((const uint16_t *)p)[i], kind);
 }
 
-static inline __attribute__((always_inline)) void update_cs(
-        void *restrict p, const void *restrict gr, uint16_t *restrict v, uint16_t *restrict u,
-        float *restrict m, const int64_t n_elements, const float *restrict row, const float grad_scale,
-        const int use_torch_sqrt, const int flags, const int kind, const int store,
-        const uint64_t index, const uint32_t k0, const uint32_t k1) {
+/* Element i of a block of compressed state as fp32, exactly: bf16 widened; uint8
+   state arrives decoded (u8_decode), in fp32. */
+static inline __attribute__((always_inline)) float load_state(const void *s, const int i, const int state_kind) {
+    if (state_kind == STATE_U8) return ((const float *)s)[i];
+    return widen(((const uint16_t *)s)[i], KIND_BF16);
+}
+
+/* A uint8 code's value before its block's scale, exactly: 2**((c >> 4) - 15) *
+   (1 + (c & 15) / 16) for c >= 16 (fp32 bits: the code above the exponent bias
+   112), (c & 15) * 2**-18 below (subnormals). A select, not a table: it vectorizes. */
+static inline __attribute__((always_inline)) float u8_code_value(const uint8_t code) {
+    const uint32_t c = code;
+    const float normal = bits_to_f32((c << 19) + (112u << 23));
+    const float subnormal = (float)(c & 15u) * 0x1p-18f;
+    return c >= 16 ? normal : subnormal;
+}
+
+/* n codes of a block of `scale`, decoded (exactly: a power of two times a 5-bit
+   value). A pass of its own: codes and fp32 in one vectorized loop make the compiler
+   unroll the update four times, and spill. */
+static __attribute__((noinline)) void u8_decode(const uint8_t *restrict codes, const int n, const float scale,
+                                                float *restrict out) {
+    int i = 0;
+#if defined(__AVX2__)
+    const __m256 scales = _mm256_set1_ps(scale);
+    for (; i + 8 <= n; i += 8) {
+        const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + i)));
+        const __m256 normal =
+            _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(c, 19), _mm256_set1_epi32(112 << 23)));
+        const __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(c), _mm256_set1_ps(0x1p-18f));
+        const __m256 is_subnormal = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(16), c));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(scales, _mm256_blendv_ps(normal, subnormal, is_subnormal)));
+    }
+#endif
+    for (; i < n; ++i) out[i] = scale * u8_code_value(codes[i]);
+}
+
+/* Encoding a block of n <= QUANT_BLOCK new values w:
+   1. its maxima (u8_max_add over every value, in the update's loop): a NaN or an
+      inf anywhere makes the scale NaN; else the largest value (a negative one counts
+      as 0), its fp32 bits rounded to nearest even at 5 significant bits, gives the
+      scale's exponent: the scale is the power of two that puts that max in [1, 2),
+      0 for a max below 2**-126 (an fp32 subnormal), NaN beyond 2**127 (u8_encoding);
+   2. each code (u8_codes): w / scale rounded to nearest even on the float8 grid; 0
+      in a block of zero or NaN scale. */
+typedef struct {
+    uint32_t magnitude_max; /* of the values' bits less the sign: non-finite ones are the largest */
+    int32_t max_bits;       /* of the values' bits as int32: a negative value's are below 0's */
+} u8_max_t;
+typedef struct {
+    float inverse; /* 1 / scale (exact: a power of two, 2**-127 a subnormal); 0 for no codes */
+    uint32_t mask; /* 0xFF, or 0 where every code is 0 */
+} u8_encoding_t;
+
+static inline __attribute__((always_inline)) void u8_max_add(u8_max_t *restrict max, const float w) {
+    const uint32_t bits = f32_to_bits(w), magnitude = bits & 0x7FFFFFFFu;
+    max->magnitude_max = magnitude > max->magnitude_max ? magnitude : max->magnitude_max;
+    max->max_bits = (int32_t)bits > max->max_bits ? (int32_t)bits : max->max_bits;
+}
+
+/* A block's scale from its maxima (stored in *scale), and how its codes are made. */
+static inline __attribute__((always_inline)) u8_encoding_t u8_encoding(const u8_max_t max, float *restrict scale) {
+    const uint32_t m = (uint32_t)max.max_bits;
+    const uint32_t exponent = (m + 0x3FFFFu + ((m >> 19) & 1u)) >> 23;
+    u8_encoding_t encoding = {0.0f, 0};
+    if (max.magnitude_max >= 0x7F800000u) {
+        *scale = bits_to_f32(U8_NAN_BITS);
+    } else if (m < 0x800000u) {
+        *scale = 0.0f; /* a zero or subnormal max, even one that rounds up to 2**-126 */
+    } else if (exponent >= 255) {
+        *scale = bits_to_f32(U8_NAN_BITS);
+    } else {
+        *scale = bits_to_f32(exponent << 23);
+        encoding.inverse = 1.0f / *scale;
+        encoding.mask = 0xFF;
+    }
+    return encoding;
+}
+
+/* The code of w: x = w / scale; from 2**-14 on, the float8's exponent and 4 mantissa
+   bits from x's, rounded to nearest even; below, rint(x * 2**18) by the 2**23 magic
+   add. (The select is maxps's: a NaN or negative w gives 0; an inf, in a block
+   whose codes are all 0, anything.) */
+static inline __attribute__((always_inline)) uint8_t u8_code(const float w, const u8_encoding_t encoding) {
+    const float x = (w > 0.0f ? w : 0.0f) * encoding.inverse;
+    const uint32_t xb = f32_to_bits(x);
+    const uint32_t normal = (xb - (112u << 23) + 0x3FFFFu + ((xb >> 19) & 1u)) >> 19;
+    const uint32_t subnormal = f32_to_bits(x * 262144.0f + 8388608.0f) - 0x4B000000u;
+    return (uint8_t)((xb >= (113u << 23) ? normal : subnormal) & encoding.mask);
+}
+
+#if defined(__AVX2__)
+/* u8_code of 8 values of a block that has codes, in 32-bit lanes. */
+static inline __attribute__((always_inline)) __m256i u8_codes8(const __m256 w, const __m256 inverse) {
+    const __m256 x = _mm256_mul_ps(_mm256_max_ps(w, _mm256_setzero_ps()), inverse);
+    const __m256i xb = _mm256_castps_si256(x);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(xb, 19), _mm256_set1_epi32(1));
+    const __m256i normal = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(xb, _mm256_set1_epi32((int)(0x3FFFFu - (112u << 23)))), odd), 19);
+    const __m256 shifted = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(262144.0f)), _mm256_set1_ps(8388608.0f));
+    const __m256i subnormal = _mm256_sub_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(0x4B000000));
+    const __m256i is_normal = _mm256_cmpgt_epi32(xb, _mm256_set1_epi32((int)(113u << 23) - 1));
+    return _mm256_blendv_epi8(subnormal, normal, is_normal);
+}
+#endif
+
+/* The codes of n values w of a block. With AVX2, 32 at a time by hand: the
+   compiler's own vectors narrow to bytes and widen back (the pass took twice as long). */
+static __attribute__((noinline)) void u8_codes(const float *restrict w, const int n, const u8_encoding_t encoding,
+                                               uint8_t *restrict codes) {
+    int i = 0;
+#if defined(__AVX2__)
+    if (encoding.mask) {
+        const __m256 inverse = _mm256_set1_ps(encoding.inverse);
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (; i + 32 <= n; i += 32) {
+            const __m256i c0 = u8_codes8(_mm256_loadu_ps(w + i), inverse);
+            const __m256i c1 = u8_codes8(_mm256_loadu_ps(w + i + 8), inverse);
+            const __m256i c2 = u8_codes8(_mm256_loadu_ps(w + i + 16), inverse);
+            const __m256i c3 = u8_codes8(_mm256_loadu_ps(w + i + 24), inverse);
+            /* (Each pack interleaves the two 128-bit lanes: one permute puts them back.) */
+            const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
+            _mm256_storeu_si256((__m256i *)(codes + i), _mm256_permutevar8x32_epi32(bytes, order));
+        }
+    }
+#endif
+    for (; i < n; ++i) codes[i] = u8_code(w[i], encoding);
+}
+
+/* One block of n <= BLOCK elements of the fp32 update with compressed state, from
+   element `first` of the piece: reads the params (or the master copy), the grads and
+   the old state (v, u: the block's; see load_state), stores the new params, and
+   leaves the new state values in v_block and u_block for the caller to encode (uint8
+   state: with their maxima). `at`: the block's first state index. */
+static inline __attribute__((always_inline)) void update_block_cs(
+        void *restrict p, const void *restrict gr, const void *restrict v, const void *restrict u,
+        float *restrict m, const int64_t first, const int n, const float *restrict row, const float grad_scale,
+        const int use_torch_sqrt, const int flags, const int kind, const int store, const int state_kind,
+        const uint64_t at, const uint32_t k0, const uint32_t k1, float *restrict v_block, float *restrict u_block,
+        u8_max_t *restrict v_max, u8_max_t *restrict u_max) {
     const float lr = row[LR], rho = row[RHO], one_minus_rho = row[ONE_MINUS_RHO];
     const float eps = row[EPS], weight_decay = row[WEIGHT_DECAY];
-    float g_block[BLOCK] __attribute__((aligned(64)));
     float w_block[BLOCK] __attribute__((aligned(64)));
-    float v_block[BLOCK] __attribute__((aligned(64)));
-    float u_block[BLOCK] __attribute__((aligned(64)));
-    float std[BLOCK] __attribute__((aligned(64)));
-    for (int64_t first = 0; first < n_elements; first += BLOCK) {
-        const int n = n_elements - first < BLOCK ? (int)(n_elements - first) : BLOCK;
-        const uint16_t *restrict vb = v + first, *restrict ub = u + first;
-        float *restrict mb = m + first;
+    float *restrict mb = m + first;
+    u8_max_t v_top = {0, 0}, u_top = {0, 0};
+    /* fp16 params convert element by element (no vectorized _Float16 here): three
+       passes, so that the sqrt pass still vectorizes. */
+    if (!use_torch_sqrt && kind != KIND_F16) {
+        /* The IEEE sqrt: one pass, in which the rest overlaps the divider's work. */
+        for (int i = 0; i < n; ++i) {
+            float w = store == STORE_MASTER ? mb[i] : load_value(p, first + i, kind);
+            const float g = grad_f32(load_value(gr, first + i, kind), w, grad_scale, weight_decay, flags);
+            const float square = fmaf(one_minus_rho * g, g, load_state(v, i, state_kind) * rho);
+            float acc = load_state(u, i, state_kind);
+            const float d = sqrtf(acc + eps) / sqrtf(square + eps) * g;
+            apply_f32(d, &acc, &w, rho, one_minus_rho, lr, flags);
+            v_block[i] = square;
+            u_block[i] = acc;
+            if (kind == KIND_F32) ((float *)p)[first + i] = w;
+            else w_block[i] = w;
+            if (state_kind == STATE_U8) {
+                u8_max_add(&v_top, square);
+                u8_max_add(&u_top, acc);
+            }
+        }
+    } else {
+        /* torch's sqrt works on arrays, as update_f32's three passes. */
+        float g_block[BLOCK] __attribute__((aligned(64)));
+        float std[BLOCK] __attribute__((aligned(64)));
+        float delta[BLOCK] __attribute__((aligned(64)));
         for (int i = 0; i < n; ++i) {
             w_block[i] = store == STORE_MASTER ? mb[i] : load_value(p, first + i, kind);
             const float g = grad_f32(load_value(gr, first + i, kind), w_block[i], grad_scale, weight_decay, flags);
-            const float square = fmaf(one_minus_rho * g, g, widen(vb[i], KIND_BF16) * rho);
+            const float square = fmaf(one_minus_rho * g, g, load_state(v, i, state_kind) * rho);
             v_block[i] = square;
             g_block[i] = g;
             std[i] = square + eps;
-            u_block[i] = widen(ub[i], KIND_BF16);
+            u_block[i] = load_state(u, i, state_kind);
+            delta[i] = u_block[i] + eps;
         }
-        if (!use_torch_sqrt) {
-            for (int i = 0; i < n; ++i) {
-                const float d = sqrtf(u_block[i] + eps) / sqrtf(std[i]) * g_block[i];
-                apply_f32(d, &u_block[i], &w_block[i], rho, one_minus_rho, lr, flags);
+        sqrt_block_f32(n, std, use_torch_sqrt);
+        sqrt_block_f32(n, delta, use_torch_sqrt);
+        for (int i = 0; i < n; ++i) {
+            apply_f32(delta[i] / std[i] * g_block[i], &u_block[i], &w_block[i], rho, one_minus_rho, lr, flags);
+            if (state_kind == STATE_U8) {
+                u8_max_add(&v_top, v_block[i]);
+                u8_max_add(&u_top, u_block[i]);
             }
-        } else {
-            /* torch's sqrt works on arrays, as update_f32's three passes. */
-            float delta[BLOCK] __attribute__((aligned(64)));
-            for (int i = 0; i < n; ++i) delta[i] = u_block[i] + eps;
-            sqrt_block_f32(n, std, use_torch_sqrt);
-            sqrt_block_f32(n, delta, use_torch_sqrt);
-            for (int i = 0; i < n; ++i)
-                apply_f32(delta[i] / std[i] * g_block[i], &u_block[i], &w_block[i], rho, one_minus_rho, lr, flags);
         }
-        const uint64_t at = index + (uint64_t)first;
-        round_block_stochastic(v_block, v + first, n, KIND_BF16, at, k0, k1, SQUARE_AVG_STREAM_BASE);
-        round_block_stochastic(u_block, u + first, n, KIND_BF16, at, k0, k1, ACC_DELTA_STREAM_BASE);
         if (kind == KIND_F32) {
             float *restrict pb = (float *)p + first;
             for (int i = 0; i < n; ++i) pb[i] = w_block[i];
+        }
+    }
+    if (state_kind == STATE_U8) { *v_max = v_top; *u_max = u_top; }
+    if (kind != KIND_F32) {
+        uint16_t *restrict pb = (uint16_t *)p + first;
+        if (store == STORE_MASTER)
+            for (int i = 0; i < n; ++i) mb[i] = w_block[i];
+        if (store == STORE_STOCHASTIC)
+            round_block_stochastic(w_block, pb, n, kind, at, k0, k1, PARAM_STREAM_BASE);
+        else
+            for (int i = 0; i < n; ++i) pb[i] = round_nearest(w_block[i], kind);
+    }
+}
+
+/* n elements of one piece with compressed state (v, u: at the piece's state; uint8:
+   v_scale, u_scale at its first quant block, which starts the piece): block by
+   block, the old state decoded, updated, and the new encoded (bf16: its blocks of
+   BLOCK; uint8: of QUANT_BLOCK, whose scales are the blocks' maxima's). */
+static inline __attribute__((always_inline)) void update_cs(
+        void *restrict p, const void *restrict gr, void *restrict v, void *restrict u,
+        float *restrict v_scale, float *restrict u_scale, float *restrict m, const int64_t n_elements,
+        const float *restrict row, const float grad_scale, const int use_torch_sqrt, const int flags,
+        const int kind, const int store, const int state_kind, const uint64_t index, const uint32_t k0,
+        const uint32_t k1) {
+    float v_block[BLOCK] __attribute__((aligned(64)));
+    float u_block[BLOCK] __attribute__((aligned(64)));
+    float v_old[BLOCK] __attribute__((aligned(64)));
+    float u_old[BLOCK] __attribute__((aligned(64)));
+    const int64_t step = state_kind == STATE_U8 ? QUANT_BLOCK : BLOCK;
+    for (int64_t first = 0, b = 0; first < n_elements; first += step, ++b) {
+        const int n = n_elements - first < step ? (int)(n_elements - first) : (int)step;
+        const uint64_t at = index + (uint64_t)first;
+        if (state_kind == STATE_U8) {
+            uint8_t *restrict vb = (uint8_t *)v + first, *restrict ub = (uint8_t *)u + first;
+            u8_max_t v_max, u_max;
+            u8_decode(vb, n, v_scale[b], v_old);
+            u8_decode(ub, n, u_scale[b], u_old);
+            update_block_cs(p, gr, v_old, u_old, m, first, n, row, grad_scale, use_torch_sqrt, flags, kind,
+                            store, STATE_U8, at, k0, k1, v_block, u_block, &v_max, &u_max);
+            u8_codes(v_block, n, u8_encoding(v_max, &v_scale[b]), vb);
+            u8_codes(u_block, n, u8_encoding(u_max, &u_scale[b]), ub);
         } else {
-            uint16_t *restrict pb = (uint16_t *)p + first;
-            if (store == STORE_MASTER)
-                for (int i = 0; i < n; ++i) mb[i] = w_block[i];
-            if (store == STORE_STOCHASTIC)
-                round_block_stochastic(w_block, pb, n, kind, at, k0, k1, PARAM_STREAM_BASE);
-            else
-                for (int i = 0; i < n; ++i) pb[i] = round_nearest(w_block[i], kind);
+            uint16_t *restrict vb = (uint16_t *)v + first, *restrict ub = (uint16_t *)u + first;
+            update_block_cs(p, gr, vb, ub, m, first, n, row, grad_scale, use_torch_sqrt, flags, kind, store,
+                            STATE_BF16, at, k0, k1, v_block, u_block, 0, 0);
+            round_block_stochastic(v_block, vb, n, KIND_BF16, at, k0, k1, SQUARE_AVG_STREAM_BASE);
+            round_block_stochastic(u_block, ub, n, KIND_BF16, at, k0, k1, ACC_DELTA_STREAM_BASE);
         }
     }
 }
@@ -679,16 +896,18 @@ static inline __attribute__((always_inline)) void update_cs(
    time. Functions of their own: one switch over all of them took the compiler
    minutes (its PRE pass grows faster than the function), and a variant per flag
    combination, as the fp32 loop has, 8 s more per build. Every variant takes its
-   buffers untyped, so that one share runner serves fp32 and bf16 state. */
+   buffers untyped, so that one share runner serves fp32, bf16 and uint8 state
+   (v_scale, u_scale: uint8 state's, at the piece's first quant block; else NULL). */
 #define N_FLAG_VARIANTS 3
-typedef void (*update_lowp_fn)(void *, const void *, void *, void *, float *, int64_t,
+typedef void (*update_lowp_fn)(void *, const void *, void *, void *, float *, float *, float *, int64_t,
                                const float *, float, int, int, int, uint64_t, uint32_t, uint32_t);
 #define LOWP_VARIANT(KIND, STORE, NAME, FLAGS)                                        \
     static __attribute__((noinline)) void update_lowp_##KIND##_##STORE##_##NAME(      \
-            void *p, const void *g, void *v, void *u, float *m, int64_t n,            \
-            const float *row, float grad_scale, int use_torch_sqrt, int flags,        \
-            int streaming, uint64_t index, uint32_t k0, uint32_t k1) {                \
-        (void)flags;                                                                  \
+            void *p, const void *g, void *v, void *u, float *v_scale, float *u_scale, \
+            float *m, int64_t n, const float *row, float grad_scale,                  \
+            int use_torch_sqrt, int flags, int streaming, uint64_t index, uint32_t k0, \
+            uint32_t k1) {                                                            \
+        (void)flags; (void)v_scale; (void)u_scale;                                    \
         update_lowp((uint16_t *)p, (const uint16_t *)g, (float *)v, (float *)u, m, n, \
                     row, grad_scale, use_torch_sqrt, FLAGS, KIND, STORE,              \
                     STORE == STORE_MASTER && streaming, index, k0, k1);               \
@@ -719,44 +938,59 @@ static const update_lowp_fn update_lowp_variants[N_KINDS][N_STORES][N_FLAG_VARIA
 #endif
 };
 
-/* bf16 state: one function per (kind, store), taking any flags at run time: its two
-   Philox streams, not the flags' branches, set its speed, and a second variant
-   without flags made the build 9.3 s instead of 8.7. fp32 params store only one way. */
-#define CS_VARIANT(KIND, STORE, NAME, FLAGS)                                          \
-    static __attribute__((noinline)) void update_cs_##KIND##_##STORE##_##NAME(        \
-            void *p, const void *g, void *v, void *u, float *m, int64_t n,            \
-            const float *row, float grad_scale, int use_torch_sqrt, int flags,        \
-            int streaming, uint64_t index, uint32_t k0, uint32_t k1) {                \
+/* Compressed state: one function per (state, kind, store) taking any flags at run
+   time, and for uint8 state, as for fp32 state, one without flags and one with
+   weight decay alone. bf16 state's two Philox streams, not the flags' branches, set
+   its speed (a variant without flags made the build 0.6 s longer for little); uint8
+   state's update is one vectorized loop, in which runtime flags cost selects and
+   blends (16M fp32 params, 2 threads: 9.8 ms instead of 12.1 with weight decay, the
+   two variants 1.5 s of the build). fp32 params store only one way. */
+#define CS_VARIANT(STATE, KIND, STORE, NAME, FLAGS)                                   \
+    static __attribute__((noinline)) void update_cs_##STATE##_##KIND##_##STORE##_##NAME( \
+            void *p, const void *g, void *v, void *u, float *v_scale, float *u_scale, \
+            float *m, int64_t n, const float *row, float grad_scale,                  \
+            int use_torch_sqrt, int flags, int streaming, uint64_t index, uint32_t k0, \
+            uint32_t k1) {                                                            \
         (void)flags; (void)streaming;                                                 \
-        update_cs(p, g, (uint16_t *)v, (uint16_t *)u, m, n, row, grad_scale,          \
-                  use_torch_sqrt, FLAGS, KIND, STORE, index, k0, k1);                 \
+        update_cs(p, g, v, u, v_scale, u_scale, m, n, row, grad_scale,                \
+                  use_torch_sqrt, FLAGS, KIND, STORE, STATE, index, k0, k1);          \
     }
-#define CS_STORE_VARIANTS(KIND, STORE) CS_VARIANT(KIND, STORE, any, flags)
-#define CS_STORE_NAMES(KIND, STORE)                                                   \
-    { update_cs_##KIND##_##STORE##_any, update_cs_##KIND##_##STORE##_any,             \
-      update_cs_##KIND##_##STORE##_any }
-#define CS_KIND(KIND)                                                                 \
-    CS_STORE_VARIANTS(KIND, STORE_NEAREST) CS_STORE_VARIANTS(KIND, STORE_MASTER)      \
-    CS_STORE_VARIANTS(KIND, STORE_STOCHASTIC)
-#define CS_KIND_NAMES(KIND)                                                           \
-    { CS_STORE_NAMES(KIND, STORE_NEAREST), CS_STORE_NAMES(KIND, STORE_MASTER),        \
-      CS_STORE_NAMES(KIND, STORE_STOCHASTIC) }
-
-CS_KIND(KIND_BF16)
+/* The variants of a (state, kind, store), and their names in a variants table:
+   [0: no flags, 1: weight decay alone, 2: any]. */
+#define CS_STORE_STATE_BF16(KIND, STORE) CS_VARIANT(STATE_BF16, KIND, STORE, any, flags)
+#define CS_NAMES_STATE_BF16(KIND, STORE)                                              \
+    { update_cs_STATE_BF16_##KIND##_##STORE##_any, update_cs_STATE_BF16_##KIND##_##STORE##_any, \
+      update_cs_STATE_BF16_##KIND##_##STORE##_any }
+#define CS_STORE_STATE_U8(KIND, STORE)                                                \
+    CS_VARIANT(STATE_U8, KIND, STORE, plain, 0) CS_VARIANT(STATE_U8, KIND, STORE, decay, FLAG_WEIGHT_DECAY) \
+    CS_VARIANT(STATE_U8, KIND, STORE, any, flags)
+#define CS_NAMES_STATE_U8(KIND, STORE)                                                \
+    { update_cs_STATE_U8_##KIND##_##STORE##_plain, update_cs_STATE_U8_##KIND##_##STORE##_decay, \
+      update_cs_STATE_U8_##KIND##_##STORE##_any }
+#define CS_KIND(STATE, KIND)                                                          \
+    CS_STORE_##STATE(KIND, STORE_NEAREST) CS_STORE_##STATE(KIND, STORE_MASTER)        \
+    CS_STORE_##STATE(KIND, STORE_STOCHASTIC)
+#define CS_KIND_NAMES(STATE, KIND)                                                    \
+    { CS_NAMES_##STATE(KIND, STORE_NEAREST), CS_NAMES_##STATE(KIND, STORE_MASTER),    \
+      CS_NAMES_##STATE(KIND, STORE_STOCHASTIC) }
+/* Every kind's variants of one state; KIND_F32 runs STORE_NEAREST only (the entry
+   points refuse the rest). [kind][store][flags variant] */
 #if HAVE_F16
-CS_KIND(KIND_F16)
-#endif
-CS_STORE_VARIANTS(KIND_F32, STORE_NEAREST)
-/* [kind][store][flags variant]; KIND_F32 runs STORE_NEAREST only (the loader refuses the rest). */
-static const update_lowp_fn update_cs_variants[N_KINDS + 1][N_STORES][N_FLAG_VARIANTS] = {
-    CS_KIND_NAMES(KIND_BF16),
-#if HAVE_F16
-    CS_KIND_NAMES(KIND_F16),
+#define CS_STATE(STATE)                                                               \
+    CS_KIND(STATE, KIND_BF16) CS_KIND(STATE, KIND_F16) CS_STORE_##STATE(KIND_F32, STORE_NEAREST) \
+    static const update_lowp_fn update_cs_variants_##STATE[N_KINDS + 1][N_STORES][N_FLAG_VARIANTS] = { \
+        CS_KIND_NAMES(STATE, KIND_BF16), CS_KIND_NAMES(STATE, KIND_F16),            \
+        { CS_NAMES_##STATE(KIND_F32, STORE_NEAREST) } };
 #else
-    {{0}},
+#define CS_STATE(STATE)                                                               \
+    CS_KIND(STATE, KIND_BF16) CS_STORE_##STATE(KIND_F32, STORE_NEAREST)               \
+    static const update_lowp_fn update_cs_variants_##STATE[N_KINDS + 1][N_STORES][N_FLAG_VARIANTS] = { \
+        CS_KIND_NAMES(STATE, KIND_BF16), {{0}},                                       \
+        { CS_NAMES_##STATE(KIND_F32, STORE_NEAREST) } };
 #endif
-    { CS_STORE_NAMES(KIND_F32, STORE_NEAREST) },
-};
+
+CS_STATE(STATE_BF16)
+CS_STATE(STATE_U8)
 
 /* A share (see run_share_f32): the pieces it spans, each through the variant of its
    group's flags in the share's table. */
@@ -777,10 +1011,13 @@ static void *run_share_lowp(void *arg) {
         const int flags = GROUP_FLAGS(s->has_grad_scale, row);
         const int64_t state = table[STATE_ROW * n_pieces + k] + offset;
         const int variant = flags == 0 ? 0 : flags == FLAG_WEIGHT_DECAY ? 1 : 2;
+        /* (uint8 state: `state` starts a quant block, as run_step splits the table.) */
+        float *v_scale = s->square_avg_scale ? s->square_avg_scale + state / QUANT_BLOCK : 0;
+        float *u_scale = s->acc_delta_scale ? s->acc_delta_scale + state / QUANT_BLOCK : 0;
         variants[s->store][variant](
             (char *)(intptr_t)table[PARAM_ROW * n_pieces + k] + offset * s->param_bytes,
             (const char *)(intptr_t)table[GRAD_ROW * n_pieces + k] + offset * s->param_bytes,
-            square_avg + state * s->state_bytes, acc_delta + state * s->state_bytes,
+            square_avg + state * s->state_bytes, acc_delta + state * s->state_bytes, v_scale, u_scale,
             master ? master + state : 0, n, row, (float)s->grad_scale, s->use_torch_sqrt, flags,
             s->total >= STREAMING_MIN_ELEMENTS, (uint64_t)state, s->key0, s->key1);
     }
@@ -809,7 +1046,22 @@ int adadelta_step_lowp(const int64_t *table, int64_t n_pieces, float *square_avg
     proto.variants = update_lowp_variants[kind];
     proto.param_bytes = 2; proto.state_bytes = 4;
     /* 32 elements: a 64-byte line of params, two of state. */
-    return run_step(&proto, n_state, n_groups, 32, max_threads, parallel_min_elements);
+    return run_step(&proto, n_state, n_groups, 32, 0, max_threads, parallel_min_elements);
+}
+
+/* A compressed-state step's checks and share prototype (bf16 or uint8 state). */
+static int cs_proto(share_t *proto, const int64_t *table, int64_t n_pieces, void *square_avg, void *acc_delta,
+        float *master, const float *hparams, const float *grad_scale_ptr, int use_torch_sqrt, int kind, int store,
+        int64_t seed) {
+    if (kind < 0 || kind > KIND_F32 || (kind == KIND_F16 && !HAVE_F16)) return -2;
+    if (store < 0 || store >= N_STORES || (store == STORE_MASTER) != (master != 0)) return -2;
+    if (kind == KIND_F32 && store != STORE_NEAREST) return -2;
+    *proto = share_proto(table, n_pieces, square_avg, acc_delta, hparams, grad_scale_ptr != 0,
+        grad_scale_ptr ? (double)*grad_scale_ptr : 1.0, use_torch_sqrt, run_share_lowp);
+    proto->master = master; proto->kind = kind; proto->store = store;
+    proto->key0 = (uint32_t)(uint64_t)seed; proto->key1 = (uint32_t)((uint64_t)seed >> 32);
+    proto->param_bytes = kind == KIND_F32 ? 4 : 2;
+    return 0;
 }
 
 /* One step with bf16 state (square_avg, acc_delta: bf16 bits), as adadelta_step_lowp
@@ -819,16 +1071,35 @@ int adadelta_step_bf16_state(const int64_t *table, int64_t n_pieces, uint16_t *s
         uint16_t *acc_delta, float *master, int64_t n_state, const float *hparams, int64_t n_groups,
         const float *grad_scale_ptr, const float *found_inf_ptr, int max_threads,
         int64_t parallel_min_elements, int use_torch_sqrt, int kind, int store, int64_t seed) {
-    if (kind < 0 || kind > KIND_F32 || (kind == KIND_F16 && !HAVE_F16)) return -2;
-    if (store < 0 || store >= N_STORES || (store == STORE_MASTER) != (master != 0)) return -2;
-    if (kind == KIND_F32 && store != STORE_NEAREST) return -2;
+    share_t proto;
+    const int refused = cs_proto(&proto, table, n_pieces, square_avg, acc_delta, master, hparams,
+                                 grad_scale_ptr, use_torch_sqrt, kind, store, seed);
+    if (refused) return refused;
     if (found_inf_ptr && *found_inf_ptr != 0) return 1;
-    share_t proto = share_proto(table, n_pieces, square_avg, acc_delta, hparams, grad_scale_ptr != 0,
-        grad_scale_ptr ? (double)*grad_scale_ptr : 1.0, use_torch_sqrt, run_share_lowp);
-    proto.master = master; proto.kind = kind; proto.store = store;
-    proto.key0 = (uint32_t)(uint64_t)seed; proto.key1 = (uint32_t)((uint64_t)seed >> 32);
-    proto.variants = update_cs_variants[kind];
-    proto.param_bytes = kind == KIND_F32 ? 4 : 2; proto.state_bytes = 2;
+    proto.variants = update_cs_variants_STATE_BF16[kind];
+    proto.state_bytes = 2;
     /* 32 elements: a 64-byte line of bf16 state (and of 16-bit params). */
-    return run_step(&proto, n_state, n_groups, 32, max_threads, parallel_min_elements);
+    return run_step(&proto, n_state, n_groups, 32, 0, max_threads, parallel_min_elements);
+}
+
+/* One step with uint8 state (square_avg, acc_delta: codes; square_avg_scale,
+   acc_delta_scale: n_state / QUANT_BLOCK fp32 scales), as adadelta_step_bf16_state
+   (the same arguments, kinds, stores and returns). n_state must be a multiple of
+   QUANT_BLOCK and every piece must start at one, else -1 (nothing written). */
+int adadelta_step_u8_state(const int64_t *table, int64_t n_pieces, uint8_t *square_avg,
+        uint8_t *acc_delta, float *square_avg_scale, float *acc_delta_scale, float *master, int64_t n_state,
+        const float *hparams, int64_t n_groups, const float *grad_scale_ptr, const float *found_inf_ptr,
+        int max_threads, int64_t parallel_min_elements, int use_torch_sqrt, int kind, int store, int64_t seed) {
+    share_t proto;
+    const int refused = cs_proto(&proto, table, n_pieces, square_avg, acc_delta, master, hparams,
+                                 grad_scale_ptr, use_torch_sqrt, kind, store, seed);
+    if (refused) return refused;
+    if (!square_avg_scale || !acc_delta_scale) return -2;
+    if (found_inf_ptr && *found_inf_ptr != 0) return 1;
+    if (n_state % QUANT_BLOCK != 0) return -1;
+    proto.variants = update_cs_variants_STATE_U8[kind];
+    proto.state_bytes = 1;
+    proto.square_avg_scale = square_avg_scale; proto.acc_delta_scale = acc_delta_scale;
+    /* Shares of whole quant blocks (see run_step). */
+    return run_step(&proto, n_state, n_groups, QUANT_BLOCK, QUANT_BLOCK, max_threads, parallel_min_elements);
 }
