@@ -37,6 +37,13 @@ Dtype modes (the optimizer, not this kernel, decides how state is stored):
   probability proportional to the distance, so it is unbiased (``_round_stochastic``).
   The noise is 16 bits of Philox keyed by a per-step seed, at the element's index in
   the flat state (``_noise16``), so no two params share a stream.
+* bf16 state: ``square_avg`` and ``acc_delta`` are bf16, widened exactly and stored
+  rounded stochastically, from the halves of one 32-bit hash per element
+  (``_state_noise``).
+* 8-bit state: ``square_avg`` and ``acc_delta`` are uint8 codes with one fp32 scale per
+  ``QUANT_BLOCK`` elements (``_dequantize``, ``_quantize``; the format is
+  :mod:`triton_adadelta.quant`'s). A program's block holds whole quant blocks, so the
+  new scale of each comes from a reduction in the same pass.
 
 When ``found_inf`` is given and non-zero nothing is written, decided on the device
 with no host sync. Step counts are not the kernel's business: the optimizer
@@ -101,14 +108,19 @@ _MAP_SLOTS = BLOCK_SIZES[-1] // MIN_BLOCK_SIZE + 1
 # behind memory as on a GPU), 10 rounds cost more than the rest of the step.
 PHILOX_ROUNDS = 7
 _PHILOX_ROUNDS = tl.constexpr(PHILOX_ROUNDS)  # (what a jitted function may read)
-# Independent noise for each rounded buffer: stream s draws counters from s << 56 on
-# (an element's counter is its state index / 8, far below 2**56). Stream 0 rounds
-# the params, 1 square_avg and 2 acc_delta when the state is bf16.
+# The params' stochastic rounding draws Philox counters from PARAM_STREAM << STREAM_SHIFT
+# on (an element's counter is its state index / 8, far below 2**56).
 STREAM_SHIFT = 56
-PARAM_STREAM, SQUARE_AVG_STREAM, ACC_DELTA_STREAM = 0, 1, 2
+PARAM_STREAM = 0
 _PARAM_STREAM_BASE = tl.constexpr(PARAM_STREAM << STREAM_SHIFT)
-_SQUARE_AVG_STREAM_BASE = tl.constexpr(SQUARE_AVG_STREAM << STREAM_SHIFT)
-_ACC_DELTA_STREAM_BASE = tl.constexpr(ACC_DELTA_STREAM << STREAM_SHIFT)
+# bf16 state's noise (_state_noise): "lowbias32" (C. Wellons' hash prospector), a
+# bijection of 32-bit words, of the element's state index plus a key from the seed.
+# For a uniform key the word is uniform, so its two halves (square_avg's and
+# acc_delta's 16 bits) are uniform and independent whatever the hash's quality: the
+# rounding stays unbiased, at one hash per element instead of two Philox calls per 8.
+STATE_NOISE_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
+_STATE_NOISE_A = tl.constexpr(STATE_NOISE_MULTIPLIERS[0])
+_STATE_NOISE_B = tl.constexpr(STATE_NOISE_MULTIPLIERS[1])
 # Each param's segment of the flat state starts at a multiple of 8 elements, and its
 # aligned bulk (the kernel's aligned branch) is a multiple of 8 elements: whole 16-byte
 # vectors of the params (of any dtype) and of bf16 state, and the 8 elements of one
@@ -142,11 +154,13 @@ _MAX_PER_THREAD = 32
 _MAX_PER_THREAD_STOCHASTIC_ROUNDING = 16
 _MAX_PER_THREAD_MASTER = 8
 _MAX_PER_THREAD_FP64 = 8
-#   bf16 state: 8; 16 spilled 16 B on sm_90 (bf16 params, B4096_w8).
-_MAX_PER_THREAD_COMPRESSED_STATE = 8
+#   bf16 state: as fp32 state (with two Philox streams for its noise it was 8: 16 spilled
+#   16 B on sm_90; with one hash per element 32 spills nothing); with master weights 16
+#   (8-bit and bf16 state hold fewer registers than fp32 state: none spills on sm_80 or sm_90).
 #   8-bit state: 16, the fewest whose codes load and store 128-bit; none spills on sm_80
-#   or sm_90, master weights included (8-bit codes hold fewer registers than fp32 state).
+#   or sm_90, master weights included.
 _MAX_PER_THREAD_QUANTIZED_STATE = 16
+_MAX_PER_THREAD_MASTER_COMPRESSED_STATE = 16
 
 
 def configs_for(
@@ -176,13 +190,11 @@ def configs_for(
     most = _MAX_PER_THREAD
     if param_dtype == torch.float64:
         most = _MAX_PER_THREAD_FP64
-    if master and not quantized_state:
-        # (With 8-bit state, 16 elements per thread spill nothing: see _MAX_PER_THREAD_QUANTIZED_STATE.)
-        most = min(most, _MAX_PER_THREAD_MASTER)
+    if master:
+        compressed = compressed_state or quantized_state
+        most = min(most, _MAX_PER_THREAD_MASTER_COMPRESSED_STATE if compressed else _MAX_PER_THREAD_MASTER)
     if stochastic_rounding:
         most = min(most, _MAX_PER_THREAD_STOCHASTIC_ROUNDING)
-    if compressed_state:
-        most = min(most, _MAX_PER_THREAD_COMPRESSED_STATE)
     if quantized_state:
         most = min(most, _MAX_PER_THREAD_QUANTIZED_STATE)
     # The narrowest streamed buffer: the params, bf16 state or 8-bit codes.
@@ -447,6 +459,26 @@ def _noise16(seed, index, STREAM_BASE: tl.constexpr = 0):
 
 
 @triton.jit
+def _hash32(x):
+    """lowbias32 of uint32 ``x``: a bijection whose every output bit depends on every input bit."""
+    # (uint32 multipliers: a literal past 2**31 would widen the product to int64.)
+    x = x ^ (x >> 16)
+    x = x * tl.full([], _STATE_NOISE_A, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full([], _STATE_NOISE_B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _state_noise(seed, state_offs):
+    """bf16 state's 32 random bits per element: the low half rounds square_avg, the high
+    half acc_delta. The hash of the element's state index (mod 2**32) plus a key, the
+    hash of the seed; the same in the C loop (``state_noise`` in ``csrc/adadelta_cpu.c``)."""
+    key = _hash32(seed.to(tl.uint32))
+    return _hash32(state_offs.to(tl.uint32) + key)
+
+
+@triton.jit
 def _noise16_contiguous(seed, first_index, BLOCK: tl.constexpr, STREAM_BASE: tl.constexpr = 0):
     """``_noise16`` of the ``BLOCK`` indices from ``first_index`` (a multiple of 8) on.
 
@@ -620,9 +652,6 @@ def _update_block(
     if STOCHASTIC_ROUNDING:
         noise = _noise(seed, state_offs, block_base, CONTIGUOUS_NOISE, BLOCK, _PARAM_STREAM_BASE)
     COMPRESSED_STATE: tl.constexpr = square_avg_ptr.dtype.element_ty == tl.bfloat16
-    if COMPRESSED_STATE:
-        square_avg_noise = _noise(seed, state_offs, block_base, CONTIGUOUS_NOISE, BLOCK, _SQUARE_AVG_STREAM_BASE)
-        acc_delta_noise = _noise(seed, state_offs, block_base, CONTIGUOUS_NOISE, BLOCK, _ACC_DELTA_STREAM_BASE)
     # 8-bit state: the block holds whole quant blocks (block_base a multiple of
     # QUANT_BLOCK); a quant block is the piece's if its first element is.
     QUANTIZED_STATE: tl.constexpr = square_avg_ptr.dtype.element_ty == tl.uint8
@@ -663,8 +692,9 @@ def _update_block(
 
     if COMPRESSED_STATE:
         # bf16 state: rounded stochastically, so that its expectation is the fp32 value.
-        square_avg = _round_stochastic(square_avg, _noise_halves(square_avg_noise, CONTIGUOUS_NOISE, BLOCK), tl.bfloat16)
-        acc_delta = _round_stochastic(acc_delta, _noise_halves(acc_delta_noise, CONTIGUOUS_NOISE, BLOCK), tl.bfloat16)
+        state_noise = _state_noise(seed, state_offs)
+        square_avg = _round_stochastic(square_avg, state_noise & 0xFFFF, tl.bfloat16)
+        acc_delta = _round_stochastic(acc_delta, state_noise >> 16, tl.bfloat16)
     if QUANTIZED_STATE:
         # 8-bit state: rounded to nearest on each quant block's grid.
         square_avg_codes, square_avg_scale = _quantize(square_avg, mask, BLOCK)

@@ -522,11 +522,34 @@ static inline __attribute__((always_inline)) uint16_t round_stochastic(float x, 
     return (float)noise * (1.0f / 65536.0f) < fraction ? other : nearest;
 }
 
-/* Each rounded buffer draws its own stream: counters from stream << 56 on (the
-   kernel's PARAM_STREAM, SQUARE_AVG_STREAM, ACC_DELTA_STREAM and STREAM_SHIFT). */
+/* The params' stochastic rounding draws Philox counters from PARAM_STREAM_BASE on (the
+   kernel's PARAM_STREAM << STREAM_SHIFT). */
 #define PARAM_STREAM_BASE 0ull
-#define SQUARE_AVG_STREAM_BASE (1ull << 56)
-#define ACC_DELTA_STREAM_BASE (2ull << 56)
+
+/* bf16 state's noise (the kernel's _hash32 and _state_noise): lowbias32 (C. Wellons'
+   hash prospector), a bijection of 32-bit words, of the element's state index (mod
+   2**32) plus a key, the hash of the seed. For a uniform key the word is uniform, so
+   its halves, square_avg's and acc_delta's 16 bits, are uniform and independent. */
+static inline __attribute__((always_inline)) uint32_t hash32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    return x ^ (x >> 16);
+}
+
+/* A block of new bf16 state (v_new, u_new at state index `index` on), stochastically
+   rounded into v and u with one hash per element: one vectorized pass. */
+static __attribute__((noinline)) void round_state_bf16(
+        const float *restrict v_new, const float *restrict u_new, uint16_t *restrict v, uint16_t *restrict u,
+        const int n, const uint64_t index, const uint32_t seed) {
+    const uint32_t first = (uint32_t)index + hash32(seed);
+    for (int i = 0; i < n; ++i) {
+        const uint32_t noise = hash32(first + (uint32_t)i);
+        v[i] = bf16_add_and_truncate(v_new[i], noise & 0xFFFFu);
+        u[i] = bf16_add_and_truncate(u_new[i], noise >> 16);
+    }
+}
 
 /* A block of new values, stochastically rounded into `p` with the kernel's noise
    (_noise16 in kernels/adadelta.py): half index % 8 of Philox's counter
@@ -885,8 +908,7 @@ static inline __attribute__((always_inline)) void update_cs(
             uint16_t *restrict vb = (uint16_t *)v + first, *restrict ub = (uint16_t *)u + first;
             update_block_cs(p, gr, vb, ub, m, first, n, row, grad_scale, use_torch_sqrt, flags, kind, store,
                             STATE_BF16, at, k0, k1, v_block, u_block, 0, 0);
-            round_block_stochastic(v_block, vb, n, KIND_BF16, at, k0, k1, SQUARE_AVG_STREAM_BASE);
-            round_block_stochastic(u_block, ub, n, KIND_BF16, at, k0, k1, ACC_DELTA_STREAM_BASE);
+            round_state_bf16(v_block, u_block, vb, ub, n, at, k0);
         }
     }
 }
