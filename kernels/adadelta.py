@@ -550,15 +550,9 @@ def _round_stochastic(x, noise16, DTYPE: tl.constexpr):
 _CODE_EXPONENT_BIAS = tl.constexpr(112 << 23)  # fp32 exponent field of 2**-15
 _SMALLEST_NORMAL_CODE_BITS = tl.constexpr(113 << 23)  # fp32 bits of 2**-14
 _SUBNORMAL_CODE_STEP = tl.constexpr(1.0 / 262144.0)  # 2**-18
-_RINT_MAGIC = tl.constexpr(8388608.0)  # 2**23: adding it rounds [0, 2**22) to an integer
-_RINT_MAGIC_BITS = tl.constexpr(0x4B000000)
-
-
-@triton.jit
-def _round_bits_at_code_precision(bits):
-    """fp32 ``bits`` rounded to nearest even at the code's 4 mantissa bits (19
-    dropped): a carry moves the exponent up, as it should."""
-    return bits + 0x3FFFF + ((bits >> 19) & 1)
+_SUBNORMAL_FIXED_POINT = tl.constexpr(17179869184.0)  # 2**34: 2**-18 in units of 2**-16
+_CODE_DROPPED_MASK = tl.constexpr((1 << 19) - 1)  # the fp32 mantissa bits a code drops
+_SMALLEST_NORMAL_CODE = tl.constexpr(2.0**-14)
 
 
 @triton.jit
@@ -577,25 +571,29 @@ def _dequantize(codes, scale, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _quantize(values, mask, BLOCK: tl.constexpr):
+def _quantize(values, noise16, mask, BLOCK: tl.constexpr):
     """fp32 ``values`` as ``(codes, scales)``: one scale per quant block, each value
-    rounded to nearest on its block's grid (``mask``: the values that count).
+    rounded stochastically on its block's grid by 16 bits of noise (``mask``: the
+    values that count).
 
-    The scale is the power of two of the block's largest value rounded to the
-    code's precision, so that value's code is at most 255 and the quantizer is
-    exact: ``values / scale`` is exact, and each code is the value rounded to the
-    nearest (ties to even) of the block's grid. A block with a NaN or inf gets a
-    NaN scale (every value reads back NaN); one whose largest value is below
-    fp32's smallest normal, or zero, gets scale 0 and codes 0.
+    The scale is the power of two at or below the block's largest value rounded up
+    to the code's 5 significant bits, so no value rounds past code 255, and
+    ``values / scale`` is exact. A value rounds up to the next grid value with
+    probability (its distance above the one below) / (the gap), to 2**-16 of a gap:
+    unbiased, so a running average that changes by less than a gap per step still
+    moves in expectation, where rounding to nearest would stall it. A block with a
+    NaN or inf gets a NaN scale (every value reads back NaN); one whose largest
+    value is below fp32's smallest normal, or zero, gets scale 0 and codes 0.
     """
     rows = tl.reshape(values, [BLOCK // _QUANT_BLOCK, _QUANT_BLOCK])
     valid = tl.reshape(mask, [BLOCK // _QUANT_BLOCK, _QUANT_BLOCK])
+    noise = tl.reshape(noise16, [BLOCK // _QUANT_BLOCK, _QUANT_BLOCK])
     finite = tl.abs(rows) < float("inf")  # (False for NaN)
     not_finite = tl.max(tl.where(valid & ~finite, 1, 0), axis=1)
     # AdaDelta's state is never negative; a negative value (none arises) counts as 0.
     rows = tl.where(valid & finite, tl.maximum(rows, 0.0), 0.0)
     largest = tl.max(rows, axis=1).to(tl.uint32, bitcast=True)
-    exponent = _round_bits_at_code_precision(largest) >> 23
+    exponent = (largest + _CODE_DROPPED_MASK) >> 23  # rounded up: a carry moves the exponent
     # (A subnormal largest value gives scale 0, whichever way it rounds.)
     usable = (not_finite == 0) & (largest >= 0x800000) & (exponent <= 254)
     scale = tl.where(usable, (exponent << 23).to(tl.float32, bitcast=True), 0.0)
@@ -603,9 +601,11 @@ def _quantize(values, mask, BLOCK: tl.constexpr):
     inverse = tl.div_rn(tl.full([BLOCK // _QUANT_BLOCK], 1.0, tl.float32), tl.where(usable, scale, 1.0))
     scaled = rows * inverse[:, None]
     bits = scaled.to(tl.uint32, bitcast=True)
-    normal = (_round_bits_at_code_precision(bits) - _CODE_EXPONENT_BIAS) >> 19
-    # Below 2**-14: a multiple of 2**-18, rounded half to even by the magic add.
-    subnormal = ((scaled * 262144.0) + _RINT_MAGIC).to(tl.uint32, bitcast=True) - _RINT_MAGIC_BITS
+    # The 19 dropped bits plus the noise (at their top 16), truncated.
+    normal = (bits - _CODE_EXPONENT_BIAS + (noise << 3)) >> 19
+    # Below 2**-14: multiples of 2**-18; the value in 16ths of 2**-18 (truncated), plus the noise.
+    # (Clamped first: the conversion of a normal value's product would overflow.)
+    subnormal = ((tl.minimum(scaled, _SMALLEST_NORMAL_CODE) * _SUBNORMAL_FIXED_POINT).to(tl.uint32) + noise) >> 16
     codes = tl.where(bits >= _SMALLEST_NORMAL_CODE_BITS, normal, subnormal)
     codes = tl.where(usable[:, None], codes, 0).to(tl.uint8)
     scale = tl.where(usable | ((not_finite == 0) & (largest < 0x800000)), scale, float("nan"))
@@ -696,9 +696,11 @@ def _update_block(
         square_avg = _round_stochastic(square_avg, state_noise & 0xFFFF, tl.bfloat16)
         acc_delta = _round_stochastic(acc_delta, state_noise >> 16, tl.bfloat16)
     if QUANTIZED_STATE:
-        # 8-bit state: rounded to nearest on each quant block's grid.
-        square_avg_codes, square_avg_scale = _quantize(square_avg, mask, BLOCK)
-        acc_delta_codes, acc_delta_scale = _quantize(acc_delta, mask, BLOCK)
+        # 8-bit state: rounded stochastically on each quant block's grid, with bf16
+        # state's noise (the halves of one hash per element).
+        state_noise = _state_noise(seed, state_offs)
+        square_avg_codes, square_avg_scale = _quantize(square_avg, state_noise & 0xFFFF, mask, BLOCK)
+        acc_delta_codes, acc_delta_scale = _quantize(acc_delta, state_noise >> 16, mask, BLOCK)
         tl.store(square_avg_ptr + state_offs, square_avg_codes, mask=mask)
         tl.store(acc_delta_ptr + state_offs, acc_delta_codes, mask=mask)
         tl.store(square_avg_scale_ptr + scale_index, square_avg_scale, mask=row_valid)

@@ -10,6 +10,9 @@
    tests/test_compressed_state.py, 30 epochs, lr 1, rho 0.9): test loss and accuracy
    against fp32 state for seeds 0-2, and 2000 steps at lr 0.1, 1 and 10; on the CPU
    path's C loop (the kernel's bits).
+4. Why 8-bit state rounds stochastically: the fp32 regression of 2. with AdaDelta
+   written out in torch and its state stored through triton_adadelta.quant's code,
+   rounded to nearest or stochastically (five noise seeds), against fp32 state.
 
 Usage::
 
@@ -100,6 +103,55 @@ def compressed_state(seeds: list[int], state_dtype: torch.dtype, label: str) -> 
     return {"digits": rows, "mean_test_loss_off": mean_off, "mean_accuracy_points_off": accuracy_points, "stability_2000_steps": stability}
 
 
+def _regression_with_code(seed: int, noise_seed: int | None) -> float:
+    """The regression's final loss with AdaDelta's state stored in the 8-bit code after
+    every step: to nearest (``noise_seed`` None) or stochastically (16-bit noise from
+    a generator), or kept in fp32 (``noise_seed`` -1). The update is torch's equations."""
+    from triton_adadelta.quant import dequantize, quantize_
+
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 64, generator=generator)
+    y = x @ torch.randn(64, 1, generator=generator) + 0.1 * torch.randn(512, 1, generator=generator)
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(64, 1)
+    params = list(model.parameters())
+    state = [[torch.zeros(p.numel()), torch.zeros(p.numel())] for p in params]
+    noise = None if noise_seed is None or noise_seed < 0 else torch.Generator().manual_seed(noise_seed)
+    rho, eps = HYPER["rho"], 1e-6
+    for _ in range(300):
+        model.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        with torch.no_grad():
+            for param, values in zip(params, state):
+                grad = param.grad.reshape(-1)
+                square_avg = values[0] * rho + grad * grad * (1 - rho)
+                delta = (values[1] + eps).sqrt() / (square_avg + eps).sqrt() * grad
+                acc_delta = values[1] * rho + delta * delta * (1 - rho)
+                param.sub_(delta.view_as(param), alpha=HYPER["lr"])
+                for k, new in enumerate((square_avg, acc_delta)):
+                    if noise_seed is not None and noise_seed < 0:
+                        values[k] = new
+                        continue
+                    codes, scales = torch.empty(new.numel(), dtype=torch.uint8), torch.empty(-(-new.numel() // 256))
+                    bits = None if noise is None else torch.randint(0, 1 << 16, (new.numel(),), generator=noise)
+                    quantize_(new, codes, scales, bits)
+                    values[k] = dequantize(codes, scales)
+    with torch.no_grad():
+        return torch.nn.functional.mse_loss(model(x), y).item()
+
+
+def code_rounding(seeds: list[int]) -> list[dict[str, object]]:
+    rows = []
+    for seed in seeds:
+        fp32 = _regression_with_code(seed, -1)
+        stochastic = [_regression_with_code(seed, 100 + k) / fp32 - 1 for k in range(5)]
+        rows.append({
+            "seed": seed, "fp32_loss": fp32, "nearest": _regression_with_code(seed, None) / fp32 - 1,
+            "stochastic": stochastic, "stochastic_mean": float(np.mean(stochastic)),
+        })  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "perf" / "results")
@@ -110,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(torch.device("cpu")), "accuracy": accuracy(), "bf16_regression": bf16_regression(args.seeds),
         "compressed_state": compressed_state(args.seeds, torch.bfloat16, "bf16_state"),
         "quantized_state": compressed_state(args.seeds, torch.uint8, "u8_state"),
+        "code_rounding": code_rounding(args.seeds),
     }  # fmt: skip
     print("error against the fp64 oracle, fp32 ulps (20000 elements, lr 1, rho 0.9, eps 1e-6, weight decay 0.01)")
     print(f"{'after':>9} {'quantity':>11} {'ours max':>10} {'torch max':>10} {'ours p99':>9} {'torch p99':>9}")
@@ -133,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mean test loss off: {compressed['mean_test_loss_off']:+.2%}; accuracy: {compressed['mean_accuracy_points_off']:+.2f} points")
         for row in compressed["stability_2000_steps"]:
             print(f"2000 steps at lr {row['lr']:>4}: finite {row['finite']}, test accuracy {row['test_accuracy']:.2%}")
+    print("\n8-bit code on the fp32 regression (torch's equations, state stored in the code): loss off fp32 state")
+    for row in result["code_rounding"]:
+        spread = " ".join(f"{value:+.1%}" for value in row["stochastic"])
+        print(f"seed {row['seed']}: to nearest {row['nearest']:+.1%}; stochastic (5 noise seeds) {spread}, mean {row['stochastic_mean']:+.1%}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "numerics.json"
     path.write_text(json.dumps(result, indent=2))

@@ -143,8 +143,9 @@ def ulp(x: np.ndarray, dtype: str) -> np.ndarray:
 # modes"): a block of 256 values shares a scale, a power of two; each value is stored
 # as an unsigned float of 4 exponent and 4 mantissa bits with subnormals (values
 # 2**-18 * m for m < 16, and (1 + m / 16) * 2**(e - 15) for e = 1..15), times the
-# scale, rounded to the nearest (ties to even); the scale is the power of two of the
-# block's largest value once that is rounded to 5 significant bits.
+# scale, rounded stochastically to one of its two neighbours on that grid; the scale
+# is the power of two at or below the block's largest value once that is rounded up
+# to 5 significant bits.
 QUANT_BLOCK = 256
 CODE_SMALLEST_NORMAL = 2.0**-14
 CODE_MANTISSA_BITS = 4
@@ -157,26 +158,26 @@ def code_value(codes: np.ndarray) -> np.ndarray:
     return np.where(exponent == 0, mantissa * 2.0**-18, (1 + mantissa / 16) * 2.0 ** (exponent - 15))
 
 
-def round_to_code_grid(x: np.ndarray, scale: float) -> np.ndarray:
-    """``x`` (>= 0, fp64) rounded to nearest even on the grid of a block of ``scale``.
+def round_to_code_grid(x: np.ndarray, scale: float, direction: str) -> np.ndarray:
+    """``x`` (>= 0, fp64) rounded ``"down"`` or ``"up"`` to the grid of a block of ``scale``.
 
     The grid's spacing is 2**-18 * scale below 2**-14 * scale, and 1/16 of the binade
-    above it; a rounding may carry into the next binade (its first value is on the grid).
+    above it; rounding up may reach the next binade (its first value is on the grid).
     """
     x = np.asarray(x, dtype=np.float64) / scale
     with np.errstate(divide="ignore"):
         exponent = np.floor(np.log2(np.maximum(x, 1e-300)))
     spacing = 2.0 ** (np.maximum(exponent, np.log2(CODE_SMALLEST_NORMAL)) - CODE_MANTISSA_BITS)
-    return np.round(x / spacing) * spacing * scale  # np.round: half to even
+    rounding = np.floor if direction == "down" else np.ceil
+    return rounding(x / spacing) * spacing * scale
 
 
 def block_scale(block_max: float) -> float:
     """The scale of a block whose largest value is ``block_max`` (finite, >= 0): the
-    power of two at or below it once rounded to 5 significant bits; 0 below fp32's
+    power of two at or below it once rounded up to 5 significant bits; 0 below fp32's
     smallest normal."""
-    if block_max == 0:
+    if block_max < FP32_MIN_NORMAL:
         return 0.0
     exponent = np.floor(np.log2(block_max))
-    rounded = np.round(block_max / 2.0 ** (exponent - 4)) * 2.0 ** (exponent - 4)
-    scale = 2.0 ** np.floor(np.log2(rounded))
-    return 0.0 if scale < FP32_MIN_NORMAL else float(scale)
+    rounded = np.ceil(block_max / 2.0 ** (exponent - 4)) * 2.0 ** (exponent - 4)
+    return float(2.0 ** np.floor(np.log2(rounded)))

@@ -55,7 +55,7 @@ MODES = [
     Mode("bf16_master_bf16_state", torch.bfloat16, master=True, compressed_state=True),
     Mode("fp16_stochastic_bf16_state", torch.float16, stochastic_rounding=True, compressed_state=True),
     # 8-bit state (issue 15): each block's scale and codes are the exact quantizer's
-    # (tests/oracle.py) of values within the bound (check_quantized).
+    # (tests/oracle.py) of values within the bound, rounded stochastically (check_quantized).
     Mode("fp32_u8_state", torch.float32, quantized_state=True),
     Mode("bf16_u8_state", torch.bfloat16, quantized_state=True),
     Mode("bf16_master_u8_state", torch.bfloat16, master=True, quantized_state=True),
@@ -130,8 +130,9 @@ def check_quantized(name: str, codes: torch.Tensor, scales: torch.Tensor, exact:
 
     The computed values q satisfy |q - exact| <= bound. The block's scale depends on
     its largest q only, monotonically, so it lies between the scales of the largest
-    lower and upper ends; given the scale, each code is q rounded to nearest on the
-    block's grid, which is monotone, so it lies between the roundings of the ends.
+    lower and upper ends; given the scale, each code is q rounded stochastically on
+    the block's grid, to one of its two neighbours, so it lies between the lower end
+    rounded down and the upper end rounded up.
     A block with a non-finite value (or one the bound allows, or an undecided one)
     may have a NaN scale.
     """
@@ -160,8 +161,8 @@ def check_quantized(name: str, codes: torch.Tensor, scales: torch.Tensor, exact:
             assert not block_codes.any(), f"{name} block {block}: scale 0 with codes {block_codes[block_codes != 0]}"
             continue
         stored = oracle.code_value(block_codes) * scale
-        lowest = oracle.round_to_code_grid(low[where], scale)
-        highest = oracle.round_to_code_grid(high[where], scale)
+        lowest = oracle.round_to_code_grid(low[where], scale, "down")
+        highest = oracle.round_to_code_grid(high[where], scale, "up")
         bad = ~free[where] & ~((lowest <= stored) & (stored <= highest))
         if bad.any():
             i = np.flatnonzero(bad)[0]

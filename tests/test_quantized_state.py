@@ -23,7 +23,7 @@ from triton_adadelta import Adadelta
 from triton_adadelta.flat import table_for_tensors
 from triton_adadelta.kernels.adadelta import QUANT_BLOCK
 from triton_adadelta.puzzlelib import AdaDelta
-from triton_adadelta.quant import dequantize, quantize_
+from triton_adadelta.quant import dequantize, quantize_, state_noise
 from triton_adadelta.update import step_flat_
 
 STATE_KEYS = ("square_avg", "acc_delta", "square_avg_scale", "acc_delta_scale")
@@ -47,10 +47,11 @@ def _train(optimizer: torch.optim.Optimizer, model: torch.nn.Module, steps: int,
     return torch.nn.functional.cross_entropy(model(x).float(), y).item()
 
 
-def _quantized(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantized(values: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The package's torch quantizer: to nearest, or stochastically by ``noise``."""
     codes = torch.empty(values.numel(), dtype=torch.uint8)
     scales = torch.empty(-(-values.numel() // QUANT_BLOCK))
-    quantize_(values.reshape(-1).float(), codes, scales)
+    quantize_(values.reshape(-1).float(), codes, scales, noise)
     return codes, scales
 
 
@@ -75,10 +76,13 @@ AWKWARD_BLOCKS = {
 }
 
 
+SEED = 1234
+
+
 def _step(param, grad, state: dict[str, torch.Tensor], backend: str, **hyper) -> None:
     hyper = {"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0, **hyper}
     step_flat_(param, grad, state["square_avg"], state["acc_delta"], **hyper, square_avg_scale=state["square_avg_scale"],
-               acc_delta_scale=state["acc_delta_scale"], backend=backend)  # fmt: skip
+               acc_delta_scale=state["acc_delta_scale"], seed=SEED, backend=backend)  # fmt: skip
 
 
 def _state_of(values: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -91,30 +95,63 @@ def test_a_step_stores_the_quantizers_codes_on_awkward_blocks(backend, name):
     values = AWKWARD_BLOCKS[name]
     n = values.numel()
     # rho = 0: the new square_avg is fp32's g * g, whatever the old one; quantized as
-    # the package's torch quantizer (triton_adadelta.quant) quantizes it.
+    # the package's torch quantizer (triton_adadelta.quant) quantizes it, with the
+    # step's noise (the low halves of state_noise).
     grad = values.sqrt()
     state = _state_of(torch.zeros(n))
     _step(torch.zeros(n), grad, state, backend, rho=0.0)
-    codes, scales = _quantized(grad * grad)
+    codes, scales = _quantized(grad * grad, state_noise(SEED, 0, n) & 0xFFFF)
     torch.testing.assert_close(state["square_avg_scale"], scales, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(state["square_avg"], codes)
-    # rho = 1 and no grad: both buffers keep their values, and their codes.
+    # rho = 1 and no grad: both buffers keep their values (a value on the grid rounds
+    # to itself, whatever the noise). The codes too, but where the largest value was
+    # rounded down under a doubled scale: it is then stored one binade lower.
     state = _state_of(values)
     before = {key: value.clone() for key, value in state.items()}
     _step(torch.zeros(n), torch.zeros(n), state, backend, rho=1.0)
-    for key in STATE_KEYS:
-        torch.testing.assert_close(state[key], before[key], rtol=0, atol=0, equal_nan=True, msg=key)
+    for buffer in ("square_avg", "acc_delta"):
+        torch.testing.assert_close(
+            dequantize(state[buffer], state[f"{buffer}_scale"]), dequantize(before[buffer], before[f"{buffer}_scale"]),
+            rtol=0, atol=0, equal_nan=True, msg=buffer,
+        )  # fmt: skip
+    if name != "max just below the carry":
+        for key in STATE_KEYS:
+            torch.testing.assert_close(state[key], before[key], rtol=0, atol=0, equal_nan=True, msg=key)
 
 
-def test_the_quantizer_rounds_to_nearest_on_a_power_of_two_grid():
+def test_the_quantizer_rounds_on_a_power_of_two_grid():
     block = _blocks_of([1.5, 1.0, 0.75, 1.03125, 1.09375, 2.0**-14, 3 * 2.0**-19, 2.0**-20])
     codes, scales = _quantized(block)
     assert scales.item() == 1.0  # the largest value, 1.5, is in [1, 2)
-    assert codes[:8].tolist() == [0xF8, 0xF0, 0xE8, 0xF0, 0xF2, 0x10, 2, 0]  # 1.03125 ties to 1, 1.09375 to 1.125
+    # To nearest (as a state_dict loads): 1.03125 ties to 1, 1.09375 to 1.125.
+    assert codes[:8].tolist() == [0xF8, 0xF0, 0xE8, 0xF0, 0xF2, 0x10, 2, 0]
     assert dequantize(codes, scales)[:8].tolist() == [1.5, 1.0, 0.75, 1.0, 1.125, 2.0**-14, 2 * 2.0**-18, 0.0]
-    # A largest value that rounds up to the next power of two moves the scale up.
-    codes, scales = _quantized(_blocks_of([1.97]))
-    assert scales.item() == 2.0 and codes[0].item() == 0xF0
+    # Stochastically (as a step stores): the noise's top bits against the dropped bits.
+    for noise, expected in ((0, [0xF8, 0xF0, 0xE8, 0xF0, 0xF1, 0x10, 1, 0]), (0xFFFF, [0xF8, 0xF0, 0xE8, 0xF1, 0xF2, 0x10, 2, 1])):
+        codes, _ = _quantized(block, torch.full((QUANT_BLOCK,), noise, dtype=torch.int64))
+        assert codes[:8].tolist() == expected, noise
+    # The scale: the power of two at or below the largest value rounded up to 5
+    # significant bits, so no value rounds up past code 255.
+    for largest, scale in ((1.9375, 1.0), (1.94, 2.0), (1.97, 2.0)):
+        codes, scales = _quantized(_blocks_of([largest]))
+        assert scales.item() == scale, largest
+
+
+def test_stochastic_rounding_of_the_codes_is_unbiased(backend):
+    # Every element gets the same inputs: each stored code is an independent rounding
+    # of the same fp32 value, so their mean is that value (to 2**-16 of a gap).
+    n = 1 << 16
+    value = 0.3  # on no grid point: between codes 0xE3 (0.296875) and 0xE4 (0.3125) at scale 1
+    grad = torch.full((n,), value**0.5)
+    state = _state_of(torch.zeros(n))
+    _step(torch.zeros(n), grad, state, backend, rho=0.0)
+    stored = dequantize(state["square_avg"], state["square_avg_scale"]).double()
+    exact = float(torch.tensor(value**0.5) * torch.tensor(value**0.5))
+    low, high = 0.296875, 0.3125
+    assert set(stored.unique().tolist()) == {low, high}
+    fraction = (exact - low) / (high - low)
+    standard_error = (high - low) * (fraction * (1 - fraction) / n) ** 0.5
+    assert abs(stored.mean().item() - exact) < 6 * standard_error, "biased"
 
 
 @pytest.mark.parametrize(
@@ -140,12 +177,18 @@ def test_the_first_step_gives_the_fp32_state_steps_params(backend, param_dtype, 
     _train(theirs, reference, 1)
     for mine, expected in zip(model.parameters(), reference.parameters()):
         assert torch.equal(mine, expected)
-    for mine, expected in zip(model.parameters(), reference.parameters()):
-        codes = ours.state[mine]
-        for name in ("square_avg", "acc_delta"):
-            want_codes, want_scales = _quantized(theirs.state[expected][name])
-            assert torch.equal(codes[name].reshape(-1), want_codes), name
-            torch.testing.assert_close(codes[f"{name}_scale"], want_scales, rtol=0, atol=0, equal_nan=True)
+    # The state: the fp32 state quantized with the step's noise, at each param's offset
+    # (the step's seed is torch's first draw after the manual seed).
+    torch.manual_seed(5)
+    seed = int(torch.randint(1, 2**31 - 1, (1,)).item())
+    (flat,) = ours.flat_states()
+    for i, (mine, expected) in enumerate(zip(model.parameters(), reference.parameters())):
+        state = ours.state[mine]
+        noise = state_noise(seed, flat.offsets[i], mine.numel())
+        for name, half in (("square_avg", noise & 0xFFFF), ("acc_delta", noise >> 16)):
+            want_codes, want_scales = _quantized(theirs.state[expected][name], half)
+            assert torch.equal(state[name].reshape(-1), want_codes), name
+            torch.testing.assert_close(state[f"{name}_scale"], want_scales, rtol=0, atol=0, equal_nan=True)
 
 
 def test_pieces_start_on_quant_blocks_and_the_state_is_about_2_bytes_per_param():
@@ -182,15 +225,22 @@ def test_state_dict_is_torchs_fp32_format_and_round_trips_bit_for_bit(backend):
     loaded.load_state_dict(torch.load(buffer, weights_only=True))
     compact = Adadelta(model.parameters(), lr=0.5, state_dtype=torch.uint8)
     compact.load_state_dict(copy.deepcopy(optimizer.compact_state_dict()))
+    # The compact form gives back the codes; the fp32 form the values (and the codes,
+    # but where a block's largest value sits one binade below its scale: see quant).
     for param in model.parameters():
-        for other in (loaded, compact):
-            for key in STATE_KEYS:
-                assert torch.equal(other.state[param][key], optimizer.state[param][key]), key
-    # And the runs go on alike.
+        state = optimizer.state[param]
+        for key in STATE_KEYS:
+            assert torch.equal(compact.state[param][key], state[key]), key
+        for name in ("square_avg", "acc_delta"):
+            values = dequantize(state[name].reshape(-1), state[f"{name}_scale"])
+            assert torch.equal(dequantize(loaded.state[param][name].reshape(-1), loaded.state[param][f"{name}_scale"]), values)
+    # And the runs go on alike (the noise's seeds drawn alike).
     twin_model = copy.deepcopy(model)
     twin = Adadelta(twin_model.parameters(), lr=0.5, state_dtype=torch.uint8)
     twin.load_state_dict(state_dict)
+    torch.manual_seed(11)
     _train(optimizer, model, 2, seed=7)
+    torch.manual_seed(11)
     _train(twin, twin_model, 2, seed=7)
     for mine, theirs in zip(model.parameters(), twin_model.parameters()):
         assert torch.equal(mine, theirs)
@@ -272,6 +322,7 @@ def test_a_group_switched_to_8_bit_state_carries_its_state_over(backend):
 
 
 def test_copies_and_the_puzzlelib_api(backend):
+    torch.manual_seed(0)
     model = _model()
     optimizer = Adadelta(model.parameters(), state_dtype=torch.uint8)
     _train(optimizer, model, 1)
@@ -294,3 +345,4 @@ def test_training_with_8_bit_state_follows_fp32_state(backend):
         model = _model()
         losses.append(_train(Adadelta(model.parameters(), state_dtype=state_dtype), model, 30))
     assert abs(losses[1] - losses[0]) <= 0.03 * losses[0], losses
+

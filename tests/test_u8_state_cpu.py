@@ -4,8 +4,12 @@
 ``QUANT_BLOCK`` (256) elements of the flat state. A code ``c`` stands for
 ``2**((c >> 4) - 15) * (1 + (c & 15) / 16)`` (``c >= 16``) or ``c * 2**-18`` (below),
 times its block's scale; encoding a block picks the power-of-two scale of its max
-rounded to 5 significant bits (fp32 bits; 0 for a max below 2**-126, NaN for a NaN or
-an inf), and rounds each value to the nearest code (ties to even). Here a reference written from that definition (numpy: each code found
+rounded up to 5 significant bits (fp32 bits; 0 for a max below 2**-126, NaN for a NaN
+or an inf), and rounds each value to one of its two neighbouring codes, up when the
+element's 16 bits of noise plus its distance above the lower one in 2**-16ths of the
+gap (truncated) reach 2**16. The noise is the kernel's: lowbias32 of the element's
+state index plus the hash of the seed, its low half for square_avg and its high half
+for acc_delta. Here a reference written from that definition (numpy: each code found
 by searching the 256 values, not by the C loop's bit tricks) checks the C loop's codes
 and scales bit for bit, the update between decode and encode being the fp32-state
 loop's. The C loop must also give the same bits on any number of threads (a quant
@@ -53,39 +57,62 @@ def decode(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return (block_scales * CODE_VALUES[codes]).astype(np.float32)
 
 
-def encode_block(w: np.ndarray) -> tuple[np.ndarray, np.float32]:
-    """The codes and the scale of one quant block's ``w`` (fp32, 1 to 256 values)."""
+def hash32(x: np.ndarray) -> np.ndarray:
+    """lowbias32 of uint32 words (numpy wraps the products to 32 bits)."""
+    x = np.asarray(x, dtype=np.uint32)
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def noise_of(seed: int, first: int, n: int, half: int) -> np.ndarray:
+    """The 16 bits of noise of state elements first .. first + n - 1 (half 0: square_avg's, 1: acc_delta's)."""
+    key = hash32(np.array([seed & 0xFFFFFFFF], dtype=np.uint64).astype(np.uint32))[0]
+    index = ((np.arange(first, first + n, dtype=np.uint64) + np.uint64(key)) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    return ((hash32(index) >> np.uint32(16 * half)) & np.uint32(0xFFFF)).astype(np.int64)
+
+
+def encode_block(w: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """The codes and the scale of one quant block's ``w`` (fp32, 1 to 256 values), each
+    value's code chosen by its 16 bits of ``noise``."""
     zeros = np.zeros(w.size, dtype=np.uint8)
     nan = np.array(NAN_SCALE_BITS, dtype=np.uint32).view(np.float32)
     if not np.isfinite(w).all():
         return zeros, nan
     w = np.maximum(w, np.float32(0))
-    # The max's exponent field, its fp32 bits rounded to nearest even at 5 significant bits.
+    # The max's exponent field, its fp32 bits rounded up at 5 significant bits.
     bits = int(w.max().view(np.uint32))
-    exponent = (bits + 0x3FFFF + ((bits >> 19) & 1)) >> 23
+    exponent = (bits + 0x7FFFF) >> 23
     if bits < 0x800000:  # a zero or subnormal max, even one that rounds up to 2**-126
         return zeros, np.float32(0)
     if exponent >= 255:
         return zeros, nan
     scale = 2.0 ** (exponent - 127)
     x = w.astype(np.float64) / scale  # exact
-    # The nearest of the 256 values, ties to the even code.
-    assert (x < 1.96875).all(), "the scale puts every value below the last code's rounding edge"
-    above = np.searchsorted(CODE_VALUES, x).clip(1, 255)
-    below = above - 1
-    up, down = CODE_VALUES[above] - x, x - CODE_VALUES[below]
-    codes = np.where((up < down) | ((up == down) & (above % 2 == 0)), above, below)
+    # The two values around x; up when noise + the distance above the lower in 2**-16ths
+    # of the gap (truncated) reaches 2**16.
+    assert (x <= CODE_VALUES[255]).all(), "the scale puts every value at or below the last code"
+    below = np.searchsorted(CODE_VALUES, x, side="right") - 1
+    above = np.minimum(below + 1, 255)
+    gap = CODE_VALUES[above] - CODE_VALUES[below]
+    fraction = np.where(gap > 0, (x - CODE_VALUES[below]) / np.where(gap > 0, gap, 1), 0.0)
+    codes = np.where(noise + np.floor(fraction * 2**16) >= 2**16, above, below)
     return codes.astype(np.uint8), np.float32(scale)
 
 
-def encode_pieces_(values: np.ndarray, codes: np.ndarray, scales: np.ndarray, pieces: list[tuple[int, int]]) -> None:
+def encode_pieces_(values: np.ndarray, codes: np.ndarray, scales: np.ndarray, pieces: list[tuple[int, int]],
+                   seed: int, half: int) -> None:  # fmt: skip
     """Encode each piece's (state offset, numel) quant blocks of fp32 ``values`` into
-    ``codes`` and ``scales``, in place; the padding after a piece stays as it is."""
+    ``codes`` and ``scales``, in place, with the noise of ``seed``'s ``half``; the
+    padding after a piece stays as it is."""
     for start, numel in pieces:
         assert start % QUANT_BLOCK == 0
         for first in range(start, start + numel, QUANT_BLOCK):
             last = min(first + QUANT_BLOCK, start + numel)
-            codes[first:last], scales[first // QUANT_BLOCK] = encode_block(values[first:last])
+            noise = noise_of(seed, first, last - first, half)
+            codes[first:last], scales[first // QUANT_BLOCK] = encode_block(values[first:last], noise)
 
 
 # -------------------------------------------------------------------------- helpers
@@ -213,8 +240,8 @@ class Run:
         cpu._native_step_(library, table, *values, self.hparams, grad_scale, found_inf, use_torch_sqrt=False,
                           master=master, **options)  # fmt: skip
         if found_inf is None or found_inf.item() == 0:
-            for value, code, scale in zip(values, codes, scales):
-                encode_pieces_(value.numpy(), code.numpy(), scale.numpy(), pieces_of(table))
+            for half, (value, code, scale) in enumerate(zip(values, codes, scales)):
+                encode_pieces_(value.numpy(), code.numpy(), scale.numpy(), pieces_of(table), options.get("seed", 0), half)
         return params, codes, scales, master
 
 
@@ -254,10 +281,13 @@ def test_the_reference_follows_the_format():
     assert (np.diff(CODE_VALUES) > 0).all()
     codes = np.arange(256, dtype=np.uint8)
     values = decode(codes, np.array([2.0**-3], dtype=np.float32))
-    encoded, scale = encode_block(values)
-    assert scale == np.float32(2.0**-3) and (encoded == codes).all()
-    encoded, scale = encode_block(np.array([1.0, 1.03125, 1.09375, 2.5 * 2**-18, 3.5 * 2**-18], dtype=np.float32))
-    assert scale == 1.0 and encoded.tolist() == [240, 240, 242, 2, 4]  # ties to even
+    for noise in (0, 0xFFFF):
+        encoded, scale = encode_block(values, np.full(256, noise))
+        assert scale == np.float32(2.0**-3) and (encoded == codes).all()  # values on the grid keep their codes
+    between = np.array([1.0, 1.03125, 1.09375, 2.5 * 2**-18, 3.5 * 2**-18], dtype=np.float32)
+    assert encode_block(between, np.zeros(5, dtype=np.int64))[0].tolist() == [240, 240, 241, 2, 3]  # no noise: down
+    assert encode_block(between, np.full(5, 0xFFFF))[0].tolist() == [240, 241, 242, 3, 4]  # all noise: up
+    assert encode_block(between, np.full(5, 0x8000))[0].tolist() == [240, 241, 242, 3, 4]  # halfway: up
 
 
 @pytest.mark.parametrize("param_dtype,store", MODES, ids=MODE_IDS)
@@ -289,7 +319,7 @@ def test_edge_cases_of_the_encoding(native):
     v_codes = torch.zeros(n_state, dtype=torch.uint8)
     v_scales = torch.zeros(n_state // QUANT_BLOCK)
     block = [slice(b * QUANT_BLOCK, (b + 1) * QUANT_BLOCK) for b in range(9)]
-    # 0: ties to even, at a normal code and a subnormal one: (1 + 1.0625) / 2 = 1.03125,
+    # 0: halfway values, at normal codes and subnormal ones: (1 + 1.0625) / 2 = 1.03125,
     # between codes 240 and 241; (1.1875 + 1) / 2 between 241 and 242; 2.5 and 3.5 * 2**-18.
     v_scales[0] = 1.0
     v_codes[:5] = torch.tensor([240, 241, 243, 4, 6], dtype=torch.uint8)
@@ -321,10 +351,11 @@ def test_edge_cases_of_the_encoding(native):
     compare(result, run.reference(native))
     compare(result, run.step_u8(adadelta_step_))  # the kernel, under Triton's interpreter
     _, (codes, _), (scales, u_scales_after), _ = result
-    assert scales[0] == 1.0 and codes[:5].tolist() == [240, 240, 242, 2, 4]
+    # (Halfway values round to either neighbour, by their noise.)
+    assert scales[0] == 1.0 and all(c in pair for c, pair in zip(codes[:5].tolist(), [(240,), (240, 241), (241, 242), (2, 3), (3, 4)]))
     assert scales[1] == 0 and codes[block[1]].eq(0).all() and u_scales_after[1] == 0
     assert scales[2].isnan() and bits(scales[2]).item() == NAN_SCALE_BITS and codes[block[2]].eq(0).all()
-    assert scales[3] == 2.0**-2 and codes[block[3]][0] == 240
+    assert scales[3] == 2.0**-2 and codes[block[3]][0] in (239, 240)  # 0.99 of the scale
     assert scales[4] == 0 and codes[block[4]].eq(0).all()
     square = torch.tensor(0.5 * float(grad[block[4]][3]) ** 2, dtype=torch.float32)
     assert 0x7C0000 <= bits(square).item() < 0x800000, "a subnormal max that rounds up to 2**-126"

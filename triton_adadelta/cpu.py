@@ -77,7 +77,7 @@ from .kernels.adadelta import (
 )
 from .flat import hparams_table, table_for_tensors
 from .native_build import BuildError, cpu_model, load_cached
-from .quant import dequantize, quantize_
+from .quant import dequantize, quantize_, state_noise
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -856,8 +856,10 @@ def _chunked_step_(
             if quantized:
                 assert scales is not None
                 blocks_kept = _blocks_to_keep(chunk.mask, proceed)
-                for codes, block_scales, fresh in zip(state, scales, new_state):
-                    _store_quantized_(fresh, codes, block_scales, start, chunk.mask, keep, blocks_kept)
+                # The kernel's noise: the halves of one hash per element.
+                noise = state_noise(seed, start, n, device)
+                for codes, block_scales, fresh, half in zip(state, scales, new_state, (noise & 0xFFFF, noise >> 16)):
+                    _store_quantized_(fresh, codes, block_scales, start, chunk.mask, keep, blocks_kept, half)
             elif compressed:
                 low = scratch["low_state"][:n]
                 for stored, fresh in zip(state, new_state):
@@ -916,10 +918,11 @@ def _store_quantized_(
     valid: torch.Tensor | None,
     keep: torch.Tensor | None,
     blocks_kept: torch.Tensor | None,
+    noise: torch.Tensor,
 ) -> None:
     """Encode a chunk's new fp32 ``values`` into its ``codes`` and its blocks' scales
     (from state element ``start``, a multiple of QUANT_BLOCK, in the whole flat
-    ``scales``), as the C loop does.
+    ``scales``), rounded stochastically by ``noise`` (16 bits per value), as the C loop does.
 
     ``valid``: True where a piece lies (None: everywhere): the gaps between pieces,
     padding or other params' state, count in no block's max. ``keep``: the codes
@@ -929,7 +932,7 @@ def _store_quantized_(
     first = start // QUANT_BLOCK
     block_scales = scales[first : first + n_blocks]
     new_codes, new_scales = torch.empty_like(codes), torch.empty_like(block_scales)
-    quantize_(values if valid is None else torch.where(valid, values, 0.0), new_codes, new_scales)
+    quantize_(values if valid is None else torch.where(valid, values, 0.0), new_codes, new_scales, noise)
     _commit_(codes, new_codes, keep)
     _commit_(block_scales, new_scales, blocks_kept)
 

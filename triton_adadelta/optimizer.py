@@ -622,7 +622,7 @@ class Adadelta(Optimizer):
                 stand_in.copy_(source)
             stochastic = flat.stochastic_rounding
             # Drawn from torch's generator, so torch.manual_seed makes the rounding reproducible.
-            rounds = stochastic or flat.compressed_state
+            rounds = stochastic or flat.compressed_state or flat.quantized_state
             seed = int(torch.randint(1, 2**31 - 1, (1,)).item()) if rounds else 0
             update_(
                 plan.table,

@@ -5,13 +5,22 @@ uint8 code per element and one fp32 scale per ``QUANT_BLOCK`` (256) elements. A 
 an unsigned float with 4 exponent and 4 mantissa bits, subnormals included, times its
 block's scale, a power of two: code ``c >= 16`` stands for
 ``2**((c >> 4) - 15) * (1 + (c & 15) / 16)``, ``c < 16`` for ``c * 2**-18``. The
-scale is the power of two of the block's largest value rounded to 5 significant bits,
-so every value of the block has a code, and dividing by the scale is exact: a value is
-stored rounded to nearest (ties to even) on its block's grid. A block with a NaN or an
-inf gets a NaN scale (so does one whose largest value rounds past fp32's range); one
-whose largest value is below fp32's smallest normal (zero included), a zero scale. The kernel (``kernels/adadelta.py``, ``_quantize``) and the C loop
-(``csrc/adadelta_cpu.c``) store the same codes and scales; these functions follow the
-same steps, so that dequantizing and quantizing again gives back the same codes.
+scale is the power of two at or below the block's largest value rounded up to 5
+significant bits, so every value of the block has a code, and dividing by the scale is
+exact. A step stores each value rounded stochastically on its block's grid, with 16
+bits of noise (unbiased to 2**-16 of a gap): to nearest, a running average that
+changes by less than half a gap per step would stall. A block with a NaN or an inf
+gets a NaN scale (so does one whose largest value rounds past fp32's range); one whose
+largest value is below fp32's smallest normal (zero included), a zero scale.
+
+The kernel (``kernels/adadelta.py``, ``_quantize``) and the C loop
+(``csrc/adadelta_cpu.c``) store the same codes and scales, from the same noise
+(:func:`state_noise`); :func:`quantize_` follows the same steps, for the chunked CPU
+path (with noise) and for loading a state_dict (to nearest, with none). A value on the
+grid keeps its value either way, so dequantizing and quantizing again gives back the
+same values: the same codes and scales too, but for a block whose largest value was
+rounded down under a doubled scale (from just below a power of two), which comes back
+one binade lower, on the smaller scale.
 """
 
 from __future__ import annotations
@@ -20,17 +29,34 @@ import torch
 
 from .kernels.adadelta import QUANT_BLOCK
 
-__all__ = ["QUANT_BLOCK", "dequantize", "quantize_"]
+__all__ = ["QUANT_BLOCK", "dequantize", "quantize_", "state_noise"]
 
 _CODE_EXPONENT_BIAS = 112 << 23  # fp32 exponent field of 2**-15
 _SMALLEST_NORMAL_CODE_BITS = 113 << 23  # fp32 bits of 2**-14
+_CODE_DROPPED_MASK = (1 << 19) - 1  # the fp32 mantissa bits a code drops
+_SUBNORMAL_FIXED_POINT = 2.0**34  # 2**-18 in units of 2**-16
 _RINT_MAGIC = 8388608.0  # 2**23
 _RINT_MAGIC_BITS = 0x4B000000
+_UINT32 = 0xFFFFFFFF
+# lowbias32's multipliers (the kernel's STATE_NOISE_MULTIPLIERS).
+_HASH_A, _HASH_B = 0x7FEB352D, 0x846CA68B
 
 
-def _round_bits_at_code_precision(bits: torch.Tensor) -> torch.Tensor:
-    """int64 fp32 bits rounded to nearest even at the code's 4 mantissa bits."""
-    return bits + 0x3FFFF + ((bits >> 19) & 1)
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 of int64 ``x`` (< 2**32), as the kernel's ``_hash32``."""
+    x = x ^ (x >> 16)
+    x = (x * _HASH_A) & _UINT32
+    x = x ^ (x >> 15)
+    x = (x * _HASH_B) & _UINT32
+    return x ^ (x >> 16)
+
+
+def state_noise(seed: int, first_index: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The kernel's 32 noise bits (``_state_noise``) of the ``n`` state elements from
+    ``first_index`` on, as int64: the low half rounds square_avg, the high half acc_delta."""
+    key = int(_hash32(torch.tensor(seed & _UINT32, dtype=torch.int64)))
+    index = (torch.arange(n, dtype=torch.int64, device=device) + first_index + key) & _UINT32
+    return _hash32(index)
 
 
 def _fp32_bits(values: torch.Tensor) -> torch.Tensor:
@@ -52,9 +78,13 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return values * scales.repeat_interleave(QUANT_BLOCK)[: codes.numel()]
 
 
-def quantize_(values: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
+def quantize_(
+    values: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, noise: torch.Tensor | None = None
+) -> None:
     """Store 1-D fp32 ``values`` as ``codes`` (uint8, the same length) and one scale per
-    ``QUANT_BLOCK`` of them (``scales``, fp32), rounded to nearest on each block's grid.
+    ``QUANT_BLOCK`` of them (``scales``, fp32), rounded on each block's grid:
+    stochastically by ``noise`` (16 bits per value, int64, as a step does), or to
+    nearest (ties to even) without it.
 
     The last block may be short: its missing elements count as padding (zeros, not
     stored). Raises nothing; a block holding a NaN or an inf gets a NaN scale.
@@ -71,16 +101,25 @@ def quantize_(values: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -
     # AdaDelta's state is never negative; a negative value counts as 0, as in the kernel.
     rows = torch.where(finite, rows.clamp(min=0.0), 0.0)
     largest = _fp32_bits(rows.amax(dim=1))
-    exponent = _round_bits_at_code_precision(largest) >> 23
+    exponent = (largest + _CODE_DROPPED_MASK) >> 23  # rounded up: a carry moves the exponent
     # (A subnormal largest value gives scale 0, whichever way it rounds.)
     usable = ~not_finite & (largest >= 0x800000) & (exponent <= 254)
     scale = torch.where(usable, _from_bits(exponent << 23), 0.0)
     inverse = 1.0 / torch.where(usable, scale, 1.0)  # exact: a power of two
     scaled = rows * inverse[:, None]
     bits = _fp32_bits(scaled)
-    normal = (_round_bits_at_code_precision(bits) - _CODE_EXPONENT_BIAS) >> 19
-    # Below 2**-14: a multiple of 2**-18, rounded half to even by the magic add.
-    subnormal = _fp32_bits(scaled * 262144.0 + _RINT_MAGIC) - _RINT_MAGIC_BITS
+    if noise is None:
+        # To nearest, ties to even; below 2**-14 by the magic add.
+        normal = (bits + 0x3FFFF + ((bits >> 19) & 1) - _CODE_EXPONENT_BIAS) >> 19
+        subnormal = _fp32_bits(scaled * 262144.0 + _RINT_MAGIC) - _RINT_MAGIC_BITS
+    else:
+        # The kernel's: the dropped bits plus the noise at their top 16, truncated;
+        # below 2**-14, the value in 16ths of 2**-18 (truncated) plus the noise.
+        padded = torch.zeros(n_blocks * QUANT_BLOCK, dtype=torch.int64, device=values.device)
+        padded[:n] = noise.reshape(-1)
+        noise16 = padded.view(n_blocks, QUANT_BLOCK)
+        normal = (bits - _CODE_EXPONENT_BIAS + (noise16 << 3)) >> 19
+        subnormal = ((scaled.clamp(max=2.0**-14) * _SUBNORMAL_FIXED_POINT).to(torch.int64) + noise16) >> 16
     code = torch.where(bits >= _SMALLEST_NORMAL_CODE_BITS, normal, subnormal)
     code = torch.where(usable[:, None], code, 0)
     codes.copy_(code.reshape(-1)[:n].to(torch.uint8).view_as(codes))
