@@ -126,7 +126,7 @@ _NATIVE_SYMBOLS = (
 )  # fmt: skip
 
 # The compiler's time limit: with the bf16/fp16, bf16-state and uint8-state loops the
-# build took 12.3-12.5 s alone on the 2-core machine we measure on (gcc 12; 8.7 s
+# build took 12.3-12.9 s alone on the 2-core machine we measure on (gcc 12; 8.7 s
 # before the uint8-state loops, 6.3 s before the bf16-state ones, 2.3-3.1 s for the
 # fp32/fp64 loops alone, which took 5.6 s with 4 builds at once and 11.6 s with 8); a
 # hanging compiler gives up here and the CPU path runs chunked (see native_build).

@@ -1090,8 +1090,8 @@ static const update_lowp_fn update_lowp_variants[N_KINDS][N_STORES][N_FLAG_VARIA
 
 /* Compressed state: one function per (state, kind, store) taking any flags at run
    time, and for uint8 state, as for fp32 state, one without flags and one with
-   weight decay alone. bf16 state's two Philox streams, not the flags' branches, set
-   its speed (a variant without flags made the build 0.6 s longer for little); uint8
+   weight decay alone. bf16 state's fused AVX2 loop takes the flags as selects (a
+   variant without flags made the build 0.6 s longer for little, with Philox noise); uint8
    state's update is one vectorized loop, in which runtime flags cost selects and
    blends (16M fp32 params, 2 threads: 9.8 ms instead of 12.1 with weight decay, the
    two variants 1.5 s of the build). fp32 params store only one way. */
