@@ -85,6 +85,8 @@ from triton_adadelta.kernels.adadelta import (  # noqa: E402
     AUTOTUNE_CONFIGS,
     MIN_BLOCK_SIZE,
     N_HPARAMS,
+    QUANT_BLOCK,
+    STATE_ALIGNMENT,
     adadelta_kernel,
     configs_for,
     mode_constexprs,
@@ -92,7 +94,9 @@ from triton_adadelta.kernels.adadelta import (  # noqa: E402
     state_dtype_for,
 )
 
-_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+_TORCH_DTYPES = {
+    "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64, "u8": torch.uint8,
+}  # fmt: skip
 
 
 def config_label(config: triton.Config) -> str:
@@ -275,12 +279,29 @@ class Buffers:
         self.n_elements = n_elements
         self.param = storage(param_dtype)
         self.grad = storage(param_dtype)
-        self.square_avg = torch.rand(n_elements, device=device, dtype=state_dtype, generator=generator)
-        self.acc_delta = torch.rand(n_elements, device=device, dtype=state_dtype, generator=generator) * 1e-3
-        self.master = self.param.float() if mode.master else None
-        self.table, _ = table_for_tensors([self.param], [self.grad])
+        # 8-bit state: codes (random) and one power-of-two scale per quant block, padded
+        # to whole blocks, and a table whose pieces start on them.
+        quantized = state_dtype == torch.uint8
+        alignment = QUANT_BLOCK if quantized else STATE_ALIGNMENT
+        n_state = -(-n_elements // QUANT_BLOCK) * QUANT_BLOCK if quantized else n_elements
+        self.scales: dict[str, torch.Tensor] = {}
+        if quantized:
+            self.square_avg = torch.randint(0, 256, (n_state,), device=device, dtype=torch.uint8, generator=generator)
+            self.acc_delta = torch.randint(0, 256, (n_state,), device=device, dtype=torch.uint8, generator=generator)
+            for name in ("square_avg_scale_ptr", "acc_delta_scale_ptr"):
+                exponents = torch.randint(-20, 0, (n_state // QUANT_BLOCK,), device=device, generator=generator)
+                self.scales[name] = torch.exp2(exponents.float())
+        else:
+            self.square_avg = torch.rand(n_elements, device=device, dtype=state_dtype, generator=generator)
+            self.acc_delta = torch.rand(n_elements, device=device, dtype=state_dtype, generator=generator) * 1e-3
+        self.master = None
+        if mode.master:
+            self.master = torch.zeros(n_state, device=device)
+            self.master[:n_elements] = self.param.float()
+        self.table, _ = table_for_tensors([self.param], [self.grad], alignment=alignment)
         self.hparams = hparams_table(((1.0, 0.9, 1e-6, 0.0, False),), compute_dtype, device)
         self.written = [self.param, self.square_avg, self.acc_delta] + ([self.master] if mode.master else [])
+        self.written += list(self.scales.values())
         self.saved = [tensor.clone() for tensor in self.written]
 
     def restore(self) -> None:
@@ -298,6 +319,8 @@ class Buffers:
             square_avg_ptr=self.square_avg,
             acc_delta_ptr=self.acc_delta,
             master_ptr=self.master,
+            square_avg_scale_ptr=self.scales.get("square_avg_scale_ptr"),
+            acc_delta_scale_ptr=self.scales.get("acc_delta_scale_ptr"),
             hparams_ptr=self.hparams,
             grad_scale_ptr=None,
             found_inf_ptr=None,

@@ -27,7 +27,7 @@ def cpu_sweep(monkeypatch):
     monkeypatch.setattr(sweep, "copy_bandwidth", lambda device, n_bytes=0: 100e9)
 
 
-@pytest.mark.parametrize("mode", ["fp32", "bf16+master"])
+@pytest.mark.parametrize("mode", ["fp32", "bf16+master", "bf16+master+u8state"])
 def test_restored_buffers_make_every_launch_start_from_the_same_state(mode):
     buffers = sweep.Buffers(sweep.aot.DTYPE_MODES[mode], 3000, torch.device("cpu"))
     buffers.launch(1024, 4)
