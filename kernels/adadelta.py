@@ -476,7 +476,7 @@ def _hash32(x):
 def _state_noise(seed, state_offs):
     """bf16 state's 32 random bits per element: the low half rounds square_avg, the high
     half acc_delta. The hash of the element's state index (mod 2**32) plus a key, the
-    hash of the seed; the same in the C loop (``state_noise`` in ``csrc/adadelta_cpu.c``)."""
+    hash of the seed; the same in the C loop (``hash32`` in ``csrc/adadelta_cpu.c``)."""
     key = _hash32(seed.to(tl.uint32))
     return _hash32(state_offs.to(tl.uint32) + key)
 
@@ -869,6 +869,33 @@ def _check_scalar_tensor(name: str, value: torch.Tensor, device: torch.device) -
         raise ValueError(f"{name} is on {value.device} but the state is on {device}")
 
 
+def check_quantized_state(
+    square_avg: torch.Tensor,
+    acc_delta: torch.Tensor,
+    square_avg_scale: torch.Tensor | None,
+    acc_delta_scale: torch.Tensor | None,
+) -> None:
+    """Check 8-bit state's buffers against each other: codes of a whole number of quant
+    blocks, and one fp32 scale per block in each scale buffer (both backends; the C
+    loop writes through them).
+
+    Raises:
+        ValueError: naming what does not fit.
+    """
+    if square_avg.numel() % QUANT_BLOCK:
+        raise ValueError(f"8-bit state has a whole number of {QUANT_BLOCK}-element blocks, not {square_avg.numel()} elements")
+    if acc_delta.dtype != torch.uint8 or acc_delta.numel() != square_avg.numel():
+        raise ValueError(f"acc_delta must be uint8 of {square_avg.numel()} elements, as square_avg is")
+    for name, scale in (("square_avg_scale", square_avg_scale), ("acc_delta_scale", acc_delta_scale)):
+        if scale is None or scale.dtype != torch.float32 or scale.dim() != 1 or not scale.is_contiguous():
+            raise ValueError(f"8-bit state needs {name}: a 1-D contiguous fp32 buffer, one scale per {QUANT_BLOCK} elements")
+        if scale.numel() != square_avg.numel() // QUANT_BLOCK or scale.device != square_avg.device:
+            raise ValueError(
+                f"{name} has {scale.numel()} scales on {scale.device}; the state needs "
+                f"{square_avg.numel() // QUANT_BLOCK} on {square_avg.device}"
+            )
+
+
 def check_launch(
     table: SegmentTable,
     square_avg: torch.Tensor,
@@ -893,18 +920,8 @@ def check_launch(
     state_dtype = state_dtype_for(param_dtype)
     if square_avg.dtype in (torch.bfloat16, torch.uint8) and param_dtype != torch.float64:
         state_dtype = square_avg.dtype  # bf16 or 8-bit state (the math stays fp32)
-    quantized = state_dtype == torch.uint8
-    if quantized:
-        if square_avg.numel() % QUANT_BLOCK:
-            raise ValueError(f"8-bit state has a whole number of {QUANT_BLOCK}-element blocks, not {square_avg.numel()} elements")
-        for name, scale in (("square_avg_scale", square_avg_scale), ("acc_delta_scale", acc_delta_scale)):
-            if scale is None or scale.dtype != torch.float32 or scale.dim() != 1 or not scale.is_contiguous():
-                raise ValueError(f"8-bit state needs {name}: a 1-D contiguous fp32 buffer, one scale per {QUANT_BLOCK} elements")
-            if scale.numel() != square_avg.numel() // QUANT_BLOCK or scale.device != square_avg.device:
-                raise ValueError(
-                    f"{name} has {scale.numel()} scales on {scale.device}; the state needs "
-                    f"{square_avg.numel() // QUANT_BLOCK} on {square_avg.device}"
-                )
+    if state_dtype == torch.uint8:
+        check_quantized_state(square_avg, acc_delta, square_avg_scale, acc_delta_scale)
         # Once per set of pieces (the cache is theirs): on a GPU the check reads the device.
         if not table.cache.get("starts_on_quant_blocks"):
             bad_offsets = (table.pieces[STATE_ROW] % QUANT_BLOCK != 0) & (table.pieces[NUMEL_ROW] > 0)

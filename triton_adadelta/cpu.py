@@ -73,6 +73,7 @@ from .kernels.adadelta import (
     WEIGHT_DECAY,
     SegmentTable,
     check_launch,
+    check_quantized_state,
     state_dtype_for,
 )
 from .flat import hparams_table, table_for_tensors
@@ -404,7 +405,7 @@ def _native_step_(
 ) -> None:
     """One C call over the whole table (fp32 or fp64 params, or bf16/fp16 against fp32
     state, or fp32/bf16/fp16 params against bf16 or uint8 state; uint8 state with its
-    two scale buffers, checked by :func:`_check_quantized_state`)."""
+    two scale buffers, checked by :func:`check_quantized_state`)."""
     dtype = hparams.dtype  # the compute dtype (the state's, but for bf16 state)
     pieces = table.pieces.contiguous()
     hparams = hparams.contiguous()
@@ -416,7 +417,7 @@ def _native_step_(
     )  # fmt: skip
     store = _STORE_MASTER if master is not None else _STORE_STOCHASTIC if stochastic_rounding else _STORE_NEAREST
     if square_avg.dtype == torch.uint8:
-        _check_quantized_state(square_avg, acc_delta, square_avg_scale, acc_delta_scale)
+        check_quantized_state(square_avg, acc_delta, square_avg_scale, acc_delta_scale)
         assert square_avg_scale is not None and acc_delta_scale is not None  # (checked)
         result = library.adadelta_step_u8_state(
             pieces.data_ptr(), pieces.shape[1], square_avg.data_ptr(), acc_delta.data_ptr(),
@@ -447,39 +448,6 @@ def _native_step_(
             + (f", or a piece does not start at a multiple of {QUANT_BLOCK} elements" if quantized else "")
             + "; nothing was changed"
         )
-
-
-def _check_quantized_state(
-    square_avg: torch.Tensor,
-    acc_delta: torch.Tensor,
-    square_avg_scale: torch.Tensor | None,
-    acc_delta_scale: torch.Tensor | None,
-) -> None:
-    """uint8 state's buffers fit together: codes of a whole number of quant blocks, and
-    one fp32 scale per block in each scale buffer (the C loop writes through them).
-
-    Raises:
-        ValueError: naming what does not fit.
-    """
-    n_state = square_avg.numel()
-    if n_state % QUANT_BLOCK:
-        raise ValueError(f"uint8 state must hold a multiple of {QUANT_BLOCK} elements, not {n_state}")
-    if acc_delta.dtype != torch.uint8 or acc_delta.numel() != n_state:
-        raise ValueError(f"acc_delta must be uint8 of {n_state} elements, as square_avg is")
-    for name, scale in (("square_avg_scale", square_avg_scale), ("acc_delta_scale", acc_delta_scale)):
-        if scale is None:
-            raise ValueError(f"uint8 state needs {name}: one fp32 scale per {QUANT_BLOCK} elements")
-        if (
-            scale.dtype != torch.float32
-            or scale.dim() != 1
-            or not scale.is_contiguous()
-            or scale.numel() != n_state // QUANT_BLOCK
-            or scale.device != square_avg.device
-        ):
-            raise ValueError(
-                f"{name} must be a 1-D contiguous fp32 buffer of {n_state // QUANT_BLOCK} elements on "
-                f"{square_avg.device}, got {scale.dtype} {tuple(scale.shape)} on {scale.device}"
-            )
 
 
 # -------------------------------------------------------------------------- chunked
@@ -789,7 +757,7 @@ def _chunked_step_(
         )
     scales: tuple[torch.Tensor, torch.Tensor] | None = None
     if quantized:
-        _check_quantized_state(square_avg, acc_delta, square_avg_scale, acc_delta_scale)
+        check_quantized_state(square_avg, acc_delta, square_avg_scale, acc_delta_scale)
         assert square_avg_scale is not None and acc_delta_scale is not None  # (checked)
         scales = (square_avg_scale, acc_delta_scale)
         if any(chunk.state_start % QUANT_BLOCK for chunk in plan.chunks):
