@@ -37,8 +37,9 @@ def cached_library(directory: Path) -> Path:
     os.environ["TRITON_ADADELTA_CACHE_DIR"] = str(directory)
     try:
         return native_build.build_cached(
-            "adadelta_cpu", cpu._SOURCE, language="c", flags=cpu._NATIVE_CFLAGS, key_extra=native_build.cpu_model()
-        )
+            "adadelta_cpu", cpu._SOURCE, language="c", flags=cpu._NATIVE_CFLAGS, key_extra=native_build.cpu_model(),
+            parts=cpu._NATIVE_PARTS,
+        )  # fmt: skip
     finally:
         if previous is None:
             del os.environ["TRITON_ADADELTA_CACHE_DIR"]
@@ -272,7 +273,7 @@ def test_cache_directory_of_another_user_is_refused(cache, monkeypatch):
 HANGING_COMPILER = """#!/bin/sh
 echo "$$" >> "{calls}"
 sleep 120 &
-echo "$!" > "{sleeper}"
+echo "$!" >> "{sleeper}"
 wait
 """
 
@@ -299,14 +300,16 @@ def test_hanging_compiler_is_bounded_remembered_and_falls_back(tmp_path):
     assert elapsed < 30, f"the first step waited {elapsed:.0f} s for a hanging compiler"
     assert first.stdout.startswith("cpu-chunked")
     assert first.stderr.count("native CPU loop is off") == 1 and "did not finish in 2 s" in first.stderr, first.stderr
-    # The compiler's whole process group was killed, not only the driver.
-    assert process_is_gone(int(sleeper.read_text()))
+    # Every compiler's whole process group was killed (one per part of the source,
+    # started at once), not only the drivers.
+    assert len(calls.read_text().split()) == cpu._NATIVE_PARTS
+    assert all(process_is_gone(int(pid)) for pid in sleeper.read_text().split())
 
     # A later process remembers the timeout for this key: no compiler run, no wait.
     second = run_python(STEP_SCRIPT, **env)
     assert second.returncode == 0, second.stderr
     assert second.stdout == first.stdout
-    assert len(calls.read_text().split()) == 1, "the hanging compiler was started again"
+    assert len(calls.read_text().split()) == cpu._NATIVE_PARTS, "the hanging compiler was started again"
     assert second.stderr.count("native CPU loop is off") == 1 and "remembered" in second.stderr, second.stderr
 
     # Once the memory has expired, a process tries the compiler again.
@@ -315,7 +318,7 @@ def test_hanging_compiler_is_bounded_remembered_and_falls_back(tmp_path):
     os.utime(marker, (expired, expired))
     third = run_python(STEP_SCRIPT, **env)
     assert third.returncode == 0 and "did not finish in 2 s" in third.stderr, third.stderr
-    assert len(calls.read_text().split()) == 2
+    assert len(calls.read_text().split()) == 2 * cpu._NATIVE_PARTS
 
 
 def test_the_compilers_time_limit_is_bounded():

@@ -19,6 +19,7 @@ bits with torch's sqrt, and the C loop the kernel's (Triton's interpreter).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -308,6 +309,32 @@ def test_the_c_loop_gives_the_references_bits(native, param_dtype, store):
     options = {"stochastic_rounding": store == "stochastic", "seed": 1234}
     for grad_scale in (None, torch.tensor([3.0])):
         compare(run.step_u8(grad_scale=grad_scale, **options), run.reference(native, grad_scale=grad_scale, **options))
+
+
+@pytest.mark.parametrize("param_dtype,store", [mode for mode in MODES if mode[0] != torch.float16],
+                         ids=[i for i, mode in zip(MODE_IDS, MODES) if mode[0] != torch.float16])  # fmt: skip
+def test_a_piece_of_whole_blocks_and_a_shorter_one(native, param_dtype, store):
+    # The table splits each param into a bulk of whole quant blocks and a tail, but the
+    # C loop takes any piece that starts on a block (adadelta_step_u8_state's contract):
+    # here pieces of 288, 608 and 1000 elements, whose last blocks are shorter.
+    generator = torch.Generator().manual_seed(6)
+    sizes = [288, 608, 1000]
+    params, grads = random_tensors(sizes, param_dtype, generator)
+    table, n_state = aligned_table(params, grads)
+    codes, scales = zip(*(random_state(n_state, generator) for _ in range(2)))
+    run = Run(params, grads, codes, scales, eight_groups(), master=store == "master", groups=[0, 2, 5])
+
+    def whole_pieces(table: SegmentTable) -> SegmentTable:
+        pieces = table.pieces.clone()
+        pieces[NUMEL_ROW, 0::2] += pieces[NUMEL_ROW, 1::2]  # each bulk takes its tail,
+        pieces[NUMEL_ROW, 1::2] = 0  # which is left empty
+        return dataclasses.replace(table, pieces=pieces, numels=pieces[NUMEL_ROW].clone())
+
+    copies = run.copies
+    run.copies = lambda: (lambda p, t, c, s, m: (p, whole_pieces(t), c, s, m))(*copies())
+    assert [numel for _, numel in pieces_of(run.copies()[1])] == sizes
+    options = {"stochastic_rounding": store == "stochastic", "seed": 77}
+    compare(run.step_u8(**options), run.reference(native, **options))
 
 
 def test_edge_cases_of_the_encoding(native):

@@ -110,8 +110,11 @@ _SOURCE = Path(__file__).parent / "csrc" / "adadelta_cpu.c"
 # lets sqrt vectorize; it changes no value. No -ffast-math: it would reassociate.
 _NATIVE_CFLAGS = [
     "-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
-    "-fPIC", "-shared", "-pthread", "-lm",
+    "-Werror=implicit-function-declaration", "-fPIC", "-shared", "-pthread", "-lm",
 ]  # fmt: skip
+# Translation units of the C source (ADADELTA_PART), compiled at once: the entry
+# points with the fp32/fp64 and fp32-state loops, and the compressed-state loops.
+_NATIVE_PARTS = 2
 
 # The table layout the C source was written for, as it exports it (adadelta_layout).
 _LAYOUT = (
@@ -126,11 +129,12 @@ _NATIVE_SYMBOLS = (
     "adadelta_philox_rounds", "adadelta_quant_block", "set_sqrt", "set_openmp",
 )  # fmt: skip
 
-# The compiler's time limit: with the bf16/fp16, bf16-state and uint8-state loops the
-# build took 12.3-12.9 s alone on the 2-core machine we measure on (gcc 12; 8.7 s
-# before the uint8-state loops, 6.3 s before the bf16-state ones, 2.3-3.1 s for the
-# fp32/fp64 loops alone, which took 5.6 s with 4 builds at once and 11.6 s with 8); a
-# hanging compiler gives up here and the CPU path runs chunked (see native_build).
+# The compiler's time limit. On the 2-core machine we measure on (gcc 12), one
+# translation unit of the whole source took 12.3-12.9 s on one day and 16-24 s on
+# another, past this limit; in two parts at once the build takes the longer part's
+# time, 9-11 s on the slow day (the fp32/fp64 loops alone took 2.3-3.1 s, 5.6 s with 4
+# builds at once and 11.6 s with 8). A hanging compiler gives up here and the CPU path
+# runs chunked (see native_build).
 _NATIVE_BUILD_TIMEOUT_S = 20.0
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -172,6 +176,7 @@ def _build_native_library() -> ctypes.CDLL:
         loader=ctypes.CDLL,
         symbols=_NATIVE_SYMBOLS,
         timeout_s=_NATIVE_BUILD_TIMEOUT_S,
+        parts=_NATIVE_PARTS,
     )
     layout = tuple((ctypes.c_int64 * len(_LAYOUT)).in_dll(library, "adadelta_layout"))
     if layout != _LAYOUT:

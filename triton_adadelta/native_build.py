@@ -18,6 +18,8 @@ by the rules of pip's and Triton's own caches, and a bad file never crashes a pr
   A truncated file (a power loss, a full disk) or a foreign one is rebuilt instead.
 * A library is written durably: the file is fsynced, renamed into place, and the
   directory fsynced, so a crash leaves no library, or a whole one.
+* A source written as several parts (``parts``: translation units chosen by
+  ``-D<NAME>_PART=k``) is compiled one part per process, at once, and linked.
 * The compiler runs for at most ``timeout_s`` seconds (its whole process group is
   killed then). A timeout is remembered for that key (``<library>.failed``) for
   :data:`FAILURE_MEMORY_S`, so later processes fall back at once instead of waiting.
@@ -223,28 +225,38 @@ def _write_file(path: Path, data: bytes, scratch: Path) -> None:
     os.replace(temporary, path)
 
 
-def _run_compiler(command: list[str], timeout_s: float) -> None:
-    """Run ``command`` in a process group of its own; on timeout kill the whole group
-    (a compiler driver's children too, which would otherwise keep running).
+def _run_compilers(commands: list[list[str]], timeout_s: float) -> None:
+    """Run ``commands`` at once, each in a process group of its own, all within
+    ``timeout_s`` seconds; on timeout or a failure kill every group still running (a
+    compiler driver's children too, which would otherwise keep running).
 
     Raises:
-        subprocess.CalledProcessError: it failed (with its stderr).
-        subprocess.TimeoutExpired: it ran past ``timeout_s``.
+        subprocess.CalledProcessError: one failed (the first to, with its stderr).
+        subprocess.TimeoutExpired: they ran past ``timeout_s``.
     """
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True
-    ) as process:
-        try:
-            _, stderr = process.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    deadline = time.monotonic() + timeout_s
+    processes = [
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        for command in commands
+    ]
+    try:
+        for process, command in zip(processes, commands):
+            _, stderr = process.communicate(timeout=max(deadline - time.monotonic(), 0.0))
+            if process.returncode != 0:
+                raise subprocess.CalledProcessError(process.returncode, command, stderr=stderr)
+    except subprocess.TimeoutExpired as error:
+        # Reported against the whole limit, not what was left of it for this process.
+        raise subprocess.TimeoutExpired(error.cmd, timeout_s) from None
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             process.communicate()
-            raise
-    if process.returncode != 0:
-        raise subprocess.CalledProcessError(process.returncode, command, stderr=stderr)
 
 
 def build_cached(
@@ -256,6 +268,7 @@ def build_cached(
     key_extra: str = "",
     timeout_s: float = BUILD_TIMEOUT_S,
     cache_only: bool = False,
+    parts: int = 1,
 ) -> Path:
     """Compile the source file ``source`` into a shared library, or find it in the cache.
 
@@ -269,6 +282,9 @@ def build_cached(
             build measured (``$TRITON_ADADELTA_BUILD_TIMEOUT`` overrides it).
         cache_only: never compile: raise :class:`NotBuilt` where the cache has no
             library (one built elsewhere, by another process, is found).
+        parts: compile the source this many times at once, with ``-D<NAME>_PART=k``
+            (``NAME``: ``name`` upper-cased up to its first ``_``; each part one
+            translation unit of the library), and link the parts; 1: one compile.
 
     Returns:
         The path of a library that passed the trust checks (see the module docstring).
@@ -285,7 +301,9 @@ def build_cached(
         text = source.read_text()
     except OSError as error:
         raise BuildError(f"cannot read {source}: {error}") from error
-    key = hashlib.sha256("\0".join([text, " ".join(flags), compiler, platform.machine(), key_extra]).encode())
+    key = hashlib.sha256(
+        "\0".join([text, " ".join(flags), compiler, platform.machine(), key_extra, f"parts={parts}"]).encode()
+    )
     directory = cache_dir()
     path = directory / f"{name}_{key.hexdigest()[:24]}.so"
     _private_dir(directory)
@@ -298,11 +316,24 @@ def build_cached(
         raise BuildError(f"{remembered} (remembered from an earlier process; delete {_failure_path(path)} to retry)")
     timeout = _build_timeout(timeout_s)
     # How the build is named in an error: the output file is a temporary one.
-    described = " ".join([compiler, str(source), *flags])
+    part_macro = f"-D{name.split('_')[0].upper()}_PART"
+    described = " ".join([compiler, str(source), *flags] + ([f"{part_macro}=0..{parts - 1}"] if parts > 1 else []))
     try:
         with tempfile.TemporaryDirectory(dir=directory) as build_dir:
             built = Path(build_dir) / path.name
-            _run_compiler([compiler, str(source), "-o", str(built), *flags], timeout)
+            started = time.monotonic()
+            if parts == 1:
+                _run_compilers([[compiler, str(source), "-o", str(built), *flags]], timeout)
+            else:
+                objects = [str(Path(build_dir) / f"part{k}.o") for k in range(parts)]
+                _run_compilers(
+                    [[compiler, "-c", str(source), f"{part_macro}={k}", "-o", objects[k], *flags] for k in range(parts)],
+                    timeout,
+                )
+                try:
+                    _run_compilers([[compiler, *objects, "-o", str(built), *flags]], timeout - (time.monotonic() - started))
+                except subprocess.TimeoutExpired:
+                    raise subprocess.TimeoutExpired(compiler, timeout) from None
             # Whatever the umask, no one else may write a library that we will load.
             os.chmod(built, 0o755)
             with open(built, "rb") as file:
@@ -338,6 +369,7 @@ def load_cached(
     symbols: tuple[str, ...] = (),
     timeout_s: float = BUILD_TIMEOUT_S,
     cache_only: bool = False,
+    parts: int = 1,
 ) -> Library:
     """:func:`build_cached`, then load the library with ``loader`` (``ctypes.CDLL``).
 
@@ -346,13 +378,20 @@ def load_cached(
             file: it is removed from the cache (the next process rebuilds it) and
             this one gets a ``BuildError``. (The process cannot load the rebuilt file
             itself: the dynamic loader hands back the handle it has for that path.)
-        timeout_s, cache_only: see :func:`build_cached`.
+        timeout_s, cache_only, parts: see :func:`build_cached`.
 
     Raises:
         BuildError: where it cannot be built or loaded, saying why.
     """
     path = build_cached(
-        name, source, language=language, flags=flags, key_extra=key_extra, timeout_s=timeout_s, cache_only=cache_only
+        name,
+        source,
+        language=language,
+        flags=flags,
+        key_extra=key_extra,
+        timeout_s=timeout_s,
+        cache_only=cache_only,
+        parts=parts,
     )
     try:
         library = loader(str(path))

@@ -31,16 +31,30 @@
 #include <pthread.h>
 #include <stdint.h>
 
+/* The build compiles this file as two translation units at once, one per core:
+   ADADELTA_PART 0, the entry points and the fp32/fp64 and fp32-state loops, and 1,
+   the compressed-state loops (their tables of functions, which part 0 reads). Without
+   ADADELTA_PART, one unit holds both. What the two share across units is hidden from
+   the library's users. */
+#ifndef ADADELTA_PART
+#define ADADELTA_PART -1
+#endif
+#define IN_MAIN_PART (ADADELTA_PART != 1)
+#define IN_CS_PART (ADADELTA_PART != 0)
+#define SHARED __attribute__((visibility("hidden")))
+
 /* Rows of the segment table and columns of the hyper-parameter table: the same
    numbers as kernels/adadelta.py (checked by the Python loader). */
 enum { PARAM_ROW, GRAD_ROW, STATE_ROW, NUMEL_ROW, GROUP_ROW, ALIGNED_ROW, N_TABLE_ROWS };
 enum { LR, RHO, ONE_MINUS_RHO, EPS, WEIGHT_DECAY, MAXIMIZE, LR_IS_TENSOR, N_HPARAMS = 8 };
 
+#if IN_MAIN_PART
 /* The loader compares these with the Python constants before the first call. */
 const int64_t adadelta_layout[] = {
     PARAM_ROW, GRAD_ROW, STATE_ROW, NUMEL_ROW, GROUP_ROW, ALIGNED_ROW, N_TABLE_ROWS,
     LR, RHO, ONE_MINUS_RHO, EPS, WEIGHT_DECAY, MAXIMIZE, LR_IS_TENSOR, N_HPARAMS,
 };
+#endif
 
 #define FLAG_GRAD_SCALE 1
 #define FLAG_MAXIMIZE 2
@@ -67,14 +81,19 @@ const int64_t adadelta_layout[] = {
    found in libtorch_cpu by the caller, on each block. NULL: the C library's sqrt. */
 typedef void (*vml_sqrt_f32)(int n, const float *a, float *r, long long mode);
 typedef void (*vml_sqrt_f64)(int n, const double *a, double *r, long long mode);
-static vml_sqrt_f32 torch_sqrt_f32 = 0;
-static vml_sqrt_f64 torch_sqrt_f64 = 0;
+extern SHARED vml_sqrt_f32 torch_sqrt_f32;
+extern SHARED vml_sqrt_f64 torch_sqrt_f64;
 static const long long vml_mode = 0x2 | 0x140000 | 0x100;
+
+#if IN_MAIN_PART
+SHARED vml_sqrt_f32 torch_sqrt_f32 = 0;
+SHARED vml_sqrt_f64 torch_sqrt_f64 = 0;
 
 void set_sqrt(void *sqrt_f32, void *sqrt_f64) {
     torch_sqrt_f32 = (vml_sqrt_f32)sqrt_f32;
     torch_sqrt_f64 = (vml_sqrt_f64)sqrt_f64;
 }
+#endif
 
 static void sqrt_block_f32(int n, float *x, int use_torch_sqrt) {
     if (use_torch_sqrt && torch_sqrt_f32) torch_sqrt_f32(n, x, x, vml_mode);
@@ -96,11 +115,13 @@ typedef int (*omp_int_fn)(void);
 static gomp_parallel_fn gomp_parallel = 0;
 static omp_int_fn omp_thread_num = 0, omp_num_threads = 0;
 
+#if IN_MAIN_PART
 void set_openmp(void *parallel, void *thread_num, void *num_threads) {
     gomp_parallel = (gomp_parallel_fn)parallel;
     omp_thread_num = (omp_int_fn)thread_num;
     omp_num_threads = (omp_int_fn)num_threads;
 }
+#endif
 
 /* A thread's share of the step: `count` elements of the pieces' concatenation,
    from element `offset` of piece `piece` on (it may span many pieces). */
@@ -358,8 +379,12 @@ int adadelta_step_##SUFFIX(const int64_t *table, int64_t n_pieces, T *square_avg
                     parallel_min_elements);                                           \
 }
 
+#if IN_MAIN_PART
 DEFINE_UPDATE(float, f32, fmaf, sqrtf)
 DEFINE_UPDATE(double, f64, fma, sqrt)
+#else
+DEFINE_ELEMENT(float, f32, fmaf, sqrtf) /* (the compressed-state loops' equations) */
+#endif
 
 /* ------------------------------------------------------------------------------------
    bf16 and fp16 params (fp32 state and math): the kernel's three ways to store them,
@@ -390,7 +415,9 @@ enum { STORE_NEAREST, STORE_MASTER, STORE_STOCHASTIC, N_STORES };
 #else
 #define HAVE_F16 0
 #endif
+#if IN_MAIN_PART
 const int adadelta_has_f16 = HAVE_F16;
+#endif
 
 static inline __attribute__((always_inline)) float bits_to_f32(uint32_t bits) {
     union { uint32_t u; float f; } v = {bits}; return v.f;
@@ -427,7 +454,9 @@ static inline __attribute__((always_inline)) uint16_t round_nearest(float x, con
    kernel's, kernels/adadelta.py): four words per counter (counter low, counter high,
    0, 0) under the key (seed low, seed high). */
 #define PHILOX_ROUNDS 7
+#if IN_MAIN_PART
 const int adadelta_philox_rounds = PHILOX_ROUNDS; /* checked by the loader */
+#endif
 #define PHILOX_ROUND_A 0xD2511F53u
 #define PHILOX_ROUND_B 0xCD9E8D57u
 #define PHILOX_KEY_A 0x9E3779B9u
@@ -674,7 +703,9 @@ static inline __attribute__((always_inline)) void update_lowp(
 
 enum { STATE_BF16, STATE_U8 };
 #define QUANT_BLOCK 256
+#if IN_MAIN_PART
 const int adadelta_quant_block = QUANT_BLOCK; /* checked by the loader */
+#endif
 _Static_assert(QUANT_BLOCK <= BLOCK, "a quant block fits one block of the update");
 #define U8_NAN_BITS 0x7FC00000u /* the scale of a block with a NaN or an inf */
 
@@ -1076,6 +1107,7 @@ typedef void (*update_lowp_fn)(void *, const void *, void *, void *, float *, fl
     { LOWP_STORE_NAMES(KIND, STORE_NEAREST), LOWP_STORE_NAMES(KIND, STORE_MASTER),    \
       LOWP_STORE_NAMES(KIND, STORE_STOCHASTIC) }
 
+#if IN_MAIN_PART
 LOWP_KIND(KIND_BF16)
 #if HAVE_F16
 LOWP_KIND(KIND_F16)
@@ -1087,6 +1119,7 @@ static const update_lowp_fn update_lowp_variants[N_KINDS][N_STORES][N_FLAG_VARIA
     LOWP_KIND_NAMES(KIND_F16),
 #endif
 };
+#endif
 
 /* Compressed state: one function per (state, kind, store) taking any flags at run
    time, and for uint8 state, as for fp32 state, one without flags and one with
@@ -1128,19 +1161,25 @@ static const update_lowp_fn update_lowp_variants[N_KINDS][N_STORES][N_FLAG_VARIA
 #if HAVE_F16
 #define CS_STATE(STATE)                                                               \
     CS_KIND(STATE, KIND_BF16) CS_KIND(STATE, KIND_F16) CS_STORE_##STATE(KIND_F32, STORE_NEAREST) \
-    static const update_lowp_fn update_cs_variants_##STATE[N_KINDS + 1][N_STORES][N_FLAG_VARIANTS] = { \
+    SHARED const update_lowp_fn update_cs_variants_##STATE[N_KINDS + 1][N_STORES][N_FLAG_VARIANTS] = { \
         CS_KIND_NAMES(STATE, KIND_BF16), CS_KIND_NAMES(STATE, KIND_F16),            \
         { CS_NAMES_##STATE(KIND_F32, STORE_NEAREST) } };
 #else
 #define CS_STATE(STATE)                                                               \
     CS_KIND(STATE, KIND_BF16) CS_STORE_##STATE(KIND_F32, STORE_NEAREST)               \
-    static const update_lowp_fn update_cs_variants_##STATE[N_KINDS + 1][N_STORES][N_FLAG_VARIANTS] = { \
+    SHARED const update_lowp_fn update_cs_variants_##STATE[N_KINDS + 1][N_STORES][N_FLAG_VARIANTS] = { \
         CS_KIND_NAMES(STATE, KIND_BF16), {{0}},                                       \
         { CS_NAMES_##STATE(KIND_F32, STORE_NEAREST) } };
 #endif
 
+extern SHARED const update_lowp_fn update_cs_variants_STATE_BF16[N_KINDS + 1][N_STORES][N_FLAG_VARIANTS];
+extern SHARED const update_lowp_fn update_cs_variants_STATE_U8[N_KINDS + 1][N_STORES][N_FLAG_VARIANTS];
+#if IN_CS_PART
 CS_STATE(STATE_BF16)
 CS_STATE(STATE_U8)
+#endif
+
+#if IN_MAIN_PART
 
 /* A share (see run_share_f32): the pieces it spans, each through the variant of its
    group's flags in the share's table. */
@@ -1253,3 +1292,4 @@ int adadelta_step_u8_state(const int64_t *table, int64_t n_pieces, uint8_t *squa
     /* Shares of whole quant blocks (see run_step). */
     return run_step(&proto, n_state, n_groups, QUANT_BLOCK, QUANT_BLOCK, max_threads, parallel_min_elements);
 }
+#endif
