@@ -393,6 +393,33 @@ def test_edge_cases_of_the_encoding(native):
     assert codes[8 * QUANT_BLOCK + 100 :].eq(255).all()
 
 
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("same_order", [True, False], ids=["same", "reversed"])
+def test_scales_at_the_fast_ways_bounds(native, param_dtype, same_order):
+    # The AVX2 loop decodes a block the fast way where both states' scales are
+    # 2**(E - 127) with E >= 19, and encodes it the fast way where both new ones have
+    # E >= 37: a block per E about those bounds (and the largest), acc_delta's scales in
+    # the same order (each bound met at both) or reversed (met beside the other's far
+    # side), random codes, zero grads and rho = 0.5, so that both states halve and the
+    # new scale is 2**(E - 128) (eps: with a zero grad, only d = 0 * sqrt(u + eps) /
+    # sqrt(v + eps) sees it, which must not be 0 / 0 where v and u are 0).
+    hparams = hparams_table(((1e-3, 0.5, 1e-30, 0.0, False),), torch.float32, torch.device("cpu"))
+    exponents = [17, 18, 19, 20, 35, 36, 37, 38, 39, 253, 254]
+    orders = (exponents, exponents if same_order else exponents[::-1])
+    n = (len(exponents) + 1) * QUANT_BLOCK
+    generator = torch.Generator().manual_seed(8)
+    codes = [torch.randint(0, 256, (n,), generator=generator, dtype=torch.uint8) for _ in range(2)]
+    # (and a last block of scale 1.5, not a power of two: decoded the exact way)
+    scales = [torch.tensor([2.0 ** (e - 127) for e in order] + [1.5]) for order in orders]
+    params = [torch.randn(n, generator=generator).to(param_dtype)]
+    run = Run(params, [torch.zeros(n, dtype=param_dtype)], tuple(codes), tuple(scales), hparams)
+    options = {"stochastic_rounding": param_dtype == torch.bfloat16, "seed": 5}
+    result = run.step_u8(**options)
+    compare(result, run.reference(native, **options))
+    for new_scales, order in zip(result[2], orders):
+        assert (bits(new_scales[:-1]) >> 23).tolist() == [e - 1 for e in order]
+
+
 def test_found_inf_writes_nothing(native):
     generator = torch.Generator().manual_seed(3)
     params, grads = random_tensors([700, 33], torch.bfloat16, generator)

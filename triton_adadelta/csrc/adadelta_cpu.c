@@ -30,6 +30,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <string.h>
 
 /* The build compiles this file as two translation units at once, one per core:
    ADADELTA_PART 0, the entry points and the fp32/fp64 and fp32-state loops, and 1,
@@ -731,22 +732,27 @@ static inline __attribute__((always_inline)) float u8_code_value(const uint8_t c
     return c >= 16 ? normal : subnormal;
 }
 
+#if defined(__AVX2__)
+/* u8_code_value of 8 codes times their block's scale, in 8 lanes. */
+static inline __attribute__((always_inline)) __m256 u8_decode8(const uint8_t *codes, const __m256 scale) {
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)codes));
+    const __m256 normal =
+        _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(c, 19), _mm256_set1_epi32(112 << 23)));
+    const __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(c), _mm256_set1_ps(0x1p-18f));
+    const __m256 is_subnormal = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(16), c));
+    return _mm256_mul_ps(scale, _mm256_blendv_ps(normal, subnormal, is_subnormal));
+}
+#endif
+
 /* n codes of a block of `scale`, decoded (exactly: a power of two times a 5-bit
-   value). A pass of its own: codes and fp32 in one vectorized loop make the compiler
-   unroll the update four times, and spill. */
+   value), in a pass of their own (update_block_cs_scalar's; with AVX2, most blocks
+   run in update_piece_u8x8's one loop instead). */
 static __attribute__((noinline)) void u8_decode(const uint8_t *restrict codes, const int n, const float scale,
                                                 float *restrict out) {
     int i = 0;
 #if defined(__AVX2__)
     const __m256 scales = _mm256_set1_ps(scale);
-    for (; i + 8 <= n; i += 8) {
-        const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + i)));
-        const __m256 normal =
-            _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(c, 19), _mm256_set1_epi32(112 << 23)));
-        const __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(c), _mm256_set1_ps(0x1p-18f));
-        const __m256 is_subnormal = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(16), c));
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(scales, _mm256_blendv_ps(normal, subnormal, is_subnormal)));
-    }
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, u8_decode8(codes + i, scales));
 #endif
     for (; i < n; ++i) out[i] = scale * u8_code_value(codes[i]);
 }
@@ -821,6 +827,21 @@ static inline __attribute__((always_inline)) __m256i u8_codes8(const __m256 w, c
     const __m256i is_normal = _mm256_cmpgt_epi32(xb, _mm256_set1_epi32((int)(113u << 23) - 1));
     return _mm256_blendv_epi8(subnormal, normal, is_normal);
 }
+
+/* The codes of 32 values w of a block that has codes (1 / its scale: inverse), stored:
+   noise[k] holds the noise of w[8k..8k+7] in its lanes' low 16 bits (above them,
+   anything when low16, else 0). */
+static inline __attribute__((always_inline)) void u8_codes32(const float *restrict w, const __m256 inverse,
+                                                             const __m256i noise[4], const int low16,
+                                                             uint8_t *restrict codes) {
+    const __m256i mask = _mm256_set1_epi32(0xFFFF);
+    __m256i c[4];
+    for (int k = 0; k < 4; ++k)
+        c[k] = u8_codes8(_mm256_loadu_ps(w + 8 * k), inverse, low16 ? _mm256_and_si256(noise[k], mask) : noise[k]);
+    /* (Each pack interleaves the two 128-bit lanes: one permute puts them back.) */
+    const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c[0], c[1]), _mm256_packus_epi32(c[2], c[3]));
+    _mm256_storeu_si256((__m256i *)codes, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
 #endif
 
 /* The codes of n values w of a block. With AVX2, 32 at a time by hand: the
@@ -832,19 +853,12 @@ static __attribute__((noinline)) void u8_codes(const float *restrict w, const in
 #if defined(__AVX2__)
     if (encoding.mask) {
         const __m256 inverse = _mm256_set1_ps(encoding.inverse);
-        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         const __m128i count = _mm_cvtsi32_si128(shift);
-        const __m256i low16 = _mm256_set1_epi32(0xFFFF);
-#define U8_NOISE8(k) _mm256_and_si256(_mm256_srl_epi32(_mm256_loadu_si256((const __m256i *)(noise + i + (k))), count), low16)
         for (; i + 32 <= n; i += 32) {
-            const __m256i c0 = u8_codes8(_mm256_loadu_ps(w + i), inverse, U8_NOISE8(0));
-            const __m256i c1 = u8_codes8(_mm256_loadu_ps(w + i + 8), inverse, U8_NOISE8(8));
-            const __m256i c2 = u8_codes8(_mm256_loadu_ps(w + i + 16), inverse, U8_NOISE8(16));
-            const __m256i c3 = u8_codes8(_mm256_loadu_ps(w + i + 24), inverse, U8_NOISE8(24));
-#undef U8_NOISE8
-            /* (Each pack interleaves the two 128-bit lanes: one permute puts them back.) */
-            const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
-            _mm256_storeu_si256((__m256i *)(codes + i), _mm256_permutevar8x32_epi32(bytes, order));
+            __m256i bits[4];
+            for (int k = 0; k < 4; ++k)
+                bits[k] = _mm256_srl_epi32(_mm256_loadu_si256((const __m256i *)(noise + i + 8 * k)), count);
+            u8_codes32(w + i, inverse, bits, shift == 0, codes + i);
         }
     }
 #endif
@@ -1000,6 +1014,42 @@ static inline __attribute__((always_inline)) __m256i hash32x8(__m256i x) {
     return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
 }
 
+/* A group's hyper-parameters (and the grad scale) in lanes. */
+typedef struct {
+    __m256 lr, rho, one_minus_rho, eps, weight_decay, grad_scale;
+} hparams8_t;
+
+static inline __attribute__((always_inline)) hparams8_t hparams8(const float *restrict row, const float grad_scale) {
+    const hparams8_t h = {_mm256_set1_ps(row[LR]), _mm256_set1_ps(row[RHO]), _mm256_set1_ps(row[ONE_MINUS_RHO]),
+                          _mm256_set1_ps(row[EPS]), _mm256_set1_ps(row[WEIGHT_DECAY]), _mm256_set1_ps(grad_scale)};
+    return h;
+}
+
+/* The update of the 8 elements at e in lanes (params of kind KIND_F32 or KIND_BF16,
+   or the master copy), from their old state v and *u in fp32: stores the new params
+   (with stochastic rounding, into w_slot for round_block_stochastic), *u becomes the
+   new acc_delta, and the new square_avg is returned. */
+static inline __attribute__((always_inline)) __m256 update8(
+        void *restrict p, const void *restrict gr, float *restrict m, const int64_t e, const __m256 v,
+        __m256 *restrict u, const hparams8_t h, const int flags, const int kind, const int store,
+        float *restrict w_slot) {
+    __m256 w = store == STORE_MASTER ? _mm256_loadu_ps(m + e)
+             : kind == KIND_F32      ? _mm256_loadu_ps((const float *)p + e)
+                                     : widen8((const uint16_t *)p + e);
+    const __m256 grad = kind == KIND_F32 ? _mm256_loadu_ps((const float *)gr + e) : widen8((const uint16_t *)gr + e);
+    const __m256 g = grad_m256(grad, w, h.grad_scale, h.weight_decay, flags);
+    const __m256 square = square_m256(g, v, h.rho, h.one_minus_rho);
+    apply_m256(delta_m256(g, square, *u, h.eps), u, &w, h.rho, h.one_minus_rho, h.lr, flags);
+    if (kind == KIND_F32) {
+        _mm256_storeu_ps((float *)p + e, w);
+    } else {
+        if (store == STORE_MASTER) _mm256_storeu_ps(m + e, w);
+        if (store == STORE_STOCHASTIC) _mm256_store_ps(w_slot, w);
+        else store16x8((uint16_t *)p + e, round_nearest_bf16x8(w));
+    }
+    return square;
+}
+
 /* bf16 state: a block of n (a multiple of 8) elements of update_block_cs's one pass
    and round_state_bf16, by hand on 8 lanes in one loop (params of kind KIND_F32 or
    KIND_BF16, the IEEE sqrt): the noise's hash and the rounding overlap the divider's
@@ -1010,30 +1060,14 @@ static inline __attribute__((always_inline)) void update_block_cs8(
         void *restrict p, const void *restrict gr, uint16_t *restrict v, uint16_t *restrict u, float *restrict m,
         const int64_t first, const int n, const float *restrict row, const float grad_scale, const int flags,
         const int kind, const int store, const uint64_t at, const uint32_t k0, const uint32_t k1) {
-    const __m256 lr = _mm256_set1_ps(row[LR]), rho = _mm256_set1_ps(row[RHO]);
-    const __m256 one_minus_rho = _mm256_set1_ps(row[ONE_MINUS_RHO]), eps = _mm256_set1_ps(row[EPS]);
-    const __m256 weight_decay = _mm256_set1_ps(row[WEIGHT_DECAY]), scale = _mm256_set1_ps(grad_scale);
+    const hparams8_t h = hparams8(row, grad_scale);
     /* The hash's inputs: the state index (mod 2**32) plus the seed's hash. */
     __m256i index = _mm256_add_epi32(_mm256_set1_epi32((int)((uint32_t)at + hash32(k0))),
                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     float w_block[BLOCK] __attribute__((aligned(64)));
     for (int i = 0; i < n; i += 8) {
-        const int64_t e = first + i;
-        __m256 w = store == STORE_MASTER ? _mm256_loadu_ps(m + e)
-                 : kind == KIND_F32      ? _mm256_loadu_ps((const float *)p + e)
-                                         : widen8((const uint16_t *)p + e);
-        const __m256 grad = kind == KIND_F32 ? _mm256_loadu_ps((const float *)gr + e) : widen8((const uint16_t *)gr + e);
         __m256 acc = widen8(u + i);
-        const __m256 g = grad_m256(grad, w, scale, weight_decay, flags);
-        const __m256 square = square_m256(g, widen8(v + i), rho, one_minus_rho);
-        apply_m256(delta_m256(g, square, acc, eps), &acc, &w, rho, one_minus_rho, lr, flags);
-        if (kind == KIND_F32) {
-            _mm256_storeu_ps((float *)p + e, w);
-        } else {
-            if (store == STORE_MASTER) _mm256_storeu_ps(m + e, w);
-            if (store == STORE_STOCHASTIC) _mm256_store_ps(w_block + i, w);
-            else store16x8((uint16_t *)p + e, round_nearest_bf16x8(w));
-        }
+        const __m256 square = update8(p, gr, m, first + i, widen8(v + i), &acc, h, flags, kind, store, w_block + i);
         const __m256i noise = hash32x8(index);
         index = _mm256_add_epi32(index, _mm256_set1_epi32(8));
         store16x8(v + i, bf16_add_and_truncate8(square, _mm256_and_si256(noise, _mm256_set1_epi32(0xFFFF))));
@@ -1041,6 +1075,198 @@ static inline __attribute__((always_inline)) void update_block_cs8(
     }
     if (kind != KIND_F32 && store == STORE_STOCHASTIC)
         round_block_stochastic(w_block, (uint16_t *)p + first, n, kind, at, k0, k1, PARAM_STREAM_BASE);
+}
+#endif
+
+#if defined(__AVX2__)
+/* uint8 state, one software-pipelined loop per piece (params of kind KIND_F32 or
+   KIND_BF16, the IEEE sqrt): each quant block's codes are decoded and updated in lanes,
+   32 elements at a time, and its new values wait in a buffer to be encoded during the
+   next block's update. The update is bound by the divider, the decoding and encoding
+   by the vector units' multiplies and shifts; in passes of their own (update_cs's
+   blocks) their times add up, in one loop they overlap. Where a block's scale allows
+   (most blocks), its codes decode and encode with fewer multiplies and shifts than
+   u8_decode8 and u8_codes8, exactly as they do:
+   - decoding, by a scale 2**(E - 127), E in [19, 254]: a code c >= 16 has the fp32
+     bits (c << 19) + ((E - 15) << 23), a smaller one the value c * 2**(E - 145);
+   - encoding by such a scale, E in [37, 254], values all finite and >= 0 (the block's
+     maximum's bits below 0x7F800000): a value w >= 2**(E - 141) (x = w / scale >=
+     2**-14) has the code (bits(w) - ((E - 15) << 23) + 8 * noise) >> 19, as
+     u8_code's normal one; a smaller one (floor(w * 2**(164 - E)) + 8 * noise) >> 19,
+     which is (floor(x * 2**34) + noise) >> 16: floor(x * 2**37) is
+     8 * floor(x * 2**34) + t, t < 8, and 8 * (floor(x * 2**34) + noise) + t crosses
+     no multiple of 2**19 that the sum without t does not. */
+typedef struct {
+    __m256i offset;  /* (E - 15) << 23 */
+    __m256 small;    /* 2**(E - 145) */
+} u8_fast_decoding_t;
+
+/* exponent << 23 as an int, where exponent - 127 is a power of two's (any int: the
+   constants of a block that does not go the fast way are computed, not used). */
+static inline __attribute__((always_inline)) __m256i u8_exponent8(const int exponent) {
+    return _mm256_set1_epi32((int)((uint32_t)exponent << 23));
+}
+
+/* E of a scale 2**(E - 127) with E in [lowest, 254], else 0. */
+static inline __attribute__((always_inline)) int u8_scale_exponent(const float scale, const int lowest) {
+    const uint32_t bits = f32_to_bits(scale), exponent = bits >> 23;
+    return (bits & 0x807FFFFFu) == 0 && (int)exponent >= lowest && exponent <= 254 ? (int)exponent : 0;
+}
+
+static inline __attribute__((always_inline)) __m256 u8_fast_decode8(const uint8_t *codes,
+                                                                    const u8_fast_decoding_t d) {
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)codes));
+    const __m256 normal = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(c, 19), d.offset));
+    const __m256 small = _mm256_mul_ps(_mm256_cvtepi32_ps(c), d.small);
+    /* (blendv takes each lane's sign: c - 16 < 0 for the small codes) */
+    return _mm256_blendv_ps(normal, small, _mm256_castsi256_ps(_mm256_sub_epi32(c, _mm256_set1_epi32(16))));
+}
+
+/* How a block's values encode the fast way (see above): by a scale 2**(E - 127). */
+typedef struct {
+    __m256i offset; /* (E - 15) << 23 */
+    __m256i below;  /* the bits of 2**(E - 141), less 1 */
+    __m256 small;   /* 2**(164 - E) */
+} u8_fast_encoding_t;
+
+static inline __attribute__((always_inline)) u8_fast_encoding_t u8_fast_encoding(const int exponent) {
+    const u8_fast_encoding_t e = {u8_exponent8(exponent - 15),
+                                  _mm256_sub_epi32(u8_exponent8(exponent - 14), _mm256_set1_epi32(1)),
+                                  _mm256_castsi256_ps(u8_exponent8(164 + 127 - exponent))};
+    return e;
+}
+
+/* A quant block's new values, waiting for their codes. */
+typedef struct {
+    float v[QUANT_BLOCK] __attribute__((aligned(64)));
+    float u[QUANT_BLOCK] __attribute__((aligned(64)));
+    u8_encoding_t v_encoding, u_encoding;
+    u8_fast_encoding_t v_fast, u_fast;
+    int fast; /* both encode the fast way */
+    uint8_t *v_codes, *u_codes;
+    __m256i index; /* the hash's inputs at the next 8 elements to encode */
+    int n;
+} u8_pending_t;
+
+/* The codes of 32 values of a block encoded the fast way (see above), stored;
+   noise8[k]: 8 * the noise of w[8k..8k+7]. */
+static inline __attribute__((always_inline)) void u8_fast_codes32(const float *restrict w, const u8_fast_encoding_t e,
+                                                                  const __m256i noise8[4], uint8_t *restrict codes) {
+    const __m256i offset = e.offset, below = e.below;
+    const __m256 small = e.small;
+    __m256i c[4];
+    for (int k = 0; k < 4; ++k) {
+        const __m256 x = _mm256_loadu_ps(w + 8 * k);
+        const __m256i bits = _mm256_castps_si256(x);
+        const __m256i fixed = _mm256_cvttps_epi32(_mm256_mul_ps(x, small));
+        const __m256i y = _mm256_blendv_epi8(fixed, _mm256_sub_epi32(bits, offset), _mm256_cmpgt_epi32(bits, below));
+        c[k] = _mm256_srli_epi32(_mm256_add_epi32(y, noise8[k]), 19);
+    }
+    const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c[0], c[1]), _mm256_packus_epi32(c[2], c[3]));
+    _mm256_storeu_si256((__m256i *)codes, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+/* Codes [from, from + 32) of a pending block, stored (the fast way where it can);
+   called for from = 0, 32, ... in turn. */
+static inline __attribute__((always_inline)) void u8_encode_pending32(u8_pending_t *restrict b, const int from) {
+    __m256i noise[4];
+    for (int k = 0; k < 4; ++k) noise[k] = hash32x8(_mm256_add_epi32(b->index, _mm256_set1_epi32(8 * k)));
+    b->index = _mm256_add_epi32(b->index, _mm256_set1_epi32(32));
+    __m256i low[4], high[4];
+    if (b->fast) {
+        for (int k = 0; k < 4; ++k) {
+            /* 8 * each half: a shift and a mask (the shift units are the busier ones) */
+            low[k] = _mm256_and_si256(_mm256_slli_epi32(noise[k], 3), _mm256_set1_epi32(0xFFFF << 3));
+            high[k] = _mm256_and_si256(_mm256_srli_epi32(noise[k], 13), _mm256_set1_epi32(~7));
+        }
+        u8_fast_codes32(b->v + from, b->v_fast, low, b->v_codes + from);
+        u8_fast_codes32(b->u + from, b->u_fast, high, b->u_codes + from);
+        return;
+    }
+    for (int k = 0; k < 4; ++k) high[k] = _mm256_srli_epi32(noise[k], 16);
+    /* (A block of zero or NaN scale has only zero codes: its mask is 0.) */
+    if (b->v_encoding.mask) u8_codes32(b->v + from, _mm256_set1_ps(b->v_encoding.inverse), noise, 1, b->v_codes + from);
+    else memset(b->v_codes + from, 0, 32);
+    if (b->u_encoding.mask) u8_codes32(b->u + from, _mm256_set1_ps(b->u_encoding.inverse), high, 0, b->u_codes + from);
+    else memset(b->u_codes + from, 0, 32);
+}
+
+/* A block's encoding from its values' largest bits (as unsigned: a negative value's
+   or a NaN's are above every finite non-negative one's, and then its maxima are
+   u8_max_add's over the values). */
+static inline __attribute__((always_inline)) u8_encoding_t u8_encoding_of(const __m256i top, const float *restrict w,
+                                                                          const int n, float *restrict scale,
+                                                                          int *restrict exponent) {
+    uint32_t lanes[8] __attribute__((aligned(32)));
+    _mm256_store_si256((__m256i *)lanes, top);
+    uint32_t largest = 0;
+    for (int k = 0; k < 8; ++k) largest = lanes[k] > largest ? lanes[k] : largest;
+    u8_max_t max = {largest, (int32_t)largest};
+    const int plain = largest < 0x7F800000u;
+    if (!plain) {
+        max.magnitude_max = 0; max.max_bits = 0;
+        for (int i = 0; i < n; ++i) u8_max_add(&max, w[i]);
+    }
+    const u8_encoding_t encoding = u8_encoding(max, scale);
+    *exponent = plain && encoding.mask ? u8_scale_exponent(*scale, 37) : 0;
+    return encoding;
+}
+
+/* n_elements (a multiple of 32) of one piece: the loop described above. */
+static inline __attribute__((always_inline)) void update_piece_u8x8(
+        void *restrict p, const void *restrict gr, uint8_t *restrict v, uint8_t *restrict u,
+        float *restrict v_scale, float *restrict u_scale, float *restrict m, const int64_t n_elements,
+        const float *restrict row, const float grad_scale, const int flags, const int kind, const int store,
+        const uint64_t index, const uint32_t k0, const uint32_t k1) {
+    const hparams8_t h = hparams8(row, grad_scale);
+    const uint32_t key = hash32(k0);
+    u8_pending_t pending[2];
+    float w_block[QUANT_BLOCK] __attribute__((aligned(64)));
+    u8_pending_t *last = 0; /* the pending block to encode, if any */
+    for (int64_t first = 0, b = 0; first < n_elements; first += QUANT_BLOCK, ++b) {
+        const int n = n_elements - first < QUANT_BLOCK ? (int)(n_elements - first) : QUANT_BLOCK;
+        u8_pending_t *restrict next = &pending[b & 1];
+        const int n_last = last ? last->n : 0;
+        const int v_exponent = u8_scale_exponent(v_scale[b], 19), u_exponent = u8_scale_exponent(u_scale[b], 19);
+        const int fast = v_exponent && u_exponent;
+        const u8_fast_decoding_t v_fast = {u8_exponent8(v_exponent - 15),
+                                           _mm256_castsi256_ps(u8_exponent8(v_exponent - 145 + 127))};
+        const u8_fast_decoding_t u_fast = {u8_exponent8(u_exponent - 15),
+                                           _mm256_castsi256_ps(u8_exponent8(u_exponent - 145 + 127))};
+        const __m256 v_old_scale = _mm256_set1_ps(v_scale[b]), u_old_scale = _mm256_set1_ps(u_scale[b]);
+        __m256i v_top = _mm256_setzero_si256(), u_top = _mm256_setzero_si256();
+        for (int i = 0; i < n; i += 32) {
+            for (int k = i; k < i + 32; k += 8) {
+                const int64_t e = first + k;
+                const __m256 v_old = fast ? u8_fast_decode8(v + e, v_fast) : u8_decode8(v + e, v_old_scale);
+                __m256 acc = fast ? u8_fast_decode8(u + e, u_fast) : u8_decode8(u + e, u_old_scale);
+                const __m256 square = update8(p, gr, m, e, v_old, &acc, h, flags, kind, store, w_block + k);
+                _mm256_store_ps(next->v + k, square);
+                _mm256_store_ps(next->u + k, acc);
+                v_top = _mm256_max_epu32(v_top, _mm256_castps_si256(square));
+                u_top = _mm256_max_epu32(u_top, _mm256_castps_si256(acc));
+            }
+            if (i < n_last) u8_encode_pending32(last, i);
+        }
+        for (int i = n; i < n_last; i += 32) u8_encode_pending32(last, i);
+        if (kind != KIND_F32 && store == STORE_STOCHASTIC)
+            round_block_stochastic(w_block, (uint16_t *)p + first, n, kind, index + (uint64_t)first, k0, k1,
+                                   PARAM_STREAM_BASE);
+        int v_new_exponent, u_new_exponent;
+        next->v_encoding = u8_encoding_of(v_top, next->v, n, &v_scale[b], &v_new_exponent);
+        next->u_encoding = u8_encoding_of(u_top, next->u, n, &u_scale[b], &u_new_exponent);
+        next->fast = v_new_exponent && u_new_exponent;
+        next->v_fast = u8_fast_encoding(v_new_exponent);
+        next->u_fast = u8_fast_encoding(u_new_exponent);
+        next->v_codes = v + first;
+        next->u_codes = u + first;
+        next->index = _mm256_add_epi32(_mm256_set1_epi32((int)((uint32_t)(index + (uint64_t)first) + key)),
+                                       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        next->n = n;
+        last = next;
+    }
+    if (last)
+        for (int i = 0; i < last->n; i += 32) u8_encode_pending32(last, i);
 }
 #endif
 
@@ -1055,12 +1281,25 @@ static inline __attribute__((always_inline)) void update_cs(
         const int kind, const int store, const int state_kind, const uint64_t index, const uint32_t k0,
         const uint32_t k1) {
     const int64_t step = state_kind == STATE_U8 ? QUANT_BLOCK : BLOCK;
-    for (int64_t first = 0, b = 0; first < n_elements; first += step, ++b) {
+    int64_t first = 0, b = 0;
+#if defined(__AVX2__)
+    if (state_kind == STATE_U8 && !use_torch_sqrt && (kind == KIND_F32 || kind == KIND_BF16)) {
+        /* Every quant block of a piece but its last is whole: the loop takes them all,
+           or all but a last block of a length off 32. */
+        const int64_t tail = n_elements % QUANT_BLOCK;
+        first = tail % 32 == 0 ? n_elements : n_elements - tail;
+        b = first / QUANT_BLOCK;
+        update_piece_u8x8(p, gr, (uint8_t *)v, (uint8_t *)u, v_scale, u_scale, m, first, row, grad_scale, flags,
+                          kind, store, index, k0, k1);
+    }
+#endif
+    for (; first < n_elements; first += step, ++b) {
         const int n = n_elements - first < step ? (int)(n_elements - first) : (int)step;
 #if defined(__AVX2__)
         /* (Only a piece's last block is off 8 elements.) uint8 state's decoding and
-           encoding in this loop, by hand too, made the step slower: with their 50-odd
-           more instructions per 8 elements the loop is no longer the divider's. */
+           encoding in this loop, block by block, made the step slower (its 50-odd more
+           instructions per 8 elements outweigh the divider): update_piece_u8x8 above
+           encodes each block during the next one's update instead. */
         if (state_kind == STATE_BF16 && !use_torch_sqrt && (kind == KIND_F32 || kind == KIND_BF16) && n % 8 == 0) {
             update_block_cs8(p, gr, (uint16_t *)v + first, (uint16_t *)u + first, m, first, n, row, grad_scale,
                              flags, kind, store, index + (uint64_t)first, k0, k1);
