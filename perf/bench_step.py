@@ -120,6 +120,11 @@ MODE_SHAPES: dict[str, tuple[torch.dtype, dict[str, object], float]] = {
 }
 
 
+# Rows of compressed state also time ours with fp32 state (the same params and mode
+# otherwise) in the same rounds: on a shared machine only interleaved runs compare.
+FP32_STATE = "triton_adadelta, fp32 state"
+
+
 def dtype_of(name: str) -> torch.dtype:
     return MODE_SHAPES[name][0] if name in MODE_SHAPES else torch.float32
 
@@ -208,6 +213,9 @@ def bench_shape(
         "torch foreach": torch.optim.Adadelta(make_params(shapes, device, 0, dtype), lr=1.0, foreach=True),
         "torch for-loop": torch.optim.Adadelta(make_params(shapes, device, 0, dtype), lr=1.0, foreach=False),
     }
+    if "state_dtype" in options:
+        fp32_state = {key: value for key, value in options.items() if key != "state_dtype"}
+        optimizers[FP32_STATE] = triton_adadelta.Adadelta(make_params(shapes, device, 0, dtype), lr=1.0, **fp32_state)
     if compiled:
         optimizers["torch compiled"] = torch.optim.Adadelta(make_params(shapes, device, 0, dtype), lr=1.0)
     steps = {label: optimizer.step for label, optimizer in optimizers.items()}
@@ -311,6 +319,8 @@ def bench_shape(
         # torch compiled's median over ours (above 1: ours is faster).
         "speedup_vs_torch_compiled": compiled_ratio,
         "ours_x_floor": ours / floor_s,
+        # Compressed-state rows: ours over ours with fp32 state (below 1: faster).
+        "ours_vs_fp32_state": ours / stats[FP32_STATE]["median"] if FP32_STATE in stats else None,
         "torch_best_x_floor": torch_best / floor_s,
         "backends": optimizers["triton_adadelta"].backends(),  # type: ignore[attr-defined]
         # Loop shapes: the medians of step() and zero_grad() alone, in the same rounds.
@@ -441,6 +451,15 @@ def format_table(results: list[dict[str, object]]) -> str:
     lines.append("  state) at the best probe's")
     lines.append("  bandwidth (copy, STREAM triad, a += b); bf16 rows: every optimizer on bf16 params, ours")
     lines.append("  with the mode the row names")
+    state_rows = [result for result in results if result.get("ours_vs_fp32_state")]
+    if state_rows:
+        lines.append("compressed-state rows: ours with fp32 state in the same rounds (ms), and the row's median over it:")
+    for result in state_rows:
+        fp32_state = result["timings_ms"][FP32_STATE]  # type: ignore[index]
+        lines.append(
+            f"  {result['shape']}: fp32 state {fp32_state['median']:.3f} [{fp32_state['q1']:.2f}-{fp32_state['q3']:.2f}]; "
+            f"{result['shape'].rsplit(', ', 1)[1]} / fp32 state {result['ours_vs_fp32_state']:.2f}x"
+        )
     lines.append("zero_grad rows: step() + zero_grad() timed together; grads from a real autograd backward,")
     lines.append("  or assigned in Python where the row says so. Medians of each part alone:")
     for result in results:

@@ -396,13 +396,13 @@ def test_edge_cases_of_the_encoding(native):
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("same_order", [True, False], ids=["same", "reversed"])
 def test_scales_at_the_fast_ways_bounds(native, param_dtype, same_order):
-    # The AVX2 loop decodes a block the fast way where both states' scales are
-    # 2**(E - 127) with E >= 19, and encodes it the fast way where both new ones have
-    # E >= 37: a block per E about those bounds (and the largest), acc_delta's scales in
-    # the same order (each bound met at both) or reversed (met beside the other's far
-    # side), random codes, zero grads and rho = 0.5, so that both states halve and the
-    # new scale is 2**(E - 128) (eps: with a zero grad, only d = 0 * sqrt(u + eps) /
-    # sqrt(v + eps) sees it, which must not be 0 / 0 where v and u are 0).
+    # The AVX2 loop encodes a block the fast way where both states' new scales are
+    # 2**(E - 127) with E >= 37: a block per E about that bound, about fp32's smallest
+    # normal scales and at the largest, acc_delta's scales in the same order (each
+    # bound met at both) or reversed (met beside the other's far side), random codes,
+    # zero grads and rho = 0.5, so that both states halve and the new scale is
+    # 2**(E - 128) (eps: with a zero grad, only d = 0 * sqrt(u + eps) / sqrt(v + eps)
+    # sees it, which must not be 0 / 0 where v and u are 0).
     hparams = hparams_table(((1e-3, 0.5, 1e-30, 0.0, False),), torch.float32, torch.device("cpu"))
     exponents = [17, 18, 19, 20, 35, 36, 37, 38, 39, 253, 254]
     orders = (exponents, exponents if same_order else exponents[::-1])
