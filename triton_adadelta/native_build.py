@@ -301,9 +301,9 @@ def build_cached(
         text = source.read_text()
     except OSError as error:
         raise BuildError(f"cannot read {source}: {error}") from error
-    key = hashlib.sha256(
-        "\0".join([text, " ".join(flags), compiler, platform.machine(), key_extra, f"parts={parts}"]).encode()
-    )
+    # (A build in one part keeps the key it had before parts existed.)
+    keyed = [text, " ".join(flags), compiler, platform.machine(), key_extra] + ([f"parts={parts}"] if parts > 1 else [])
+    key = hashlib.sha256("\0".join(keyed).encode())
     directory = cache_dir()
     path = directory / f"{name}_{key.hexdigest()[:24]}.so"
     _private_dir(directory)
