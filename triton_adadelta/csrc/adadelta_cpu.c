@@ -1108,10 +1108,11 @@ static inline __attribute__((always_inline)) __m256i u8_exponent8(const int expo
     return _mm256_set1_epi32((int)((uint32_t)exponent << 23));
 }
 
-/* E of a scale 2**(E - 127) with E in [lowest, 254], else 0. */
+/* E of a scale that u8_encoding made (2**(E - 127), 0 or NaN) where E is in
+   [lowest, 254], else 0. */
 static inline __attribute__((always_inline)) int u8_scale_exponent(const float scale, const int lowest) {
-    const uint32_t bits = f32_to_bits(scale), exponent = bits >> 23;
-    return (bits & 0x807FFFFFu) == 0 && (int)exponent >= lowest && exponent <= 254 ? (int)exponent : 0;
+    const uint32_t exponent = f32_to_bits(scale) >> 23;
+    return (int)exponent >= lowest && exponent <= 254 ? (int)exponent : 0;
 }
 
 /* How a block's values encode the fast way (see above): by a scale 2**(E - 127). */
