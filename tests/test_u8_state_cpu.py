@@ -246,6 +246,20 @@ class Run:
         return params, codes, scales, master
 
 
+class WholePiecesRun(Run):
+    """A Run whose tables have each param in one piece: its bulk takes its tail."""
+
+    def copies(
+        self,
+    ) -> tuple[list[torch.Tensor], SegmentTable, list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+        params, table, codes, scales, master = super().copies()
+        pieces = table.pieces.clone()
+        pieces[NUMEL_ROW, 0::2] += pieces[NUMEL_ROW, 1::2]
+        pieces[NUMEL_ROW, 1::2] = 0  # (the tails, left empty)
+        table = dataclasses.replace(table, pieces=pieces, numels=pieces[NUMEL_ROW].clone())
+        return params, table, codes, scales, master
+
+
 def native_step(
     library, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None, *, use_torch_sqrt: bool
 ) -> Callable[..., None]:
@@ -320,18 +334,9 @@ def test_a_piece_of_whole_blocks_and_a_shorter_one(native, param_dtype, store):
     generator = torch.Generator().manual_seed(6)
     sizes = [288, 608, 1000]
     params, grads = random_tensors(sizes, param_dtype, generator)
-    table, n_state = aligned_table(params, grads)
+    _, n_state = aligned_table(params, grads)
     codes, scales = zip(*(random_state(n_state, generator) for _ in range(2)))
-    run = Run(params, grads, codes, scales, eight_groups(), master=store == "master", groups=[0, 2, 5])
-
-    def whole_pieces(table: SegmentTable) -> SegmentTable:
-        pieces = table.pieces.clone()
-        pieces[NUMEL_ROW, 0::2] += pieces[NUMEL_ROW, 1::2]  # each bulk takes its tail,
-        pieces[NUMEL_ROW, 1::2] = 0  # which is left empty
-        return dataclasses.replace(table, pieces=pieces, numels=pieces[NUMEL_ROW].clone())
-
-    copies = run.copies
-    run.copies = lambda: (lambda p, t, c, s, m: (p, whole_pieces(t), c, s, m))(*copies())
+    run = WholePiecesRun(params, grads, codes, scales, eight_groups(), master=store == "master", groups=[0, 2, 5])
     assert [numel for _, numel in pieces_of(run.copies()[1])] == sizes
     options = {"stochastic_rounding": store == "stochastic", "seed": 77}
     compare(run.step_u8(**options), run.reference(native, **options))

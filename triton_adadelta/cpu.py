@@ -112,9 +112,9 @@ _NATIVE_CFLAGS = [
     "-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
     "-Werror=implicit-function-declaration", "-fPIC", "-shared", "-pthread", "-lm",
 ]  # fmt: skip
-# Translation units of the C source (ADADELTA_PART), compiled at once: the entry
-# points with the fp32/fp64 and fp32-state loops, and the compressed-state loops.
-_NATIVE_PARTS = 2
+# Translation units of the C source, compiled at once: the entry points with the
+# fp32/fp64 and fp32-state loops, and the compressed-state loops (its ADADELTA_PART).
+_NATIVE_PARTS = (("-DADADELTA_PART=0",), ("-DADADELTA_PART=1",))
 
 # The table layout the C source was written for, as it exports it (adadelta_layout).
 _LAYOUT = (
@@ -130,11 +130,10 @@ _NATIVE_SYMBOLS = (
 )  # fmt: skip
 
 # The compiler's time limit. On the 2-core machine we measure on (gcc 12), one
-# translation unit of the whole source took 12.3-12.9 s on one day and 16-24 s on
-# another, past this limit; in two parts at once the build takes the longer part's
-# time, 9-11 s on the slow day (the fp32/fp64 loops alone took 2.3-3.1 s, 5.6 s with 4
-# builds at once and 11.6 s with 8). A hanging compiler gives up here and the CPU path
-# runs chunked (see native_build).
+# translation unit of the whole source took 12.9 s on one day (bench_step's
+# native_cpu_build) and longer than this limit on another; in two parts at once the
+# build took 11.7 s, import included, on that slower day. A hanging compiler gives up
+# here and the CPU path runs chunked (see native_build).
 _NATIVE_BUILD_TIMEOUT_S = 20.0
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)

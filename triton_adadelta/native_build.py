@@ -18,8 +18,8 @@ by the rules of pip's and Triton's own caches, and a bad file never crashes a pr
   A truncated file (a power loss, a full disk) or a foreign one is rebuilt instead.
 * A library is written durably: the file is fsynced, renamed into place, and the
   directory fsynced, so a crash leaves no library, or a whole one.
-* A source written as several parts (``parts``: translation units chosen by
-  ``-D<NAME>_PART=k``) is compiled one part per process, at once, and linked.
+* A source written as several parts (``parts``: translation units, each chosen by
+  its own flags) is compiled one part per process, at once, and linked.
 * The compiler runs for at most ``timeout_s`` seconds (its whole process group is
   killed then). A timeout is remembered for that key (``<library>.failed``) for
   :data:`FAILURE_MEMORY_S`, so later processes fall back at once instead of waiting.
@@ -39,7 +39,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 Library = TypeVar("Library", bound=ctypes.CDLL)
 
@@ -225,16 +225,15 @@ def _write_file(path: Path, data: bytes, scratch: Path) -> None:
     os.replace(temporary, path)
 
 
-def _run_compilers(commands: list[list[str]], timeout_s: float) -> None:
-    """Run ``commands`` at once, each in a process group of its own, all within
-    ``timeout_s`` seconds; on timeout or a failure kill every group still running (a
-    compiler driver's children too, which would otherwise keep running).
+def _run_compilers(commands: list[list[str]], deadline: float) -> None:
+    """Run ``commands`` at once, each in a process group of its own, until the
+    ``time.monotonic()`` deadline; on timeout or a failure kill every group still
+    running (a compiler driver's children too, which would otherwise keep running).
 
     Raises:
         subprocess.CalledProcessError: one failed (the first to, with its stderr).
-        subprocess.TimeoutExpired: they ran past ``timeout_s``.
+        subprocess.TimeoutExpired: they ran past the deadline.
     """
-    deadline = time.monotonic() + timeout_s
     processes = [
         subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True
@@ -246,9 +245,6 @@ def _run_compilers(commands: list[list[str]], timeout_s: float) -> None:
             _, stderr = process.communicate(timeout=max(deadline - time.monotonic(), 0.0))
             if process.returncode != 0:
                 raise subprocess.CalledProcessError(process.returncode, command, stderr=stderr)
-    except subprocess.TimeoutExpired as error:
-        # Reported against the whole limit, not what was left of it for this process.
-        raise subprocess.TimeoutExpired(error.cmd, timeout_s) from None
     finally:
         for process in processes:
             if process.poll() is None:
@@ -256,7 +252,7 @@ def _run_compilers(commands: list[list[str]], timeout_s: float) -> None:
                     os.killpg(process.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            process.communicate()
+                process.communicate()
 
 
 def build_cached(
@@ -268,7 +264,7 @@ def build_cached(
     key_extra: str = "",
     timeout_s: float = BUILD_TIMEOUT_S,
     cache_only: bool = False,
-    parts: int = 1,
+    parts: Sequence[Sequence[str]] | None = None,
 ) -> Path:
     """Compile the source file ``source`` into a shared library, or find it in the cache.
 
@@ -282,9 +278,9 @@ def build_cached(
             build measured (``$TRITON_ADADELTA_BUILD_TIMEOUT`` overrides it).
         cache_only: never compile: raise :class:`NotBuilt` where the cache has no
             library (one built elsewhere, by another process, is found).
-        parts: compile the source this many times at once, with ``-D<NAME>_PART=k``
-            (``NAME``: ``name`` upper-cased up to its first ``_``; each part one
-            translation unit of the library), and link the parts; 1: one compile.
+        parts: the extra flags of each translation unit (``(("-DPART=0",), ("-DPART=1",))``):
+            the source is compiled once per part, at once, and the parts linked;
+            None: one compile.
 
     Returns:
         The path of a library that passed the trust checks (see the module docstring).
@@ -302,7 +298,8 @@ def build_cached(
     except OSError as error:
         raise BuildError(f"cannot read {source}: {error}") from error
     # (A build in one part keeps the key it had before parts existed.)
-    keyed = [text, " ".join(flags), compiler, platform.machine(), key_extra] + ([f"parts={parts}"] if parts > 1 else [])
+    keyed = [text, " ".join(flags), compiler, platform.machine(), key_extra]
+    keyed += [f"parts={parts}"] if parts else []
     key = hashlib.sha256("\0".join(keyed).encode())
     directory = cache_dir()
     path = directory / f"{name}_{key.hexdigest()[:24]}.so"
@@ -316,24 +313,20 @@ def build_cached(
         raise BuildError(f"{remembered} (remembered from an earlier process; delete {_failure_path(path)} to retry)")
     timeout = _build_timeout(timeout_s)
     # How the build is named in an error: the output file is a temporary one.
-    part_macro = f"-D{name.split('_')[0].upper()}_PART"
-    described = " ".join([compiler, str(source), *flags] + ([f"{part_macro}=0..{parts - 1}"] if parts > 1 else []))
+    described = " ".join([compiler, str(source), *flags] + ([f"(parts: {parts})"] if parts else []))
     try:
         with tempfile.TemporaryDirectory(dir=directory) as build_dir:
             built = Path(build_dir) / path.name
-            started = time.monotonic()
-            if parts == 1:
-                _run_compilers([[compiler, str(source), "-o", str(built), *flags]], timeout)
+            deadline = time.monotonic() + timeout
+            if not parts:
+                _run_compilers([[compiler, str(source), "-o", str(built), *flags]], deadline)
             else:
-                objects = [str(Path(build_dir) / f"part{k}.o") for k in range(parts)]
+                objects = [str(Path(build_dir) / f"part{k}.o") for k in range(len(parts))]
                 _run_compilers(
-                    [[compiler, "-c", str(source), f"{part_macro}={k}", "-o", objects[k], *flags] for k in range(parts)],
-                    timeout,
+                    [[compiler, "-c", str(source), *part, "-o", obj, *flags] for part, obj in zip(parts, objects)],
+                    deadline,
                 )
-                try:
-                    _run_compilers([[compiler, *objects, "-o", str(built), *flags]], timeout - (time.monotonic() - started))
-                except subprocess.TimeoutExpired:
-                    raise subprocess.TimeoutExpired(compiler, timeout) from None
+                _run_compilers([[compiler, *objects, "-o", str(built), *flags]], deadline)
             # Whatever the umask, no one else may write a library that we will load.
             os.chmod(built, 0o755)
             with open(built, "rb") as file:
@@ -347,7 +340,7 @@ def build_cached(
     except subprocess.CalledProcessError as error:
         raise BuildError(f"`{described}` failed with exit code {error.returncode}:\n{_tail(error.stderr)}") from error
     except subprocess.TimeoutExpired as error:
-        reason = f"`{described}` did not finish in {error.timeout:g} s"
+        reason = f"`{described}` did not finish in {timeout:g} s"
         try:
             _write_file(_failure_path(path), reason.encode(), directory)
         except OSError:
@@ -369,7 +362,7 @@ def load_cached(
     symbols: tuple[str, ...] = (),
     timeout_s: float = BUILD_TIMEOUT_S,
     cache_only: bool = False,
-    parts: int = 1,
+    parts: Sequence[Sequence[str]] | None = None,
 ) -> Library:
     """:func:`build_cached`, then load the library with ``loader`` (``ctypes.CDLL``).
 
