@@ -20,6 +20,7 @@ every step reads through Python.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import subprocess
@@ -62,6 +63,12 @@ _zeroer: GradZeroer | None = None
 _record_enter: Callable[[bytes], int | None] | None = None
 _record_exit: Callable[[int], None] | None = None
 _failure: str | None = None
+# Set once the build thread has started the compile's own process, or has ended: a
+# process that exits before then waits for it at exit (see _build_detached).
+_compile_started = threading.Event()
+# How long an exiting process waits for that: the cache key's inputs (torch's
+# include paths) and the cache check, under a second here.
+_EXIT_WAIT_S = 30.0
 
 
 def _flags() -> list[str]:
@@ -107,12 +114,20 @@ def _build_detached() -> None:
         [sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         start_new_session=True,
     )  # fmt: skip
+    _compile_started.set()
     _, stderr = process.communicate()
     if process.returncode != 0:
         raise BuildError(stderr.decode(errors="replace").strip() or f"the build process exited with {process.returncode}")
 
 
 def _build() -> None:
+    try:
+        _build_and_load()
+    finally:
+        _compile_started.set()
+
+
+def _build_and_load() -> None:
     global _reader, _zeroer, _record_enter, _record_exit, _failure
     try:
         try:
@@ -160,9 +175,18 @@ def param_reader(*, wait: bool = False) -> ParamReader | None:
         if _builder is None:
             _builder = threading.Thread(target=_build, name="triton_adadelta reader build", daemon=True)
             _builder.start()
+            atexit.register(_wait_for_the_compile_to_start)
     if wait:
         _builder.join()
     return _reader
+
+
+def _wait_for_the_compile_to_start() -> None:
+    """At exit, let the build thread start the compile's process if it has not yet (a
+    daemon thread dies with the interpreter): a script that exits right after its
+    first step still leaves the library to be built and cached for the next one."""
+    if _builder is not None and _builder.is_alive():
+        _compile_started.wait(_EXIT_WAIT_S)
 
 
 def grad_zeroer() -> GradZeroer | None:
