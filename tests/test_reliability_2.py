@@ -32,14 +32,18 @@ needs_compiler = pytest.mark.skipif(find_compiler("c") is None, reason="no C com
 
 
 # ------------------------------------------------------------ the native cache
-def build_cached_in(directory: Path, name: str, source: Path, parts: tuple[tuple[str, ...], ...]) -> Path:
-    """native_build.build_cached of a C source with the fused loop's flags, its cache at ``directory``."""
+def build_cached_in(
+    directory: Path, name: str, source: Path, parts: tuple[tuple[str, ...], ...], build=native_build.build_cached, **extra
+) -> Any:
+    """``build`` (native_build's build_cached or load_cached) of a C source with the
+    fused loop's flags, its cache at ``directory``."""
     previous = os.environ.get("TRITON_ADADELTA_CACHE_DIR")
     os.environ["TRITON_ADADELTA_CACHE_DIR"] = str(directory)
     try:
-        return native_build.build_cached(
-            name, source, language="c", flags=cpu._NATIVE_CFLAGS, key_extra=native_build.cpu_model(), parts=parts
-        )
+        return build(
+            name, source, language="c", flags=cpu._NATIVE_CFLAGS, key_extra=native_build.cpu_model(), parts=parts,
+            **extra,
+        )  # fmt: skip
     finally:
         if previous is None:
             del os.environ["TRITON_ADADELTA_CACHE_DIR"]
@@ -75,9 +79,20 @@ def stand_in(tmp_path_factory) -> Path:
     return source
 
 
+STAND_IN_PARTS = (("-DSTAND_IN_PART=0",), ("-DSTAND_IN_PART=1",))
+
+
 def cached_stand_in(source: Path, directory: Path) -> Path:
     """The path at which the stand-in library is cached in ``directory`` (built there if needed)."""
-    return build_cached_in(directory, "stand_in", source, (("-DSTAND_IN_PART=0",), ("-DSTAND_IN_PART=1",)))
+    return build_cached_in(directory, "stand_in", source, STAND_IN_PARTS)
+
+
+def loaded_stand_in(source: Path, directory: Path) -> ctypes.CDLL:
+    """The stand-in library, loaded from the cache at ``directory`` the way the CPU path loads its own."""
+    symbols = ("stand_in_first", "stand_in_second")
+    return build_cached_in(
+        directory, "stand_in", source, STAND_IN_PARTS, build=native_build.load_cached, loader=ctypes.CDLL, symbols=symbols
+    )
 
 
 def loads_as_the_stand_in(library: Path) -> bool:
@@ -225,11 +240,12 @@ def test_library_lacking_the_symbols_falls_back_once_and_is_rebuilt_by_the_next_
 
 @needs_compiler
 @pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="chown to another user needs root")
-def test_library_planted_by_another_user_is_not_loaded(cache, tmp_path):
+def test_library_planted_by_another_user_is_not_loaded(stand_in, tmp_path):
     """A shared cache directory (mode 1777, ours) where another user planted a library
     at the predictable name, with a digest that matches: its constructor must not run."""
+    cache = tmp_path / "cache"
+    library = cached_stand_in(stand_in, cache)
     cache.chmod(0o1777)
-    library = cached_library(cache)
     ran = tmp_path / "constructor-ran"
     library.unlink()
     compile_stub(
@@ -248,9 +264,9 @@ def test_library_planted_by_another_user_is_not_loaded(cache, tmp_path):
     other = os.getuid() + 4321
     for path in (library, library.with_name(library.name + ".sha256")):
         os.chown(path, other, -1)
-    loaded, messages = native_library_and_warnings()
+    loaded = loaded_stand_in(stand_in, cache)
     assert not ran.exists(), "the planted library was loaded"
-    assert loaded is not None and messages == [], messages
+    assert loaded.stand_in_first() == 1 and loaded.stand_in_second() == 2
     assert library.stat().st_uid == os.getuid(), "it was replaced by our own build"
 
 
