@@ -12,7 +12,9 @@ import copy
 import os
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -23,8 +25,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 import triton_adadelta.flat
 import triton_adadelta.optimizer
 import triton_adadelta.reader
-from triton_adadelta import Adadelta
+from triton_adadelta import Adadelta, native_build
 from triton_adadelta.flat import table_for_tensors
+from triton_adadelta.native_build import BuildError, NotBuilt
 from triton_adadelta.kernels.adadelta import ALIGNED_ROW, GRAD_ROW, N_TABLE_ROWS, PARAM_ROW, STATE_ALIGNMENT
 from triton_adadelta.reader import (
     READ_IRREGULAR,
@@ -331,6 +334,33 @@ def test_a_failed_build_warns_once_and_steps_read_through_python(tmp_path: Path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("failed: `false "), result.stdout
     assert result.stderr.count("read params and grads through Python") == 1, result.stderr
+
+
+def test_the_build_waits_for_a_build_that_a_step_waits_for(monkeypatch) -> None:
+    """In a fresh cache the first step builds the CPU path's loop; the reader's build,
+    started in the background by the same step, must not compete with it for the cores."""
+    reader_module = triton_adadelta.reader
+    started = threading.Event()
+
+    def not_built(*, cache_only: bool) -> None:
+        raise NotBuilt("not in the cache")
+
+    def build_detached() -> None:
+        started.set()
+        raise BuildError("stopped here by the test")
+
+    monkeypatch.setattr(reader_module, "_load", not_built)
+    monkeypatch.setattr(reader_module, "_build_detached", build_detached)
+    monkeypatch.setattr(reader_module, "_failure", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with native_build.awaited_build():
+            builder = threading.Thread(target=reader_module._build)
+            builder.start()
+            assert not started.wait(1.0), "the reader's compile started during the awaited build"
+        assert started.wait(10.0), "the reader's compile never started after the awaited build"
+        builder.join(10.0)
+    assert reader_module._failure == "stopped here by the test"
 
 
 # ------------------------------------------------------------------ zero_grad

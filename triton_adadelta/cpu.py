@@ -77,7 +77,7 @@ from .kernels.adadelta import (
     state_dtype_for,
 )
 from .flat import hparams_table, table_for_tensors
-from .native_build import BuildError, cpu_model, load_cached
+from .native_build import BuildError, awaited_build, cpu_model, load_cached
 from .quant import dequantize, quantize_, state_noise
 
 __all__ = [
@@ -166,17 +166,18 @@ def _build_native_library() -> ctypes.CDLL:
         BuildError: saying why it cannot be built, loaded, or trusted.
     """
     # -march=native code is only valid on this kind of CPU: the cache is keyed on it.
-    library = load_cached(
-        "adadelta_cpu",
-        _SOURCE,
-        language="c",
-        flags=_NATIVE_CFLAGS,
-        key_extra=cpu_model(),
-        loader=ctypes.CDLL,
-        symbols=_NATIVE_SYMBOLS,
-        timeout_s=_NATIVE_BUILD_TIMEOUT_S,
-        parts=_NATIVE_PARTS,
-    )
+    with awaited_build():  # (the step waits: the param reader's build waits for it)
+        library = load_cached(
+            "adadelta_cpu",
+            _SOURCE,
+            language="c",
+            flags=_NATIVE_CFLAGS,
+            key_extra=cpu_model(),
+            loader=ctypes.CDLL,
+            symbols=_NATIVE_SYMBOLS,
+            timeout_s=_NATIVE_BUILD_TIMEOUT_S,
+            parts=_NATIVE_PARTS,
+        )
     layout = tuple((ctypes.c_int64 * len(_LAYOUT)).in_dll(library, "adadelta_layout"))
     if layout != _LAYOUT:
         raise BuildError(f"{_SOURCE.name} reads the table as {layout}, but kernels/adadelta.py writes {_LAYOUT}")

@@ -23,6 +23,9 @@ by the rules of pip's and Triton's own caches, and a bad file never crashes a pr
 * The compiler runs for at most ``timeout_s`` seconds (its whole process group is
   killed then). A timeout is remembered for that key (``<library>.failed``) for
   :data:`FAILURE_MEMORY_S`, so later processes fall back at once instead of waiting.
+* A build that a step waits for runs inside :func:`awaited_build`; a build in the
+  background (the param reader's) first calls :func:`wait_for_awaited_builds`, so
+  that the two do not share the cores and push the awaited one past its time limit.
 """
 
 from __future__ import annotations
@@ -37,9 +40,11 @@ import signal
 import stat
 import subprocess
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 Library = TypeVar("Library", bound=ctypes.CDLL)
 
@@ -48,11 +53,13 @@ __all__ = [
     "FAILURE_MEMORY_S",
     "BuildError",
     "NotBuilt",
+    "awaited_build",
     "build_cached",
     "cache_dir",
     "cpu_model",
     "find_compiler",
     "load_cached",
+    "wait_for_awaited_builds",
 ]
 
 # How much of a failed compiler's stderr a BuildError keeps: the first error and its
@@ -72,6 +79,37 @@ FAILURE_MEMORY_S = 3600.0
 
 # Mode bits that let someone other than the owner change a file or a directory.
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
+
+
+# How many builds that a step waits for are running in this process.
+_awaited = threading.Condition()
+_awaited_builds = 0
+
+
+@contextmanager
+def awaited_build() -> Iterator[None]:
+    """Mark the build inside as one that a step waits for (the CPU path's loop): a
+    background build waits for it in :func:`wait_for_awaited_builds`."""
+    global _awaited_builds
+    with _awaited:
+        _awaited_builds += 1
+    try:
+        yield
+    finally:
+        with _awaited:
+            _awaited_builds -= 1
+            _awaited.notify_all()
+
+
+def wait_for_awaited_builds(timeout_s: float) -> None:
+    """Return once no :func:`awaited_build` runs in this process, or after ``timeout_s``.
+
+    In a fresh cache the first step builds the CPU path's loop (two compilers at
+    once) while the param reader's build starts in the background: on 2 cores the
+    three compilers pushed the loop's build past its 20 s limit.
+    """
+    with _awaited:
+        _awaited.wait_for(lambda: _awaited_builds == 0, timeout_s)
 
 
 class BuildError(RuntimeError):

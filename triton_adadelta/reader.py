@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from .native_build import BuildError, NotBuilt, load_cached
+from .native_build import BuildError, NotBuilt, load_cached, wait_for_awaited_builds
 
 __all__ = [
     "READ_IRREGULAR", "READ_NEW_GRADS", "READ_NEW_PARAMS", "READ_SAME", "GradZeroer", "ParamReader", "grad_zeroer",
@@ -133,6 +133,8 @@ def _build_and_load() -> None:
         try:
             library = _load(cache_only=True)
         except NotBuilt:
+            # The CPU path's loop, if the first step is building it, goes first.
+            wait_for_awaited_builds(_BUILD_TIMEOUT_S)
             _build_detached()
             library = _load(cache_only=True)
         function = library.triton_adadelta_read_params
