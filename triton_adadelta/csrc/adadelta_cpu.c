@@ -593,41 +593,6 @@ static __attribute__((noinline)) void round_state_bf16(
     }
 }
 
-/* A block of new values, stochastically rounded into `p` with the kernel's noise
-   (_noise16 in kernels/adadelta.py): half index % 8 of Philox's counter
-   index / 8 + stream_base, one Philox call per eight elements. Not inlined: one copy
-   per kind. */
-static __attribute__((noinline)) void round_block_stochastic(
-        const float *restrict w, uint16_t *restrict p, const int n, const int kind,
-        const uint64_t index, const uint32_t k0, const uint32_t k1, const uint64_t stream_base) {
-    uint16_t noise[8 * (BLOCK / 8 + 2)] __attribute__((aligned(64)));
-    const int skip = (int)(index & 7);
-    philox_block(noise, (skip + n + 7) >> 3, (index >> 3) + stream_base, k0, k1);
-    const uint16_t *restrict mine = noise + skip;
-    if (kind == KIND_BF16) {
-        for (int i = 0; i < n; ++i) p[i] = round_stochastic(w[i], KIND_BF16, mine[i]);
-    }
-#if HAVE_F16
-    else {
-        for (int i = 0; i < n; ++i) p[i] = round_stochastic(w[i], KIND_F16, mine[i]);
-    }
-#endif
-}
-
-/* n params stored with non-temporal stores. With master weights the step writes the
-   params without reading them, and a plain store reads each line first (for
-   ownership): 2 B more per param, 7% of the step. Big steps only, whose params would
-   not stay in cache anyway. */
-static void store_streaming(uint16_t *restrict dst, const uint16_t *restrict src, int n) {
-    int i = 0;
-#if defined(__AVX2__)
-    for (; i < n && ((uintptr_t)(dst + i) & 31) != 0; ++i) dst[i] = src[i];
-    for (; i + 16 <= n; i += 16)
-        _mm256_stream_si256((__m256i *)(dst + i), _mm256_loadu_si256((const __m256i *)(src + i)));
-#endif
-    for (; i < n; ++i) dst[i] = src[i];
-}
-
 #if defined(__AVX2__)
 /* The equations on 8 lanes (the same operations, so the same bits in each lane). */
 DEFINE_ELEMENT(__m256, m256, _mm256_fmadd_ps, _mm256_sqrt_ps)
@@ -651,6 +616,10 @@ static inline __attribute__((always_inline)) __m256i bf16_add_and_truncate8(cons
 static inline __attribute__((always_inline)) __m256i round_nearest_bf16x8(const __m256 x) {
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(x), 16), _mm256_set1_epi32(1));
     return bf16_add_and_truncate8(x, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
+}
+/* round_stochastic (bf16) of 8 values by their 8 halves of noise. */
+static inline __attribute__((always_inline)) __m256i round_stochastic_bf16x8(const __m256 x, const uint16_t *noise) {
+    return bf16_add_and_truncate8(x, _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)noise)));
 }
 static inline __attribute__((always_inline)) __m256i hash32x8(__m256i x) {
     x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
@@ -697,6 +666,54 @@ static inline __attribute__((always_inline)) __m256 update8(
 }
 #endif
 
+/* The params' noise of n elements from state index `index` on (the kernel's _noise16
+   in kernels/adadelta.py): half index % 8 of Philox's counter index / 8 + stream_base,
+   one Philox call per eight elements, written to `noise` (8 * (n / 8 + 2) halves);
+   returns where the first element's is. */
+#define NOISE_HALVES (8 * (BLOCK / 8 + 2))
+static inline __attribute__((always_inline)) const uint16_t *param_noise(
+        uint16_t *restrict noise, const int n, const uint64_t index, const uint32_t k0, const uint32_t k1,
+        const uint64_t stream_base) {
+    const int skip = (int)(index & 7);
+    philox_block(noise, (skip + n + 7) >> 3, (index >> 3) + stream_base, k0, k1);
+    return noise + skip;
+}
+
+/* A block of new values, stochastically rounded into `p` with the kernel's noise
+   (param_noise). Not inlined: one copy per kind. */
+static __attribute__((noinline)) void round_block_stochastic(
+        const float *restrict w, uint16_t *restrict p, const int n, const int kind,
+        const uint64_t index, const uint32_t k0, const uint32_t k1, const uint64_t stream_base) {
+    uint16_t noise[NOISE_HALVES] __attribute__((aligned(64)));
+    const uint16_t *restrict mine = param_noise(noise, n, index, k0, k1, stream_base);
+    if (kind == KIND_BF16) {
+        int i = 0;
+#if defined(__AVX2__)
+        for (; i + 8 <= n; i += 8) store16x8(p + i, round_stochastic_bf16x8(_mm256_loadu_ps(w + i), mine + i));
+#endif
+        for (; i < n; ++i) p[i] = round_stochastic(w[i], KIND_BF16, mine[i]);
+    }
+#if HAVE_F16
+    else {
+        for (int i = 0; i < n; ++i) p[i] = round_stochastic(w[i], KIND_F16, mine[i]);
+    }
+#endif
+}
+
+/* n params stored with non-temporal stores. With master weights the step writes the
+   params without reading them, and a plain store reads each line first (for
+   ownership): 2 B more per param, 7% of the step. Big steps only, whose params would
+   not stay in cache anyway. */
+static void store_streaming(uint16_t *restrict dst, const uint16_t *restrict src, int n) {
+    int i = 0;
+#if defined(__AVX2__)
+    for (; i < n && ((uintptr_t)(dst + i) & 31) != 0; ++i) dst[i] = src[i];
+    for (; i + 16 <= n; i += 16)
+        _mm256_stream_si256((__m256i *)(dst + i), _mm256_loadu_si256((const __m256i *)(src + i)));
+#endif
+    for (; i < n; ++i) dst[i] = src[i];
+}
+
 /* n elements of one piece; `index` is the state index of its first element. Blocks
    of BLOCK elements: the new weights of a block wait in L1 for their store. */
 static inline __attribute__((always_inline)) void update_lowp(
@@ -717,23 +734,32 @@ static inline __attribute__((always_inline)) void update_lowp(
         uint16_t *restrict pb = streaming ? p_block : p + first;
         const uint16_t *restrict gb = gr + first;
         float *restrict vb = v + first, *restrict ub = u + first, *restrict mb = m + first;
+        int rounded = 0; /* stochastic rounding: how many of the block's params are stored */
         if (!use_torch_sqrt) {
             /* The IEEE sqrt: one pass; bf16 params by hand on 8 lanes (update8), which
                the compiler's own vectors did in 1.1-1.3 times the time (1M params in
-               cache, one thread: widening and rounding each in more instructions). */
+               cache, one thread: widening and rounding each in more instructions),
+               each new param rounded stochastically in the same pass, its noise drawn
+               for the block first. */
             int i = 0;
 #if defined(__AVX2__)
             if (kind == KIND_BF16) {
                 const hparams8_t h = hparams8(row, grad_scale);
+                uint16_t noise[NOISE_HALVES] __attribute__((aligned(64)));
+                const uint16_t *restrict mine = store == STORE_STOCHASTIC
+                    ? param_noise(noise, n, index + (uint64_t)first, k0, k1, PARAM_STREAM_BASE) : noise;
                 for (; i + 8 <= n; i += 8) {
                     __m256 acc = _mm256_loadu_ps(ub + i);
                     const __m256 square =
                         update8(pb, gb, mb, i, _mm256_loadu_ps(vb + i), &acc, h, flags, kind, store, w_block + i);
                     _mm256_storeu_ps(vb + i, square);
                     _mm256_storeu_ps(ub + i, acc);
+                    if (store == STORE_STOCHASTIC)
+                        store16x8(pb + i, round_stochastic_bf16x8(_mm256_load_ps(w_block + i), mine + i));
                 }
             }
 #endif
+            rounded = i;
             for (; i < n; ++i) {
                 float w = store == STORE_MASTER ? mb[i] : widen(pb[i], kind);
                 const float g = grad_f32(widen(gb[i], kind), w, grad_scale, weight_decay, flags);
@@ -764,8 +790,9 @@ static inline __attribute__((always_inline)) void update_lowp(
                 if (store != STORE_STOCHASTIC) pb[i] = round_nearest(w_block[i], kind);
             }
         }
-        if (store == STORE_STOCHASTIC)
-            round_block_stochastic(w_block, pb, n, kind, index + (uint64_t)first, k0, k1, PARAM_STREAM_BASE);
+        if (store == STORE_STOCHASTIC && rounded < n)
+            round_block_stochastic(w_block + rounded, pb + rounded, n - rounded, kind,
+                                   index + (uint64_t)(first + rounded), k0, k1, PARAM_STREAM_BASE);
         if (streaming) store_streaming(p + first, p_block, n);
     }
 }
