@@ -4,11 +4,15 @@ No GPU is needed to check everything around the timer: that every config launche
 that restoring the buffers makes every timed launch start from the same state, the
 best config per size bucket, the rows, the goals summary, the table and the plot.
 On the CPU the sweep times with a wall-clock median instead of do_bench (CUDA events).
+The C loop's A/B (perf/ab_native.py) is run for real, on a few thousand params.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +20,8 @@ import pytest
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "perf"))
 
 import sweep  # noqa: E402
 
@@ -122,3 +127,35 @@ def test_the_sweep_without_matplotlib_or_tqdm_writes_its_results_and_says_so(cpu
     with sweep.NoProgress(total=3) as bar:
         bar.update()
     assert list(sweep.NoProgress([1, 2])) == [1, 2]
+
+
+# ------------------------------------------------------------------ perf/ab_native.py
+def _ab_native(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "TRITON_INTERPRET": "0"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "perf" / "ab_native.py"), "--out", str(tmp_path), *args],
+        env=environment, capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+
+
+def test_the_c_loop_a_b_times_both_versions_in_every_mode_asked(tmp_path):
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: there is no native loop to compare")
+    modes = ["fp32", "bf16, stochastic rounding", "fp32, 8-bit state"]
+    base = REPO / "triton_adadelta" / "csrc" / "adadelta_cpu.c"
+    run = _ab_native(tmp_path, "--base", str(base), "--modes", *modes, "--elements", "4096", "--rounds", "5", "--threads", "1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((tmp_path / "ab_native.json").read_text())
+    assert record["machine"]["torch"] == torch.__version__ and record["threads"] == 1
+    assert [row["mode"] for row in record["results"]] == modes
+    for row in record["results"]:
+        assert row["base_ms"] > 0 and row["new_ms"] > 0 and row["rounds"] == 5
+        assert row["new_vs_base"] == pytest.approx(row["new_ms"] / row["base_ms"])
+        assert row["mode"] in run.stdout
+
+
+def test_the_c_loop_a_b_says_what_is_wrong_with_its_base(tmp_path):
+    run = _ab_native(tmp_path, "--base", "no-such-revision", "--modes", "fp32", "--elements", "64")
+    assert run.returncode != 0
+    assert "neither a file nor a git revision" in run.stderr
+    assert not (tmp_path / "ab_native.json").exists()
