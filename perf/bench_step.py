@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Callable
@@ -481,7 +482,7 @@ def plot(results: list[dict[str, object]], path: Path, title: str) -> None:
 
     labels = [label for label in ("triton_adadelta", "torch foreach", "torch for-loop", "torch compiled")
               if any(label in r["timings_ms"] for r in results)]  # type: ignore[operator]  # fmt: skip
-    figure, axis = plt.subplots(figsize=(15, 5))
+    figure, axis = plt.subplots(figsize=(max(15.0, 1.4 * len(results)), 5.5))  # room for every row's label
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
         timed = [(j, r["timings_ms"][label]) for j, r in enumerate(results) if label in r["timings_ms"]]  # type: ignore[operator,index]
@@ -493,7 +494,7 @@ def plot(results: list[dict[str, object]], path: Path, title: str) -> None:
         floor = result["floor_ms"]
         axis.hlines(floor, j - 0.4, j + 0.4, colors="black", linestyles="--",
                     label="bytes floor (the row's B/param at the best probe's bandwidth)" if j == 0 else None)  # fmt: skip
-    axis.set_xticks(range(len(results)), [str(r["shape"]).replace(", ", ",\n") for r in results], fontsize=8)
+    axis.set_xticks(range(len(results)), [textwrap.fill(str(r["shape"]), 14, break_long_words=False) for r in results], fontsize=8)
     axis.set_yscale("log")
     axis.set_ylabel("ms per timed call (median, IQR bars)")
     axis.set_title(title)
