@@ -377,7 +377,7 @@ def test_hanging_compiler_is_bounded_remembered_and_falls_back(tmp_path):
 def test_the_compilers_time_limit_is_bounded():
     # 300 s blocked the first step of every new process; the bound is a few seconds
     # over the slowest build measured (see cpu._NATIVE_BUILD_TIMEOUT_S).
-    assert cpu._NATIVE_BUILD_TIMEOUT_S <= 20
+    assert cpu._NATIVE_BUILD_TIMEOUT_S <= 30
     assert native_build.BUILD_TIMEOUT_S <= 60
 
 

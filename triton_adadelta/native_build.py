@@ -106,7 +106,7 @@ def wait_for_awaited_builds(timeout_s: float) -> None:
 
     In a fresh cache the first step builds the CPU path's loop (two compilers at
     once) while the param reader's build starts in the background: on 2 cores the
-    three compilers pushed the loop's build past its 20 s limit.
+    three compilers pushed the loop's build past its limit (then 20 s).
     """
     with _awaited:
         _awaited.wait_for(lambda: _awaited_builds == 0, timeout_s)
