@@ -642,7 +642,7 @@ static inline __attribute__((always_inline)) hparams8_t hparams8(const float *re
 
 /* The update of the 8 elements at e in lanes (params of kind KIND_F32 or KIND_BF16,
    or the master copy), from their old state v and *u in fp32: stores the new params
-   (with stochastic rounding, into w_slot for round_block_stochastic), *u becomes the
+   (with stochastic rounding, into w_slot, for the caller to round), *u becomes the
    new acc_delta, and the new square_avg is returned. */
 static inline __attribute__((always_inline)) __m256 update8(
         void *restrict p, const void *restrict gr, float *restrict m, const int64_t e, const __m256 v,
@@ -736,11 +736,12 @@ static inline __attribute__((always_inline)) void update_lowp(
         float *restrict vb = v + first, *restrict ub = u + first, *restrict mb = m + first;
         int rounded = 0; /* stochastic rounding: how many of the block's params are stored */
         if (!use_torch_sqrt) {
-            /* The IEEE sqrt: one pass; bf16 params by hand on 8 lanes (update8), which
-               the compiler's own vectors did in 1.1-1.3 times the time (1M params in
-               cache, one thread: widening and rounding each in more instructions),
-               each new param rounded stochastically in the same pass, its noise drawn
-               for the block first. */
+            /* The IEEE sqrt: one pass; bf16 params by hand on 8 lanes (update8), each
+               new param rounded stochastically in the same pass, its noise drawn for
+               the block first. The compiler's own vectors and a second rounding pass
+               took longer: perf/ab_native.py against 5753296, 1M params in cache, one
+               thread, 0.92x the time to nearest, 0.91x with master weights, 0.88x with
+               stochastic rounding (perf/results/ab_native_in_cache/). */
             int i = 0;
 #if defined(__AVX2__)
             if (kind == KIND_BF16) {
