@@ -48,6 +48,8 @@ MODES: dict[str, tuple[torch.dtype, dict[str, Any]]] = {
     "fp32, bf16 state": (torch.float32, {"state_dtype": torch.bfloat16}),
     "fp32, 8-bit state": (torch.float32, {"state_dtype": torch.uint8}),
     "bf16, 8-bit state": (torch.bfloat16, {"state_dtype": torch.uint8}),
+    "bf16, stochastic rounding, bf16 state": (torch.bfloat16, {"stochastic_rounding": True, "state_dtype": torch.bfloat16}),
+    "bf16, stochastic rounding, 8-bit state": (torch.bfloat16, {"stochastic_rounding": True, "state_dtype": torch.uint8}),
 }
 SOURCE_PATH = "triton_adadelta/csrc/adadelta_cpu.c"
 
