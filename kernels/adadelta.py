@@ -35,11 +35,11 @@ Dtype modes (the optimizer, not this kernel, decides how state is stored):
   param gets the master rounded to nearest;
 * ``stochastic_rounding``: the low-precision param store rounds up or down with
   probability proportional to the distance, so it is unbiased (``_round_stochastic``).
-  The noise is 16 bits of Philox keyed by a per-step seed, at the element's index in
-  the flat state (``_noise16``), so no two params share a stream.
+  The noise is 16 bits per element, half of one 32-bit hash per two elements of the
+  flat state, keyed by a per-step seed (``_param_noise``), so no two params share noise.
 * bf16 state: ``square_avg`` and ``acc_delta`` are bf16, widened exactly and stored
   rounded stochastically, from the halves of one 32-bit hash per element
-  (``_state_noise``).
+  (``_state_noise``), the same hash and key at other words.
 * 8-bit state: ``square_avg`` and ``acc_delta`` are uint8 codes with one fp32 scale per
   ``QUANT_BLOCK`` elements (``_dequantize``, ``_quantize``; the format is
   :mod:`triton_adadelta.quant`'s). A program's block holds whole quant blocks, so the
@@ -102,29 +102,26 @@ BLOCK_SIZES = sorted({config.kwargs["BLOCK_SIZE"] for config in AUTOTUNE_CONFIGS
 MIN_BLOCK_SIZE = BLOCK_SIZES[0]
 _MAP_SLOTS = BLOCK_SIZES[-1] // MIN_BLOCK_SIZE + 1
 
-# Rounds of the stochastic rounding's Philox-4x32: 7, the fewest that Salmon et al.
-# (SC'11, table 2) found Crush-resistant (passing TestU01's BigCrush), not Triton's
-# default 10, which adds a margin: on the CPU, where the noise is computed (not hidden
-# behind memory as on a GPU), 10 rounds cost more than the rest of the step.
-PHILOX_ROUNDS = 7
-_PHILOX_ROUNDS = tl.constexpr(PHILOX_ROUNDS)  # (what a jitted function may read)
-# The params' stochastic rounding draws Philox counters from PARAM_STREAM << STREAM_SHIFT
-# on (an element's counter is its state index / 8, far below 2**56).
-STREAM_SHIFT = 56
-PARAM_STREAM = 0
-_PARAM_STREAM_BASE = tl.constexpr(PARAM_STREAM << STREAM_SHIFT)
-# bf16 state's noise (_state_noise): "lowbias32" (C. Wellons' hash prospector), a
-# bijection of 32-bit words, of the element's state index plus a key from the seed.
-# For a uniform key the word is uniform, so its two halves (square_avg's and
-# acc_delta's 16 bits) are uniform and independent whatever the hash's quality: the
-# rounding stays unbiased, at one hash per element instead of two Philox calls per 8.
+# All stochastic rounding's noise (_state_noise, _param_noise): "lowbias32" (C. Wellons'
+# hash prospector), a bijection of 32-bit words, of a word index plus a key, the hash
+# of the step's seed. For a uniform key each word is uniform, so its two 16-bit halves
+# are uniform and the rounding is unbiased whatever the hash's quality.
+#   bf16 and 8-bit state: word (state index mod 2**32); its low half rounds
+#   square_avg, its high half acc_delta.
+#   params: element i takes half i % 2 (low first) of word PARAM_NOISE_WORDS + i // 2
+#   (mod 2**32), words that the state's reach only past 2**31 elements, and then for
+#   other elements. One hash per two params: it replaced Philox-4x32 (7 rounds, one call
+#   per 8 elements), and a bf16 step with stochastic rounding took 0.82x the time on
+#   the CPU (perf/ab_native.py, perf/results/ab_native_param_noise/).
 STATE_NOISE_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
 _STATE_NOISE_A = tl.constexpr(STATE_NOISE_MULTIPLIERS[0])
 _STATE_NOISE_B = tl.constexpr(STATE_NOISE_MULTIPLIERS[1])
+PARAM_NOISE_WORDS = 1 << 31
+_PARAM_NOISE_WORDS = tl.constexpr(PARAM_NOISE_WORDS)
 # Each param's segment of the flat state starts at a multiple of 8 elements, and its
 # aligned bulk (the kernel's aligned branch) is a multiple of 8 elements: whole 16-byte
-# vectors of the params (of any dtype) and of bf16 state, and the 8 elements of one
-# Philox counter's noise.
+# vectors of the params (of any dtype) and of bf16 state, and whole words of the
+# params' noise.
 STATE_ALIGNMENT = 8
 _STATE_ALIGNMENT = tl.constexpr(STATE_ALIGNMENT)
 # 8-bit state (state_dtype=torch.uint8): one fp32 scale per QUANT_BLOCK elements of the
@@ -147,7 +144,8 @@ _ELEMENT_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.f
 #   fp32, bf16, fp16: 32, none spills.
 #   stochastic rounding: 16; 32 spilled 384-416 B on sm_90 and 240-248 B on sm_80 when
 #   every element made its own Philox call, and with one call per 8 elements (drawn
-#   before the loads) still 24-48 B on sm_90.
+#   before the loads) still 24-48 B on sm_90; with today's one hash per two elements,
+#   152-176 B on sm_90 (none on sm_80).
 #   master weights: 8; 16 spilled 8-16 B on sm_90 (B2048_w4, B4096_w8), 32 spilled 40-48 B.
 #   fp64: 8; 16 spilled 160 B on sm_90, 32 spilled 1664-3288 B on sm_80/sm_90.
 _MAX_PER_THREAD = 32
@@ -206,10 +204,7 @@ def configs_for(
     kept = []
     for config in AUTOTUNE_CONFIGS:
         per_thread = config.kwargs["BLOCK_SIZE"] // (warp_size * config.num_warps)
-        # (On gfx942, 8-bit state with stochastic rounding at 4 warps of 64 spilled 12
-        # SGPRs, B4096_w4 in perf/results/sweep_aot_gfx942.json; B8192_w8 spilled none.)
-        spills = quantized_state and stochastic_rounding and warp_size == 64 and config.num_warps == 4
-        if per_thread * narrowest >= 16 and per_thread <= most and not spills:
+        if per_thread * narrowest >= 16 and per_thread <= most:
             kept.append(config)
     return kept
 
@@ -446,22 +441,6 @@ def _round_to_nearest(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _noise16(seed, index, STREAM_BASE: tl.constexpr = 0):
-    """16 uniform random bits (as uint32) for the element at ``index`` of the flat state.
-
-    Philox-4x32 keyed by ``seed`` gives four 32-bit words, eight halves, per
-    counter: element ``i`` takes half ``i % 8`` of counter ``i // 8`` (low half
-    first). One stream per element, no two params alike; the CPU loop makes one
-    Philox call per eight elements for the same bits (``csrc/adadelta_cpu.c``).
-    16 bits are what rounding fp32 to bf16 drops, so the rounding is exactly unbiased.
-    """
-    word0, word1, word2, word3 = tl.randint4x(seed, (index >> 3) + STREAM_BASE, _PHILOX_ROUNDS)
-    lane = (index >> 1) & 3
-    word = tl.where(lane == 0, word0, tl.where(lane == 1, word1, tl.where(lane == 2, word2, word3)))
-    return tl.where((index & 1) == 0, word & 0xFFFF, word >> 16)
-
-
-@triton.jit
 def _hash32(x):
     """lowbias32 of uint32 ``x``: a bijection whose every output bit depends on every input bit."""
     # (uint32 multipliers: a literal past 2**31 would widen the product to int64.)
@@ -473,51 +452,65 @@ def _hash32(x):
 
 
 @triton.jit
+def _noise_key(seed):
+    """The noise's key: the hash of the step's seed (mod 2**32)."""
+    return _hash32(seed.to(tl.uint32))
+
+
+@triton.jit
 def _state_noise(seed, state_offs):
-    """bf16 state's 32 random bits per element: the low half rounds square_avg, the high
-    half acc_delta. The hash of the element's state index (mod 2**32) plus a key, the
-    hash of the seed; the same in the C loop (``hash32`` in ``csrc/adadelta_cpu.c``)."""
-    key = _hash32(seed.to(tl.uint32))
-    return _hash32(state_offs.to(tl.uint32) + key)
+    """Compressed state's 32 random bits per element: the low half rounds square_avg,
+    the high half acc_delta. The hash of the element's state index (mod 2**32) plus the
+    key; the same in the C loop (``hash32`` in ``csrc/adadelta_cpu.c``)."""
+    return _hash32(state_offs.to(tl.uint32) + _noise_key(seed))
 
 
 @triton.jit
-def _noise16_contiguous(seed, first_index, BLOCK: tl.constexpr, STREAM_BASE: tl.constexpr = 0):
-    """``_noise16`` of the ``BLOCK`` indices from ``first_index`` (a multiple of 8) on.
-
-    The same bits with one Philox call per 8 elements, not one per element: on a
-    GPU the per-element call's integer work took as long as the memory traffic.
-    """
-    counter = (first_index >> 3) + STREAM_BASE + tl.arange(0, BLOCK // 8)
-    word0, word1, word2, word3 = tl.randint4x(seed, counter, _PHILOX_ROUNDS)
-    # words[k, a, b] is word 2a + b of counter k, and (_noise16_halves) halves[k, a, b, h]
-    # its half h: in row-major order, element 8k + 2 * (2a + b) + h, as _noise16 numbers them.
-    return tl.join(tl.join(word0, word2), tl.join(word1, word3))
+def _param_words(seed, pairs):
+    """The params' noise words of the element pairs ``pairs`` (state index // 2)."""
+    return _hash32(pairs.to(tl.uint32) + tl.full([], _PARAM_NOISE_WORDS, tl.uint32) + _noise_key(seed))
 
 
 @triton.jit
-def _noise16_halves(words, BLOCK: tl.constexpr):
-    """The ``BLOCK`` 16-bit noises of ``_noise16_contiguous``'s words: kept packed, two
-    to a register, until the rounding needs them."""
+def _param_noise(seed, index):
+    """16 uniform random bits (as uint32) for the param at ``index`` of the flat state:
+    half ``index % 2`` (low half first) of its pair's word. 16 bits are what rounding
+    fp32 to bf16 drops, so the rounding is exactly unbiased."""
+    word = _param_words(seed, index >> 1)
+    return tl.where((index & 1) == 0, word & 0xFFFF, word >> 16)
+
+
+@triton.jit
+def _param_noise_contiguous(seed, first_index, BLOCK: tl.constexpr):
+    """``_param_noise`` of the ``BLOCK`` indices from ``first_index`` (even) on, as its
+    ``BLOCK // 2`` words: one hash per two elements, kept packed until the rounding
+    needs them (``_param_noise_halves``)."""
+    return _param_words(seed, (first_index >> 1) + tl.arange(0, BLOCK // 2))
+
+
+@triton.jit
+def _param_noise_halves(words, BLOCK: tl.constexpr):
+    """The ``BLOCK`` 16-bit noises of ``_param_noise_contiguous``'s words: element 2k + h
+    (row-major) is half h of word k, as ``_param_noise`` numbers them."""
     halves = tl.join(words & 0xFFFF, words >> 16)
     return tl.reshape(halves, [BLOCK])
 
 
 @triton.jit
-def _noise(seed, state_offs, noise_base, CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr, STREAM_BASE: tl.constexpr):
-    """The noise of the stream whose counters start at ``STREAM_BASE`` for the elements at ``state_offs``: packed words
-    (``_noise16_contiguous``) where CONTIGUOUS, else 16 bits per element."""
+def _noise(seed, state_offs, noise_base, CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr):
+    """The params' noise for the elements at ``state_offs``: packed words
+    (``_param_noise_contiguous``) where CONTIGUOUS, else 16 bits per element."""
     if CONTIGUOUS:
-        return _noise16_contiguous(seed, noise_base, BLOCK, STREAM_BASE)
+        return _param_noise_contiguous(seed, noise_base, BLOCK)
     else:
-        return _noise16(seed, state_offs, STREAM_BASE)
+        return _param_noise(seed, state_offs)
 
 
 @triton.jit
 def _noise_halves(noise, CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr):
     """``_noise``'s 16 bits per element, unpacked where packed."""
     if CONTIGUOUS:
-        return _noise16_halves(noise, BLOCK)
+        return _param_noise_halves(noise, BLOCK)
     else:
         return noise
 
@@ -649,11 +642,11 @@ def _update_block(
     CONTIGUOUS_NOISE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # Noise is drawn before the loads: the generator's temporaries die before the
-    # streams' values live. (state_offs is block_base + arange(BLOCK); CONTIGUOUS_NOISE:
+    # Noise is drawn before the loads: the hash's temporaries die before the streams'
+    # values live. (state_offs is block_base + arange(BLOCK); CONTIGUOUS_NOISE:
     # block_base is a multiple of 8.)
     if STOCHASTIC_ROUNDING:
-        noise = _noise(seed, state_offs, block_base, CONTIGUOUS_NOISE, BLOCK, _PARAM_STREAM_BASE)
+        noise = _noise(seed, state_offs, block_base, CONTIGUOUS_NOISE, BLOCK)
     COMPRESSED_STATE: tl.constexpr = square_avg_ptr.dtype.element_ty == tl.bfloat16
     # 8-bit state: the block holds whole quant blocks (block_base a multiple of
     # QUANT_BLOCK); a quant block is the piece's if its first element is.

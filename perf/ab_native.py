@@ -6,7 +6,7 @@ by more than that between runs minutes apart. So both libraries are built and lo
 in one process, one optimizer steps the same params with each in turn (the order
 reversed every other round), and each mode reports the two medians and their ratio.
 Both versions must export the same table layout (``cpu._build_native_library``
-checks it).
+checks it); of the constants shared with the kernel, only those the base defines are checked.
 
 Usage::
 
@@ -67,13 +67,21 @@ def base_source(base: str, directory: Path) -> Path:
 
 
 def load(source: Path) -> Any:
-    """The fused loop built from ``source`` (cached like the package's own), loaded."""
-    previous = cpu._SOURCE
+    """The fused loop built from ``source`` (cached like the package's own), loaded.
+
+    Only the kernel's constants that ``source`` defines are required and checked: a
+    base from before a change of them (a new noise, say) is still timed, its bits aside.
+    """
+    text = source.read_text()
+    previous = cpu._SOURCE, cpu._NATIVE_SYMBOLS, cpu._NATIVE_CONSTANTS
     cpu._SOURCE = source
+    cpu._NATIVE_CONSTANTS = tuple(constant for constant in previous[2] if constant[0] in text)
+    constants = {name for name, _, _ in previous[2]}
+    cpu._NATIVE_SYMBOLS = tuple(name for name in previous[1] if name not in constants or name in text)
     try:
         return cpu._build_native_library()
     finally:
-        cpu._SOURCE = previous
+        cpu._SOURCE, cpu._NATIVE_SYMBOLS, cpu._NATIVE_CONSTANTS = previous
 
 
 def compare(libraries: list[Any], mode: str, n_elements: int, rounds: int) -> dict[str, Any]:

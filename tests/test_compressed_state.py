@@ -82,7 +82,7 @@ def test_the_state_rounding_is_unbiased_and_its_streams_independent(implementati
     ids=["fp32", "bf16", "bf16_master", "bf16_stochastic", "fp16", "fp16_stochastic"],
 )
 def test_the_c_loop_gives_the_kernels_bits(param_dtype, options):
-    # The same noise (each buffer's Philox stream) and the same rounding: the same bits,
+    # The same noise (the hash of each element's word) and the same rounding: the same bits,
     # on an odd size with weight decay (the C loop's any-flags variant) and without.
     if cpu.implementation(torch.device("cpu"), param_dtype, master=options.get("master", False),
                           stochastic_rounding=options.get("stochastic_rounding", False),
@@ -335,3 +335,31 @@ def test_a_groups_state_dtype_set_between_steps_takes_effect(backend):
     with pytest.raises(ValueError, match="state_dtype must be one of"):
         optimizer.step()
     assert torch.equal(param, before[0]) and torch.equal(optimizer.state[param]["square_avg"], before[1])
+
+
+def test_the_params_and_the_states_roundings_are_independent(implementation):
+    """bf16 params with stochastic rounding and bf16 state: one key, other words of the
+    same hash. Every element gets the same inputs, so each rounding is an independent
+    draw: the params' are unbiased, and no two of the three up-or-down series correlate."""
+    backend = implementation
+    n = 1 << 16
+    param, grad = torch.ones(n).bfloat16(), torch.full((n,), 3.0).bfloat16()
+    square_avg = torch.full((n,), 0.3).bfloat16()
+    acc_delta = torch.full((n,), 0.02).bfloat16()
+    hyper = {"lr": 0.01, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0}
+    exact_param, exact_square, exact_acc = torch.ones(8), square_avg[:8].float(), acc_delta[:8].float()
+    step_flat_(exact_param, grad[:8].float(), exact_square, exact_acc, **hyper, backend=backend)
+    step_flat_(param, grad, square_avg, acc_delta, **hyper, stochastic_rounding=True, seed=5, backend=backend)
+    ups = []
+    for name, stored, exact in (("param", param, exact_param), ("square_avg", square_avg, exact_square),
+                                ("acc_delta", acc_delta, exact_acc)):  # fmt: skip
+        low, high = _bf16_neighbours(exact[0].item())
+        values = stored.double()
+        assert set(values.unique().tolist()) <= {low, high}, f"{name}: stores are the two neighbours"
+        fraction = (exact[0].item() - low) / (high - low)
+        standard_error = (high - low) * (fraction * (1 - fraction) / n) ** 0.5
+        assert abs(values.mean().item() - exact[0].item()) < 6 * standard_error, f"{name}: biased"
+        ups.append((values == high).double())
+    correlations = torch.corrcoef(torch.stack(ups))
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        assert abs(correlations[i, j].item()) < 6 / n**0.5, f"roundings {i} and {j} correlate ({correlations[i, j]:.3f})"

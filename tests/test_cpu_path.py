@@ -425,7 +425,7 @@ def assert_same_bits(actual: list[torch.Tensor], expected: list[torch.Tensor]) -
 
 @pytest.mark.parametrize("name,dtype,master,stochastic", NATIVE_LOW_PRECISION, ids=[m[0] for m in NATIVE_LOW_PRECISION])
 def test_native_low_precision_loop_gives_the_kernels_bits(monkeypatch, name, dtype, master, stochastic):
-    """The native loop rounds, and draws stochastic rounding's noise (Philox, by state
+    """The native loop rounds, and draws stochastic rounding's noise (a hash of the state
     index), as the Triton kernel does: the same bits, NaNs included."""
     require_native()
     monkeypatch.delenv("TRITON_ADADELTA_CPU_SQRT", raising=False)  # the kernel's IEEE sqrt

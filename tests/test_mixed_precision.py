@@ -265,3 +265,45 @@ def test_a_model_with_complex_and_real_params_saves_with_torch_save(backend, tmp
     loaded = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert torch.equal(loaded["params"][0], complex_param.detach())
     assert torch.equal(loaded["optimizer"]["state"][0]["square_avg"], optimizer.state[complex_param]["square_avg"])
+
+
+def _lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (C. Wellons' hash prospector) of int64 ``x`` < 2**32, transcribed here
+    from its definition, not taken from the package."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"], ids=["kernel", "cpu"])
+def test_stochastic_rounding_draws_the_documented_noise(backend, monkeypatch):
+    """bf16 stochastic rounding adds 16 bits of noise below the kept bits and truncates:
+    element i of the flat state takes half i % 2 (low first) of lowbias32(2**31 + i // 2
+    + lowbias32(seed)), mod 2**32 (kernels/adadelta.py, README). The fp32 step on the
+    same widened inputs gives the value that is rounded."""
+    if backend == "torch":
+        monkeypatch.setenv("TRITON_ADADELTA_NATIVE_CPU", "1")
+        from triton_adadelta import cpu
+
+        if cpu.implementation(torch.device("cpu"), torch.bfloat16, master=False, stochastic_rounding=True,
+                              state_dtype=torch.float32) != "cpu-native":  # fmt: skip
+            pytest.skip("no C loop here: the chunked ops draw torch's noise")
+    generator = torch.Generator().manual_seed(3)
+    n, seed = 4099, 123_456_789
+    param = torch.randn(n, generator=generator).bfloat16()
+    grad = torch.randn(n, generator=generator).bfloat16()
+    square_avg, acc_delta = torch.rand(n, generator=generator), torch.rand(n, generator=generator) * 1e-2
+    hyper = {"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0}
+    exact = param.float()
+    step_flat_(exact, grad.float(), square_avg.clone(), acc_delta.clone(), **hyper, backend=backend)
+    step_flat_(param, grad, square_avg, acc_delta, **hyper, stochastic_rounding=True, seed=seed, backend=backend)
+
+    index = torch.arange(n, dtype=torch.int64)
+    key = _lowbias32(torch.tensor(seed, dtype=torch.int64))
+    words = _lowbias32(((index >> 1) + 2**31 + key) & 0xFFFFFFFF)
+    noise = torch.where(index % 2 == 0, words & 0xFFFF, words >> 16)
+    bits = exact.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    expected = ((bits + noise) >> 16).to(torch.int16)  # (no NaN here, and no carry past 2**32 for these values)
+    assert torch.equal(param.view(torch.int16), expected)

@@ -18,7 +18,7 @@ Two implementations; :func:`implementation` says which one runs a given state:
   does on this CPU (torch's ``add(alpha=)`` and ``addcmul`` are fused multiply-adds,
   everything else rounds once per op); bf16/fp16 values are widened exactly and
   stored rounded to nearest even, as the kernel does, and stochastic rounding draws
-  the kernel's noise (Philox, by state index), so a step gives the kernel's bits.
+  the kernel's noise (a hash of the state index), so a step gives the kernel's bits.
   Its sqrt is the correctly rounded one, as in the Triton kernel; with
   ``TRITON_ADADELTA_CPU_SQRT=torch`` it calls torch's own sqrt and is bit-identical
   to ``torch.optim.Adadelta`` (:func:`matches_torch_sqrt`). The first call in a fresh
@@ -66,7 +66,7 @@ from .kernels.adadelta import (
     NUMEL_ROW,
     ONE_MINUS_RHO,
     PARAM_ROW,
-    PHILOX_ROUNDS,
+    PARAM_NOISE_WORDS,
     QUANT_BLOCK,
     RHO,
     STATE_ROW,
@@ -122,11 +122,17 @@ _LAYOUT = (
     LR, RHO, ONE_MINUS_RHO, EPS, WEIGHT_DECAY, MAXIMIZE, LR_IS_TENSOR, N_HPARAMS,
 )  # fmt: skip
 
+# The library's constants that must be the kernel's, checked at load: (symbol, its
+# ctypes type, the kernel's value).
+_NATIVE_CONSTANTS = (
+    ("adadelta_param_noise_words", ctypes.c_uint32, PARAM_NOISE_WORDS),  # the params' noise's first word
+    ("adadelta_quant_block", ctypes.c_int, QUANT_BLOCK),  # uint8 state's elements per scale
+)
 # What the library must export; one without them is a bad file (rebuilt by the next process).
 _NATIVE_SYMBOLS = (
     "adadelta_layout", "adadelta_step_f32", "adadelta_step_f64", "adadelta_step_lowp", "adadelta_step_bf16_state",
-    "adadelta_step_u8_state", "adadelta_has_f16",
-    "adadelta_philox_rounds", "adadelta_quant_block", "set_sqrt", "set_openmp",
+    "adadelta_step_u8_state", "adadelta_has_f16", "set_sqrt", "set_openmp",
+    *(name for name, _, _ in _NATIVE_CONSTANTS),
 )  # fmt: skip
 
 # The compiler's time limit. On the 2-core machine we measure on (gcc 12), one
@@ -184,12 +190,10 @@ def _build_native_library() -> ctypes.CDLL:
     layout = tuple((ctypes.c_int64 * len(_LAYOUT)).in_dll(library, "adadelta_layout"))
     if layout != _LAYOUT:
         raise BuildError(f"{_SOURCE.name} reads the table as {layout}, but kernels/adadelta.py writes {_LAYOUT}")
-    rounds = ctypes.c_int.in_dll(library, "adadelta_philox_rounds").value
-    if rounds != PHILOX_ROUNDS:
-        raise BuildError(f"{_SOURCE.name} draws noise with {rounds} Philox rounds, the kernel with {PHILOX_ROUNDS}")
-    quant_block = ctypes.c_int.in_dll(library, "adadelta_quant_block").value
-    if quant_block != QUANT_BLOCK:
-        raise BuildError(f"{_SOURCE.name} scales uint8 state per {quant_block} elements, the kernel per {QUANT_BLOCK}")
+    for name, ctype, expected in _NATIVE_CONSTANTS:
+        value = ctype.in_dll(library, name).value
+        if value != expected:
+            raise BuildError(f"{_SOURCE.name} has {name} = {value}, but kernels/adadelta.py has {expected}")
     for suffix in ("f32", "f64"):
         function = getattr(library, f"adadelta_step_{suffix}")
         function.restype = ctypes.c_int

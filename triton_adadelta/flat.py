@@ -328,7 +328,7 @@ def table_for_tensors(
             end += -(-numel // alignment) * alignment
     elif any(offset % alignment for offset in offsets):
         # The kernel's aligned branch promises 16-byte-aligned state (bf16 state
-        # included) and whole Philox counters of noise for each piece; 8-bit state,
+        # included) and whole words of the params' noise for each piece; 8-bit state,
         # whole quant blocks.
         raise ValueError(f"state offsets must be multiples of {alignment} elements")
     n_state = max((offset + numel for offset, numel in zip(offsets, numels)), default=0)

@@ -140,7 +140,7 @@ typedef struct {
     const void *variants; /* the kind's update functions: [N_STORES][N_FLAG_VARIANTS] */
     int param_bytes, state_bytes; /* element sizes: params 2 (bf16/fp16) or 4; state 4, 2 (bf16) or 1 (uint8) */
     float *square_avg_scale, *acc_delta_scale; /* uint8 state: one scale per QUANT_BLOCK (else NULL) */
-    uint32_t key0, key1; /* the stochastic rounding's Philox key: the seed's halves */
+    uint32_t key0; /* the stochastic rounding's seed (mod 2**32): its hash keys the noise */
     void *(*run)(void *); /* what runs a share of this step */
     int64_t total;        /* elements in the whole step */
 } share_t;
@@ -451,103 +451,9 @@ static inline __attribute__((always_inline)) uint16_t round_nearest(float x, con
     return bf16_add_and_truncate(x, 0x7FFFu + ((f32_to_bits(x) >> 16) & 1u));
 }
 
-/* Philox-4x32 (Salmon et al., SC'11; Triton's tl.philox) of PHILOX_ROUNDS rounds (the
-   kernel's, kernels/adadelta.py): four words per counter (counter low, counter high,
-   0, 0) under the key (seed low, seed high). */
-#define PHILOX_ROUNDS 7
-#if IN_MAIN_PART
-const int adadelta_philox_rounds = PHILOX_ROUNDS; /* checked by the loader */
-#endif
-#define PHILOX_ROUND_A 0xD2511F53u
-#define PHILOX_ROUND_B 0xCD9E8D57u
-#define PHILOX_KEY_A 0x9E3779B9u
-#define PHILOX_KEY_B 0xBB67AE85u
-
-static inline void philox_scalar(uint64_t counter, uint32_t k0, uint32_t k1, uint16_t *out) {
-    uint32_t c0 = (uint32_t)counter, c1 = (uint32_t)(counter >> 32), c2 = 0, c3 = 0;
-    for (int round = 0; round < PHILOX_ROUNDS; ++round) {
-        const uint64_t b = (uint64_t)PHILOX_ROUND_B * c2, a = (uint64_t)PHILOX_ROUND_A * c0;
-        c0 = (uint32_t)(b >> 32) ^ c1 ^ k0;
-        c2 = (uint32_t)(a >> 32) ^ c3 ^ k1;
-        c1 = (uint32_t)b;
-        c3 = (uint32_t)a;
-        k0 += PHILOX_KEY_A;
-        k1 += PHILOX_KEY_B;
-    }
-    const uint32_t words[4] = {c0, c1, c2, c3};
-    for (int w = 0; w < 4; ++w) { out[2 * w] = (uint16_t)words[w]; out[2 * w + 1] = (uint16_t)(words[w] >> 16); }
-}
-
 #if defined(__AVX2__)
 #include <immintrin.h>
-/* The high and low halves of the 32 x 32-bit products of 8 lanes by m: AVX2 multiplies
-   even lanes only, so odd lanes go through a shift. */
-static inline __attribute__((always_inline)) __m256i mulhilo8(__m256i a, __m256i m, __m256i *lo) {
-    const __m256i even = _mm256_mul_epu32(a, m);
-    const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
-    *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-    return _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
 #endif
-
-#if defined(__AVX2__)
-/* Eight counters' words (lanes are counters) stored word after word: a 4 x 8
-   transpose. x86 is little-endian, so each word's low half comes first. */
-static inline __attribute__((always_inline)) void store_transposed(
-        uint16_t *out, __m256i c0, __m256i c1, __m256i c2, __m256i c3) {
-    const __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
-    const __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
-    const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
-    const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
-    __m256i *dst = (__m256i *)out;
-    _mm256_storeu_si256(dst + 0, _mm256_permute2x128_si256(u0, u1, 0x20));
-    _mm256_storeu_si256(dst + 1, _mm256_permute2x128_si256(u2, u3, 0x20));
-    _mm256_storeu_si256(dst + 2, _mm256_permute2x128_si256(u0, u1, 0x31));
-    _mm256_storeu_si256(dst + 3, _mm256_permute2x128_si256(u2, u3, 0x31));
-}
-#endif
-
-/* The 16-bit halves of the words of `n_counters` consecutive counters from `first`:
-   out[8 c + 2 w] is the low half of word w of counter first + c, out[8 c + 2 w + 1]
-   its high half (the kernel's _noise16 order). */
-static void philox_block(uint16_t *restrict out, int n_counters, uint64_t first, uint32_t key0, uint32_t key1) {
-    int c = 0;
-#if defined(__AVX2__)
-    const __m256i round_a = _mm256_set1_epi32((int)PHILOX_ROUND_A);
-    const __m256i round_b = _mm256_set1_epi32((int)PHILOX_ROUND_B);
-    __m256i keys0[PHILOX_ROUNDS], keys1[PHILOX_ROUNDS];
-    for (int round = 0; round < PHILOX_ROUNDS; ++round) {
-        keys0[round] = _mm256_set1_epi32((int)(key0 + (uint32_t)round * PHILOX_KEY_A));
-        keys1[round] = _mm256_set1_epi32((int)(key1 + (uint32_t)round * PHILOX_KEY_B));
-    }
-    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    /* Two batches of eight counters at once: one batch's rounds wait on multiply
-       latency, which the other's fill. */
-    for (; c + 16 <= n_counters; c += 16) {
-        const uint64_t base = first + (uint64_t)c;
-        /* Counters that carry into the high word take the scalar path. */
-        if ((uint32_t)base > UINT32_MAX - 15u) break;
-        __m256i x0 = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)base), lanes);
-        __m256i y0 = _mm256_add_epi32(x0, _mm256_set1_epi32(8));
-        __m256i x1 = _mm256_set1_epi32((int)(uint32_t)(base >> 32)), y1 = x1;
-        __m256i x2 = _mm256_setzero_si256(), x3 = x2, y2 = x2, y3 = x2;
-        for (int round = 0; round < PHILOX_ROUNDS; ++round) {
-            __m256i x_lo_b, x_lo_a, y_lo_b, y_lo_a;
-            const __m256i x_hi_b = mulhilo8(x2, round_b, &x_lo_b), x_hi_a = mulhilo8(x0, round_a, &x_lo_a);
-            const __m256i y_hi_b = mulhilo8(y2, round_b, &y_lo_b), y_hi_a = mulhilo8(y0, round_a, &y_lo_a);
-            x0 = _mm256_xor_si256(_mm256_xor_si256(x_hi_b, x1), keys0[round]);
-            x2 = _mm256_xor_si256(_mm256_xor_si256(x_hi_a, x3), keys1[round]);
-            y0 = _mm256_xor_si256(_mm256_xor_si256(y_hi_b, y1), keys0[round]);
-            y2 = _mm256_xor_si256(_mm256_xor_si256(y_hi_a, y3), keys1[round]);
-            x1 = x_lo_b; x3 = x_lo_a;
-            y1 = y_lo_b; y3 = y_lo_a;
-        }
-        store_transposed(out + 8 * c, x0, x1, x2, x3);
-        store_transposed(out + 8 * (c + 8), y0, y1, y2, y3);
-    }
-#endif
-    for (; c < n_counters; ++c) philox_scalar(first + (uint64_t)c, key0, key1, out + 8 * c);
-}
 
 /* x rounded up or down in magnitude, given 16 random bits (the kernel's
    _round_stochastic). bf16: add the 16 dropped bits' worth of noise and truncate, so
@@ -563,10 +469,6 @@ static inline __attribute__((always_inline)) uint16_t round_stochastic(float x, 
     const float fraction = (x - nearest_value) / (widen(other, kind) - nearest_value);
     return (float)noise * (1.0f / 65536.0f) < fraction ? other : nearest;
 }
-
-/* The params' stochastic rounding draws Philox counters from PARAM_STREAM_BASE on (the
-   kernel's PARAM_STREAM << STREAM_SHIFT). */
-#define PARAM_STREAM_BASE 0ull
 
 /* bf16 state's noise (the kernel's _hash32 and _state_noise): lowbias32 (C. Wellons'
    hash prospector), a bijection of 32-bit words, of the element's state index (mod
@@ -666,16 +568,33 @@ static inline __attribute__((always_inline)) __m256 update8(
 }
 #endif
 
-/* The params' noise of n elements from state index `index` on (the kernel's _noise16
-   in kernels/adadelta.py): half index % 8 of Philox's counter index / 8 + stream_base,
-   one Philox call per eight elements, written to `noise` (8 * (n / 8 + 2) halves);
-   returns where the first element's is. */
-#define NOISE_HALVES (8 * (BLOCK / 8 + 2))
+/* The params' noise of n elements from state index `index` on (the kernel's
+   _param_noise in kernels/adadelta.py): element i takes half i % 2 (low half first) of
+   hash32 of word PARAM_NOISE_WORDS + i / 2 (mod 2**32) plus the key, the hash of the
+   seed; one hash per two elements, written to `noise` (n + 2 halves, 8 words more
+   with AVX2); returns where the first element's is. */
+#define PARAM_NOISE_WORDS 0x80000000u
+#if IN_MAIN_PART
+const uint32_t adadelta_param_noise_words = PARAM_NOISE_WORDS; /* checked by the loader */
+#endif
+#define NOISE_HALVES (BLOCK + 18)
 static inline __attribute__((always_inline)) const uint16_t *param_noise(
-        uint16_t *restrict noise, const int n, const uint64_t index, const uint32_t k0, const uint32_t k1,
-        const uint64_t stream_base) {
-    const int skip = (int)(index & 7);
-    philox_block(noise, (skip + n + 7) >> 3, (index >> 3) + stream_base, k0, k1);
+        uint16_t *restrict noise, const int n, const uint64_t index, const uint32_t seed) {
+    const int skip = (int)(index & 1), n_words = (skip + n + 1) >> 1;
+    const uint32_t first = (uint32_t)(index >> 1) + PARAM_NOISE_WORDS + hash32(seed);
+    int w = 0;
+#if defined(__AVX2__)
+    __m256i words = _mm256_add_epi32(_mm256_set1_epi32((int)first), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (; w < n_words; w += 8) {
+        _mm256_storeu_si256((__m256i *)(noise + 2 * w), hash32x8(words));
+        words = _mm256_add_epi32(words, _mm256_set1_epi32(8));
+    }
+#endif
+    for (; w < n_words; ++w) {
+        const uint32_t word = hash32(first + (uint32_t)w);
+        noise[2 * w] = (uint16_t)word;
+        noise[2 * w + 1] = (uint16_t)(word >> 16);
+    }
     return noise + skip;
 }
 
@@ -683,9 +602,9 @@ static inline __attribute__((always_inline)) const uint16_t *param_noise(
    (param_noise). Not inlined: one copy per kind. */
 static __attribute__((noinline)) void round_block_stochastic(
         const float *restrict w, uint16_t *restrict p, const int n, const int kind,
-        const uint64_t index, const uint32_t k0, const uint32_t k1, const uint64_t stream_base) {
+        const uint64_t index, const uint32_t seed) {
     uint16_t noise[NOISE_HALVES] __attribute__((aligned(64)));
-    const uint16_t *restrict mine = param_noise(noise, n, index, k0, k1, stream_base);
+    const uint16_t *restrict mine = param_noise(noise, n, index, seed);
     if (kind == KIND_BF16) {
         int i = 0;
 #if defined(__AVX2__)
@@ -720,7 +639,7 @@ static inline __attribute__((always_inline)) void update_lowp(
         uint16_t *restrict p, const uint16_t *restrict gr, float *restrict v, float *restrict u,
         float *restrict m, const int64_t n_elements, const float *restrict row, const float grad_scale,
         const int use_torch_sqrt, const int flags, const int kind, const int store, const int streaming,
-        const uint64_t index, const uint32_t k0, const uint32_t k1) {
+        const uint64_t index, const uint32_t k0) {
     const float lr = row[LR], rho = row[RHO], one_minus_rho = row[ONE_MINUS_RHO];
     const float eps = row[EPS], weight_decay = row[WEIGHT_DECAY];
     float g_block[BLOCK] __attribute__((aligned(64)));
@@ -748,7 +667,7 @@ static inline __attribute__((always_inline)) void update_lowp(
                 const hparams8_t h = hparams8(row, grad_scale);
                 uint16_t noise[NOISE_HALVES] __attribute__((aligned(64)));
                 const uint16_t *restrict mine = store == STORE_STOCHASTIC
-                    ? param_noise(noise, n, index + (uint64_t)first, k0, k1, PARAM_STREAM_BASE) : noise;
+                    ? param_noise(noise, n, index + (uint64_t)first, k0) : noise;
                 for (; i + 8 <= n; i += 8) {
                     __m256 acc = _mm256_loadu_ps(ub + i);
                     const __m256 square =
@@ -793,7 +712,7 @@ static inline __attribute__((always_inline)) void update_lowp(
         }
         if (store == STORE_STOCHASTIC && rounded < n)
             round_block_stochastic(w_block + rounded, pb + rounded, n - rounded, kind,
-                                   index + (uint64_t)(first + rounded), k0, k1, PARAM_STREAM_BASE);
+                                   index + (uint64_t)(first + rounded), k0);
         if (streaming) store_streaming(p + first, p_block, n);
     }
 }
@@ -993,7 +912,7 @@ static inline __attribute__((always_inline)) void update_block_cs(
         void *restrict p, const void *restrict gr, const void *restrict v, const void *restrict u,
         float *restrict m, const int64_t first, const int n, const float *restrict row, const float grad_scale,
         const int use_torch_sqrt, const int flags, const int kind, const int store, const int state_kind,
-        const uint64_t at, const uint32_t k0, const uint32_t k1, float *restrict v_block, float *restrict u_block,
+        const uint64_t at, const uint32_t k0, float *restrict v_block, float *restrict u_block,
         u8_max_t *restrict v_max, u8_max_t *restrict u_max) {
     const float lr = row[LR], rho = row[RHO], one_minus_rho = row[ONE_MINUS_RHO];
     const float eps = row[EPS], weight_decay = row[WEIGHT_DECAY];
@@ -1061,7 +980,7 @@ static inline __attribute__((always_inline)) void update_block_cs(
         if (store == STORE_MASTER)
             for (int i = 0; i < n; ++i) mb[i] = w_block[i];
         if (store == STORE_STOCHASTIC)
-            round_block_stochastic(w_block, pb, n, kind, at, k0, k1, PARAM_STREAM_BASE);
+            round_block_stochastic(w_block, pb, n, kind, at, k0);
         else
             for (int i = 0; i < n; ++i) pb[i] = round_nearest(w_block[i], kind);
     }
@@ -1074,8 +993,7 @@ static inline __attribute__((always_inline)) void update_block_cs_scalar(
         void *restrict p, const void *restrict gr, void *restrict v, void *restrict u,
         float *restrict v_scale, float *restrict u_scale, float *restrict m, const int64_t first, const int64_t b,
         const int n, const float *restrict row, const float grad_scale, const int use_torch_sqrt, const int flags,
-        const int kind, const int store, const int state_kind, const uint64_t at, const uint32_t k0,
-        const uint32_t k1) {
+        const int kind, const int store, const int state_kind, const uint64_t at, const uint32_t k0) {
     float v_block[BLOCK] __attribute__((aligned(64)));
     float u_block[BLOCK] __attribute__((aligned(64)));
     if (state_kind == STATE_U8) {
@@ -1086,7 +1004,7 @@ static inline __attribute__((always_inline)) void update_block_cs_scalar(
         u8_decode(vb, n, v_scale[b], v_old);
         u8_decode(ub, n, u_scale[b], u_old);
         update_block_cs(p, gr, v_old, u_old, m, first, n, row, grad_scale, use_torch_sqrt, flags, kind,
-                        store, STATE_U8, at, k0, k1, v_block, u_block, &v_max, &u_max);
+                        store, STATE_U8, at, k0, v_block, u_block, &v_max, &u_max);
         /* bf16 state's noise: one hash per element, its low half for v, its high half for u. */
         uint32_t noise[BLOCK] __attribute__((aligned(64)));
         const uint32_t noise_first = (uint32_t)at + hash32(k0);
@@ -1096,7 +1014,7 @@ static inline __attribute__((always_inline)) void update_block_cs_scalar(
     } else {
         uint16_t *restrict vb = (uint16_t *)v + first, *restrict ub = (uint16_t *)u + first;
         update_block_cs(p, gr, vb, ub, m, first, n, row, grad_scale, use_torch_sqrt, flags, kind, store,
-                        STATE_BF16, at, k0, k1, v_block, u_block, 0, 0);
+                        STATE_BF16, at, k0, v_block, u_block, 0, 0);
         round_state_bf16(v_block, u_block, vb, ub, n, at, k0);
     }
 }
@@ -1111,7 +1029,7 @@ static inline __attribute__((always_inline)) void update_block_cs_scalar(
 static inline __attribute__((always_inline)) void update_block_cs8(
         void *restrict p, const void *restrict gr, uint16_t *restrict v, uint16_t *restrict u, float *restrict m,
         const int64_t first, const int n, const float *restrict row, const float grad_scale, const int flags,
-        const int kind, const int store, const uint64_t at, const uint32_t k0, const uint32_t k1) {
+        const int kind, const int store, const uint64_t at, const uint32_t k0) {
     const hparams8_t h = hparams8(row, grad_scale);
     /* The hash's inputs: the state index (mod 2**32) plus the seed's hash. */
     __m256i index = _mm256_add_epi32(_mm256_set1_epi32((int)((uint32_t)at + hash32(k0))),
@@ -1126,7 +1044,7 @@ static inline __attribute__((always_inline)) void update_block_cs8(
         store16x8(u + i, bf16_add_and_truncate8(acc, _mm256_srli_epi32(noise, 16)));
     }
     if (kind != KIND_F32 && store == STORE_STOCHASTIC)
-        round_block_stochastic(w_block, (uint16_t *)p + first, n, kind, at, k0, k1, PARAM_STREAM_BASE);
+        round_block_stochastic(w_block, (uint16_t *)p + first, n, kind, at, k0);
 }
 #endif
 
@@ -1254,7 +1172,7 @@ static inline __attribute__((always_inline)) void update_piece_u8x8(
         void *restrict p, const void *restrict gr, uint8_t *restrict v, uint8_t *restrict u,
         float *restrict v_scale, float *restrict u_scale, float *restrict m, const int64_t n_elements,
         const float *restrict row, const float grad_scale, const int flags, const int kind, const int store,
-        const uint64_t index, const uint32_t k0, const uint32_t k1) {
+        const uint64_t index, const uint32_t k0) {
     const hparams8_t h = hparams8(row, grad_scale);
     const uint32_t key = hash32(k0);
     u8_pending_t pending[2];
@@ -1281,8 +1199,7 @@ static inline __attribute__((always_inline)) void update_piece_u8x8(
         }
         for (int i = n; i < n_last; i += 32) u8_encode_pending32(last, i);
         if (kind != KIND_F32 && store == STORE_STOCHASTIC)
-            round_block_stochastic(w_block, (uint16_t *)p + first, n, kind, index + (uint64_t)first, k0, k1,
-                                   PARAM_STREAM_BASE);
+            round_block_stochastic(w_block, (uint16_t *)p + first, n, kind, index + (uint64_t)first, k0);
         int v_new_exponent, u_new_exponent;
         next->v_encoding = u8_encoding_of(v_top, next->v, n, &v_scale[b], &v_new_exponent);
         next->u_encoding = u8_encoding_of(u_top, next->u, n, &u_scale[b], &u_new_exponent);
@@ -1309,8 +1226,7 @@ static inline __attribute__((always_inline)) void update_cs(
         void *restrict p, const void *restrict gr, void *restrict v, void *restrict u,
         float *restrict v_scale, float *restrict u_scale, float *restrict m, const int64_t n_elements,
         const float *restrict row, const float grad_scale, const int use_torch_sqrt, const int flags,
-        const int kind, const int store, const int state_kind, const uint64_t index, const uint32_t k0,
-        const uint32_t k1) {
+        const int kind, const int store, const int state_kind, const uint64_t index, const uint32_t k0) {
     const int64_t step = state_kind == STATE_U8 ? QUANT_BLOCK : BLOCK;
     int64_t first = 0, b = 0;
 #if defined(__AVX2__)
@@ -1321,7 +1237,7 @@ static inline __attribute__((always_inline)) void update_cs(
         first = tail % 32 == 0 ? n_elements : n_elements - tail;
         b = first / QUANT_BLOCK;
         update_piece_u8x8(p, gr, (uint8_t *)v, (uint8_t *)u, v_scale, u_scale, m, first, row, grad_scale, flags,
-                          kind, store, index, k0, k1);
+                          kind, store, index, k0);
     }
 #endif
     for (; first < n_elements; first += step, ++b) {
@@ -1333,12 +1249,12 @@ static inline __attribute__((always_inline)) void update_cs(
            encodes each block during the next one's update instead. */
         if (state_kind == STATE_BF16 && !use_torch_sqrt && (kind == KIND_F32 || kind == KIND_BF16) && n % 8 == 0) {
             update_block_cs8(p, gr, (uint16_t *)v + first, (uint16_t *)u + first, m, first, n, row, grad_scale,
-                             flags, kind, store, index + (uint64_t)first, k0, k1);
+                             flags, kind, store, index + (uint64_t)first, k0);
             continue;
         }
 #endif
         update_block_cs_scalar(p, gr, v, u, v_scale, u_scale, m, first, b, n, row, grad_scale, use_torch_sqrt,
-                               flags, kind, store, state_kind, index + (uint64_t)first, k0, k1);
+                               flags, kind, store, state_kind, index + (uint64_t)first, k0);
     }
 }
 
@@ -1351,17 +1267,17 @@ static inline __attribute__((always_inline)) void update_cs(
    (v_scale, u_scale: uint8 state's, at the piece's first quant block; else NULL). */
 #define N_FLAG_VARIANTS 3
 typedef void (*update_lowp_fn)(void *, const void *, void *, void *, float *, float *, float *, int64_t,
-                               const float *, float, int, int, int, uint64_t, uint32_t, uint32_t);
+                               const float *, float, int, int, int, uint64_t, uint32_t);
 #define LOWP_VARIANT(KIND, STORE, NAME, FLAGS)                                        \
     static __attribute__((noinline)) void update_lowp_##KIND##_##STORE##_##NAME(      \
             void *p, const void *g, void *v, void *u, float *v_scale, float *u_scale, \
             float *m, int64_t n, const float *row, float grad_scale,                  \
-            int use_torch_sqrt, int flags, int streaming, uint64_t index, uint32_t k0, \
-            uint32_t k1) {                                                            \
+            int use_torch_sqrt, int flags, int streaming, uint64_t index,             \
+            uint32_t k0) {                                                            \
         (void)flags; (void)v_scale; (void)u_scale;                                    \
         update_lowp((uint16_t *)p, (const uint16_t *)g, (float *)v, (float *)u, m, n, \
                     row, grad_scale, use_torch_sqrt, FLAGS, KIND, STORE,              \
-                    STORE == STORE_MASTER && streaming, index, k0, k1);               \
+                    STORE == STORE_MASTER && streaming, index, k0);                   \
     }
 #define LOWP_STORE_VARIANTS(KIND, STORE)                                              \
     LOWP_VARIANT(KIND, STORE, plain, 0)                                               \
@@ -1402,11 +1318,11 @@ static const update_lowp_fn update_lowp_variants[N_KINDS][N_STORES][N_FLAG_VARIA
     static __attribute__((noinline)) void update_cs_##STATE##_##KIND##_##STORE##_##NAME( \
             void *p, const void *g, void *v, void *u, float *v_scale, float *u_scale, \
             float *m, int64_t n, const float *row, float grad_scale,                  \
-            int use_torch_sqrt, int flags, int streaming, uint64_t index, uint32_t k0, \
-            uint32_t k1) {                                                            \
+            int use_torch_sqrt, int flags, int streaming, uint64_t index,             \
+            uint32_t k0) {                                                            \
         (void)flags; (void)streaming;                                                 \
         update_cs(p, g, v, u, v_scale, u_scale, m, n, row, grad_scale,                \
-                  use_torch_sqrt, FLAGS, KIND, STORE, STATE, index, k0, k1);          \
+                  use_torch_sqrt, FLAGS, KIND, STORE, STATE, index, k0);              \
     }
 /* The variants of a (state, kind, store), and their names in a variants table:
    [0: no flags, 1: weight decay alone, 2: any]. */
@@ -1478,7 +1394,7 @@ static void *run_share_lowp(void *arg) {
             (const char *)(intptr_t)table[GRAD_ROW * n_pieces + k] + offset * s->param_bytes,
             square_avg + state * s->state_bytes, acc_delta + state * s->state_bytes, v_scale, u_scale,
             master ? master + state : 0, n, row, (float)s->grad_scale, s->use_torch_sqrt, flags,
-            s->total >= STREAMING_MIN_ELEMENTS, (uint64_t)state, s->key0, s->key1);
+            s->total >= STREAMING_MIN_ELEMENTS, (uint64_t)state, s->key0);
     }
 #if defined(__AVX2__)
     _mm_sfence();  /* the streaming stores are seen before the step returns */
@@ -1501,7 +1417,7 @@ int adadelta_step_lowp(const int64_t *table, int64_t n_pieces, float *square_avg
     share_t proto = share_proto(table, n_pieces, square_avg, acc_delta, hparams, grad_scale_ptr != 0,
         grad_scale_ptr ? (double)*grad_scale_ptr : 1.0, use_torch_sqrt, run_share_lowp);
     proto.master = master; proto.kind = kind; proto.store = store;
-    proto.key0 = (uint32_t)(uint64_t)seed; proto.key1 = (uint32_t)((uint64_t)seed >> 32);
+    proto.key0 = (uint32_t)(uint64_t)seed;
     proto.variants = update_lowp_variants[kind];
     proto.param_bytes = 2; proto.state_bytes = 4;
     /* 32 elements: a 64-byte line of params, two of state. */
@@ -1518,7 +1434,7 @@ static int cs_proto(share_t *proto, const int64_t *table, int64_t n_pieces, void
     *proto = share_proto(table, n_pieces, square_avg, acc_delta, hparams, grad_scale_ptr != 0,
         grad_scale_ptr ? (double)*grad_scale_ptr : 1.0, use_torch_sqrt, run_share_lowp);
     proto->master = master; proto->kind = kind; proto->store = store;
-    proto->key0 = (uint32_t)(uint64_t)seed; proto->key1 = (uint32_t)((uint64_t)seed >> 32);
+    proto->key0 = (uint32_t)(uint64_t)seed;
     proto->param_bytes = kind == KIND_F32 ? 4 : 2;
     return 0;
 }
