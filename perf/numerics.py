@@ -16,7 +16,7 @@
 
 Usage::
 
-    python perf/numerics.py            # about a minute on 2 cores
+    python perf/numerics.py            # about 10 minutes on 2 cores
 
 Writes ``perf/results/numerics.json`` (with the machine, versions and date).
 """
