@@ -111,8 +111,9 @@ _MAP_SLOTS = BLOCK_SIZES[-1] // MIN_BLOCK_SIZE + 1
 #   params: element i takes half i % 2 (low first) of word PARAM_NOISE_WORDS + i // 2
 #   (mod 2**32), words that the state's reach only past 2**31 elements, and then for
 #   other elements. One hash per two params: it replaced Philox-4x32 (7 rounds, one call
-#   per 8 elements), and a bf16 step with stochastic rounding took 0.82x the time on
-#   the CPU (perf/ab_native.py, perf/results/ab_native_param_noise/).
+#   per 8 elements), and a bf16 step with stochastic rounding took 0.78x the time on
+#   the CPU (16M params; 0.80x for 1M in cache: perf/ab_native.py,
+#   perf/results/ab_native_param_noise*/).
 STATE_NOISE_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
 _STATE_NOISE_A = tl.constexpr(STATE_NOISE_MULTIPLIERS[0])
 _STATE_NOISE_B = tl.constexpr(STATE_NOISE_MULTIPLIERS[1])

@@ -346,7 +346,9 @@ def test_the_params_and_the_states_roundings_are_independent(implementation):
     param, grad = torch.ones(n).bfloat16(), torch.full((n,), 3.0).bfloat16()
     square_avg = torch.full((n,), 0.3).bfloat16()
     acc_delta = torch.full((n,), 0.02).bfloat16()
-    hyper = {"lr": 0.01, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0}
+    # (lr 0.005 puts the new param halfway between its bf16 neighbours: a rounding
+    # fraction of 0.498, so both ways are common.)
+    hyper = {"lr": 0.005, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0}
     exact_param, exact_square, exact_acc = torch.ones(8), square_avg[:8].float(), acc_delta[:8].float()
     step_flat_(exact_param, grad[:8].float(), exact_square, exact_acc, **hyper, backend=backend)
     step_flat_(param, grad, square_avg, acc_delta, **hyper, stochastic_rounding=True, seed=5, backend=backend)

@@ -270,10 +270,14 @@ def test_a_model_with_complex_and_real_params_saves_with_torch_save(backend, tmp
 def _lowbias32(x: torch.Tensor) -> torch.Tensor:
     """lowbias32 (C. Wellons' hash prospector) of int64 ``x`` < 2**32, transcribed here
     from its definition, not taken from the package."""
+    def times(x: torch.Tensor, multiplier: int) -> torch.Tensor:
+        # mod 2**32, in 16-bit halves of the multiplier: the whole product could pass int64.
+        return (x * (multiplier & 0xFFFF) + (((x * (multiplier >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
     x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = times(x, 0x7FEB352D)
     x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    x = times(x, 0x846CA68B)
     return x ^ (x >> 16)
 
 

@@ -42,12 +42,20 @@ _UINT32 = 0xFFFFFFFF
 _HASH_A, _HASH_B = 0x7FEB352D, 0x846CA68B
 
 
+def _times_mod_2_32(x: torch.Tensor, multiplier: int) -> torch.Tensor:
+    """``x * multiplier`` mod 2**32 for int64 ``x`` < 2**32, in halves: the whole
+    product can pass 2**63, where int64 would overflow."""
+    low = x * (multiplier & 0xFFFF)
+    high = ((x * (multiplier >> 16)) & 0xFFFF) << 16
+    return (low + high) & _UINT32
+
+
 def _hash32(x: torch.Tensor) -> torch.Tensor:
     """lowbias32 of int64 ``x`` (< 2**32), as the kernel's ``_hash32``."""
     x = x ^ (x >> 16)
-    x = (x * _HASH_A) & _UINT32
+    x = _times_mod_2_32(x, _HASH_A)
     x = x ^ (x >> 15)
-    x = (x * _HASH_B) & _UINT32
+    x = _times_mod_2_32(x, _HASH_B)
     return x ^ (x >> 16)
 
 

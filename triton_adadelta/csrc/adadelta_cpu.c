@@ -395,9 +395,10 @@ DEFINE_ELEMENT(float, f32, fmaf, sqrtf) /* (the compressed-state loops' equation
        STORE_MASTER      master = master + update (fp32, at the state's offsets),
                          p = round_to_nearest_even(master)
        STORE_STOCHASTIC  p rounds up or down with probability proportional to the
-                         distance, from 16 bits of Philox-4x32-7 keyed by the seed
-                         at the element's index in the flat state: the kernel's
-                         noise and rounding, so the same bits. */
+                         distance, from 16 bits of noise, half of a hash of the
+                         element's pair in the flat state keyed by the seed
+                         (param_noise): the kernel's noise and rounding, so the
+                         same bits. */
 
 enum { KIND_BF16, KIND_F16, N_KINDS };
 /* fp32 params, with bf16 state only (adadelta_step_bf16_state). */
