@@ -30,6 +30,27 @@ def _bf16_neighbours(value: float) -> tuple[float, float]:
     return low, high
 
 
+def _assert_unbiased_and_uncorrelated(roundings: list[tuple[str, torch.Tensor, float]]) -> None:
+    """Each (name, stored bf16 values, exact fp32 value): the stores are the value's two
+    bf16 neighbours with the value as their mean (6 standard errors), and no two of the
+    up-or-down series correlate (|r| < 6 / sqrt(n))."""
+    ups = []
+    for name, stored, exact in roundings:
+        n = stored.numel()
+        low, high = _bf16_neighbours(exact)
+        values = stored.double()
+        assert set(values.unique().tolist()) <= {low, high}, f"{name}: stores are the two neighbours"
+        fraction = (exact - low) / (high - low)
+        standard_error = (high - low) * (fraction * (1 - fraction) / n) ** 0.5
+        assert abs(values.mean().item() - exact) < 6 * standard_error, f"{name}: biased"
+        ups.append((values == high).double())
+    correlations = torch.corrcoef(torch.stack(ups))
+    for i in range(len(ups)):
+        for j in range(i + 1, len(ups)):
+            r = correlations[i, j].item()
+            assert abs(r) < 6 / ups[i].numel() ** 0.5, f"{roundings[i][0]} and {roundings[j][0]} roundings correlate ({r:.3f})"
+
+
 # The kernel (interpreter), the CPU path's C loop, and its chunked torch ops (the
 # path without a C compiler: TRITON_ADADELTA_NATIVE_CPU=0).
 IMPLEMENTATIONS = {"kernel": ("triton", "1"), "native": ("torch", "1"), "chunked": ("torch", "0")}
@@ -55,18 +76,10 @@ def test_the_state_rounding_is_unbiased_and_its_streams_independent(implementati
     exact_square, exact_acc = square_avg[:8].float(), acc_delta[:8].float()
     step_flat_(torch.ones(8), grad[:8].clone(), exact_square, exact_acc, **hyper, backend=backend)
     step_flat_(param, grad, square_avg, acc_delta, **hyper, seed=99, backend=backend)
-    ups = []
-    for name, stored, exact in (("square_avg", square_avg, exact_square[0].item()), ("acc_delta", acc_delta, exact_acc[0].item())):
-        low, high = _bf16_neighbours(exact)
-        values = stored.double()
-        assert set(values.unique().tolist()) <= {low, high}, f"{name}: stores are the two neighbours"
-        fraction = (exact - low) / (high - low)
-        standard_error = (high - low) * (fraction * (1 - fraction) / n) ** 0.5
-        assert abs(values.mean().item() - exact) < 6 * standard_error, f"{name}: biased"
-        ups.append((values == high).double())
     # One stream per buffer: were they the same noise, the two would round up together.
-    correlation = torch.corrcoef(torch.stack(ups))[0, 1].item()
-    assert abs(correlation) < 6 / n**0.5, f"the two states' roundings correlate ({correlation:.3f})"
+    _assert_unbiased_and_uncorrelated(
+        [("square_avg", square_avg, exact_square[0].item()), ("acc_delta", acc_delta, exact_acc[0].item())]
+    )
 
 
 @pytest.mark.parametrize(
@@ -352,16 +365,8 @@ def test_the_params_and_the_states_roundings_are_independent(implementation):
     exact_param, exact_square, exact_acc = torch.ones(8), square_avg[:8].float(), acc_delta[:8].float()
     step_flat_(exact_param, grad[:8].float(), exact_square, exact_acc, **hyper, backend=backend)
     step_flat_(param, grad, square_avg, acc_delta, **hyper, stochastic_rounding=True, seed=5, backend=backend)
-    ups = []
-    for name, stored, exact in (("param", param, exact_param), ("square_avg", square_avg, exact_square),
-                                ("acc_delta", acc_delta, exact_acc)):  # fmt: skip
-        low, high = _bf16_neighbours(exact[0].item())
-        values = stored.double()
-        assert set(values.unique().tolist()) <= {low, high}, f"{name}: stores are the two neighbours"
-        fraction = (exact[0].item() - low) / (high - low)
-        standard_error = (high - low) * (fraction * (1 - fraction) / n) ** 0.5
-        assert abs(values.mean().item() - exact[0].item()) < 6 * standard_error, f"{name}: biased"
-        ups.append((values == high).double())
-    correlations = torch.corrcoef(torch.stack(ups))
-    for i, j in ((0, 1), (0, 2), (1, 2)):
-        assert abs(correlations[i, j].item()) < 6 / n**0.5, f"roundings {i} and {j} correlate ({correlations[i, j]:.3f})"
+    _assert_unbiased_and_uncorrelated([
+        ("param", param, exact_param[0].item()),
+        ("square_avg", square_avg, exact_square[0].item()),
+        ("acc_delta", acc_delta, exact_acc[0].item()),
+    ])
