@@ -214,14 +214,21 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 _TORCH_DTYPES = {str(value): key for key, value in _TL_DTYPES.items()}
 
 
+def _current_warp_size() -> int:
+    return triton.runtime.driver.active.get_current_target().warp_size
+
+
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
     """Autotuner hook: time only the configs that suit this dtype and device."""
-    warp_size = triton.runtime.driver.active.get_current_target().warp_size
-    param_dtype = _TORCH_DTYPES[str(kwargs["PARAM_DTYPE"])]
+    # Triton 3.6 puts only positional arguments in named_args (the launch passes none),
+    # later versions all of them.
+    args = {**named_args, **kwargs}
+    warp_size = _current_warp_size()
+    param_dtype = _TORCH_DTYPES[str(args["PARAM_DTYPE"])]
+    state_dtype = args["square_avg_ptr"].dtype
     suited = configs_for(
-        param_dtype, warp_size, master=kwargs["HAS_MASTER"], stochastic_rounding=kwargs["STOCHASTIC_ROUNDING"],
-        compressed_state=named_args["square_avg_ptr"].dtype == torch.bfloat16,
-        quantized_state=named_args["square_avg_ptr"].dtype == torch.uint8,
+        param_dtype, warp_size, master=args["HAS_MASTER"], stochastic_rounding=args["STOCHASTIC_ROUNDING"],
+        compressed_state=state_dtype == torch.bfloat16, quantized_state=state_dtype == torch.uint8,
     )  # fmt: skip
     allowed = {(c.kwargs["BLOCK_SIZE"], c.num_warps) for c in suited}
     return [c for c in configs if (c.kwargs["BLOCK_SIZE"], c.num_warps) in allowed] or configs
@@ -767,7 +774,9 @@ def _load_piece(
     prune_configs_by={"early_config_prune": _prune_configs},
     cache_results=True,
 )
-@triton.jit
+# A seed of 1 would otherwise be specialized into a constant (triton 3.6 does), which
+# the noise's `seed.to(...)` cannot take.
+@triton.jit(do_not_specialize=["seed"])
 def adadelta_kernel(
     # segment table
     table_ptr,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -208,3 +211,32 @@ def test_the_untuned_launch_runs_the_default_config_of_its_mode(monkeypatch):
     expected = default_config(torch.bfloat16, 32, master=True)
     assert (launch.kwargs["BLOCK_SIZE"], launch.kwargs["num_warps"]) == (expected.kwargs["BLOCK_SIZE"], expected.num_warps)
     assert kernel_module.interpreter_enabled()
+
+
+def test_the_prune_hook_reads_the_launch_s_arguments_however_triton_hands_them(monkeypatch):
+    # The launch passes keywords only. Triton 3.6 hands the hook an empty named_args and
+    # the arguments in kwargs; later versions put them all in named_args. Both must
+    # keep the configs of the launch's mode (fp32 params, fp32 state).
+    launch = _Launch("fp32", monkeypatch)
+    monkeypatch.setattr(kernel_module, "_current_warp_size", lambda: 32)
+    arguments = {key: value for key, value in launch.kwargs.items() if key not in ("grid", "warmup")}
+    expected = [(c.kwargs["BLOCK_SIZE"], c.num_warps) for c in configs_for(torch.float32, 32)]
+    assert expected != [(c.kwargs["BLOCK_SIZE"], c.num_warps) for c in configs_for(torch.float32, 32, quantized_state=True)]
+    for named_args, kwargs in ((arguments, {}), ({}, arguments)):
+        kept = kernel_module._prune_configs(AUTOTUNE_CONFIGS, named_args, **kwargs)
+        assert [(c.kwargs["BLOCK_SIZE"], c.num_warps) for c in kept] == expected
+
+
+def test_the_seed_is_never_specialized_into_a_constant():
+    # A seed of 1 specialized into a constant (triton 3.6 does, for an int argument
+    # equal to 1) has no `.to()`, and its launch failed to compile on the GPU. The
+    # interpreter keeps no specialization, so the compiled kernel's is read in a
+    # process without it (creating the JIT function needs no GPU).
+    probe = (
+        "from triton_adadelta.kernels.adadelta import adadelta_kernel; "
+        "print({p.name: p.do_not_specialize for p in adadelta_kernel.fn.params}['seed'])"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "TRITON_INTERPRET": "0"},
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "True"

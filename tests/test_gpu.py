@@ -37,6 +37,7 @@ from test_mixed_precision import HYPER, amp_training, assert_stochastic_rounding
 from test_optimizer import assert_models_and_states_match, groups, make_pair, train_step
 from tolerances import parity_tolerance
 from triton_adadelta import Adadelta, cpu
+from triton_adadelta.kernels.adadelta import QUANT_BLOCK
 from triton_adadelta.update import step_flat_
 
 try:  # the oracle properties need numpy and hypothesis, which a GPU machine may lack
@@ -54,7 +55,7 @@ DEVICE = device_under_test()
 TESTS = Path(__file__).resolve().parent
 
 # Every dtype mode: the params' dtype and the optimizer's options.
-MODES: dict[str, tuple[torch.dtype, dict[str, bool]]] = {
+MODES: dict[str, tuple[torch.dtype, dict[str, object]]] = {
     "fp32": (torch.float32, {}),
     "fp64": (torch.float64, {}),
     "bf16": (torch.bfloat16, {}),
@@ -63,8 +64,15 @@ MODES: dict[str, tuple[torch.dtype, dict[str, bool]]] = {
     "fp16_master": (torch.float16, {"master_weights": True}),
     "bf16_stochastic": (torch.bfloat16, {"stochastic_rounding": True}),
     "fp16_stochastic": (torch.float16, {"stochastic_rounding": True}),
+    # Compressed state (issue 15): bf16 state rounds stochastically, 8-bit state is
+    # block-quantized; the same bits on every device too.
+    "fp32_bf16_state": (torch.float32, {"state_dtype": torch.bfloat16}),
+    "bf16_stochastic_bf16_state": (torch.bfloat16, {"stochastic_rounding": True, "state_dtype": torch.bfloat16}),
+    "fp32_u8_state": (torch.float32, {"state_dtype": torch.uint8}),
+    "bf16_master_u8_state": (torch.bfloat16, {"master_weights": True, "state_dtype": torch.uint8}),
 }
-_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16, torch.float16: torch.int16,
+         torch.uint8: torch.uint8}
 
 
 def assert_same_bits(actual: list[torch.Tensor], expected: list[torch.Tensor], label: str) -> None:
@@ -145,7 +153,8 @@ def test_every_config_and_the_tuned_choice_give_the_default_configs_bits(mode, m
     monkeypatch.setenv("TRITON_ADADELTA_AUTOTUNE", "0")
     reference = _two_steps(dtype, options)
     configs = kernel_module.configs_for(
-        dtype, _warp_size(), master=options.get("master_weights", False), stochastic_rounding=options.get("stochastic_rounding", False)
+        dtype, _warp_size(), master=options.get("master_weights", False), stochastic_rounding=options.get("stochastic_rounding", False),
+        compressed_state=options.get("state_dtype") == torch.bfloat16, quantized_state=options.get("state_dtype") == torch.uint8,
     )
     assert configs
     for config in configs:
@@ -262,27 +271,45 @@ _HYPER_BITS = {"lr": 0.7, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.01}
 
 def bit_cases(n: int = 10_007) -> list[dict[str, object]]:
     """One step's inputs for every dtype mode (fp32 also with a GradScaler's scale), on the CPU:
-    gradients from 1e-30 to 1e30 with zeros, states with zeros."""
+    gradients from 1e-30 to 1e30 with zeros, states with zeros. 8-bit state: random
+    codes, padded to whole quant blocks, with a power-of-two scale per block."""
     generator = torch.Generator().manual_seed(0)
     cases: list[dict[str, object]] = []
     for name, (dtype, options) in MODES.items():
         for grad_scale in (None, 1024.0) if name == "fp32" else (None,):
-            state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            state_dtype = options.get("state_dtype", torch.float64 if dtype == torch.float64 else torch.float32)
+            quantized = state_dtype == torch.uint8
+            n_state = -(-n // QUANT_BLOCK) * QUANT_BLOCK if quantized else n
             magnitudes = 10.0 ** (torch.rand(n, generator=generator, dtype=torch.float64) * 60 - 30)
             grad = torch.randn(n, generator=generator, dtype=torch.float64).sign() * magnitudes
             grad[::7] = 0.0
-            master = torch.randn(n, generator=generator)
-            cases.append({
+            master = torch.randn(n_state, generator=generator)
+            master[n:] = 0.0
+            case: dict[str, object] = {
                 "name": name + ("+grad_scale" if grad_scale else ""),
-                "param": master.to(dtype),
+                "param": master[:n].to(dtype),
                 "grad": grad.to(dtype),
-                "square_avg": (torch.rand(n, generator=generator, dtype=torch.float64) * 10).to(state_dtype) * (torch.arange(n) % 3 != 0),
-                "acc_delta": (torch.rand(n, generator=generator, dtype=torch.float64) * 10).to(state_dtype) * (torch.arange(n) % 5 != 0),
                 "master": master if options.get("master_weights") else None,
                 "stochastic_rounding": options.get("stochastic_rounding", False),
                 "grad_scale": grad_scale,
-            })  # fmt: skip
+                "square_avg_scale": None,
+                "acc_delta_scale": None,
+            }
+            for key, zeros_every in (("square_avg", 3), ("acc_delta", 5)):
+                if quantized:
+                    case[key] = torch.randint(0, 256, (n_state,), generator=generator, dtype=torch.uint8)
+                    case[key][::zeros_every] = 0
+                    exponents = torch.randint(-20, 4, (n_state // QUANT_BLOCK,), generator=generator)
+                    case[key + "_scale"] = torch.exp2(exponents.float())
+                else:
+                    values = torch.rand(n, generator=generator, dtype=torch.float64) * 10
+                    case[key] = values.to(state_dtype) * (torch.arange(n) % zeros_every != 0)
+            cases.append(case)
     return cases
+
+
+# What one step writes, in the order run_bit_cases returns it.
+_WRITTEN = ("param", "square_avg", "acc_delta", "master", "square_avg_scale", "acc_delta_scale")
 
 
 def run_bit_cases(
@@ -292,14 +319,13 @@ def run_bit_cases(
     results = []
     for case in cases:
         # Copies: on the CPU `.to` would hand back the case's own tensors, which the step writes.
-        written = [case[key].to(device, copy=True) for key in ("param", "square_avg", "acc_delta", "master")
-                   if case[key] is not None]  # fmt: skip
+        written = {key: case[key].to(device, copy=True) for key in _WRITTEN if case.get(key) is not None}
         grad_scale = None if case["grad_scale"] is None else torch.tensor([case["grad_scale"]], device=device)
-        master = written[3] if len(written) == 4 else None
-        step_flat_(written[0], case["grad"].to(device), written[1], written[2], **_HYPER_BITS, master=master,
-                   stochastic_rounding=case["stochastic_rounding"], seed=1234, grad_scale=grad_scale,
-                   backend=backend)  # fmt: skip
-        results.append([tensor.cpu() for tensor in written])
+        step_flat_(written["param"], case["grad"].to(device), written["square_avg"], written["acc_delta"], **_HYPER_BITS,
+                   master=written.get("master"), stochastic_rounding=case["stochastic_rounding"], seed=1234,
+                   grad_scale=grad_scale, square_avg_scale=written.get("square_avg_scale"),
+                   acc_delta_scale=written.get("acc_delta_scale"), backend=backend)  # fmt: skip
+        results.append([tensor.cpu() for tensor in written.values()])
     return results
 
 
@@ -341,7 +367,8 @@ def _native_cases(cases: list[dict[str, object]]) -> list[bool]:
     (``tests/test_cpu_path.py`` checks that against the interpreter in CI)."""
     return [
         cpu.implementation(torch.device("cpu"), case["param"].dtype, master=case["master"] is not None,
-                           stochastic_rounding=bool(case["stochastic_rounding"])) == "cpu-native"
+                           stochastic_rounding=bool(case["stochastic_rounding"]),
+                           state_dtype=case["square_avg"].dtype) == "cpu-native"
         for case in cases
     ]  # fmt: skip
 
