@@ -461,11 +461,15 @@ def sweep_gpu(
     compiled_torch: bool = True,
     copy_bytes: int = 1 << 30,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    all_configs: bool = False,
 ) -> dict[str, Any]:
     """Time every config of every mode on every size, beside torch's Adadelta.
 
     Sizes run largest first, every mode at each size, so a run cut short keeps the
     sizes the goals are judged on. ``on_row`` gets the result so far after each row.
+    ``all_configs``: also time the configs ``configs_for`` drops (its rules' cost); a
+    row's best config, GB/s and % of copy stay those of the configs it keeps, what
+    the autotuner chooses from, and ``best_any_*`` say the best of all.
     """
     bandwidth = copy_bandwidth(device, copy_bytes)
     print(f"device-to-device copy: {bandwidth / 1e9:.0f} GB/s")
@@ -476,13 +480,14 @@ def sweep_gpu(
         buffers = Buffers(mode, n_elements, device, offset)
         floor_bytes = mode.floor_bytes * n_elements
         configs = aot.mode_configs(mode, device_warp_size(device))
+        kept_labels = [config_label(config) for config in configs]
         restore_ms = bench_ms(buffers.restore, device)
         timings = {}
-        for config in configs:
+        for config in AUTOTUNE_CONFIGS if all_configs else configs:
             block_size, num_warps = config.kwargs["BLOCK_SIZE"], config.num_warps
             launch = lambda: buffers.launch(block_size, num_warps)  # noqa: E731
             timings[config_label(config)] = time_restored(launch, buffers.restore, restore_ms, device)
-        label, milliseconds = min(timings.items(), key=lambda item: item[1])
+        label, milliseconds = min(((label, timings[label]) for label in kept_labels), key=lambda item: item[1])
         bucket = str(size_bucket(n_elements))
         winner = next(c for c in configs if config_label(c) == label)
         best = result["best_config_per_bucket"].setdefault(mode_name, {})
@@ -498,6 +503,10 @@ def sweep_gpu(
             "GBps": floor_bytes / (milliseconds * 1e-3) / 1e9,
             "pct_of_copy": 100 * floor_bytes / (milliseconds * 1e-3) / bandwidth,
         }
+        if all_configs:
+            any_label, any_ms = min(timings.items(), key=lambda item: item[1])
+            row.update({"kept_configs": kept_labels, "best_any_config": any_label, "best_any_ms": any_ms,
+                        "best_any_pct_of_copy": 100 * floor_bytes / (any_ms * 1e-3) / bandwidth})  # fmt: skip
         del buffers
         if mode_name in ("fp32", "bf16", "fp16", "fp64"):
             # torch keeps its state in the param dtype; GB/s here is our floor's bytes / its time.
@@ -563,6 +572,14 @@ def format_gpu_table(result: dict[str, Any]) -> str:
             f"{speedup(row, 'torch_forloop_speedup'):>11} {speedup(row, 'torch_compiled_speedup'):>11}"
         )
     lines.append(f"copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s; GB/s = floor bytes / kernel time")
+    every = [row for row in result["rows"] if "best_any_config" in row]
+    if every:
+        lines.append("every config (--all-configs), % of copy; * = kept by configs_for:")
+        for row in every:
+            floor_ms = row["best_ms"] * row["pct_of_copy"] / 100  # the copy's time for the floor's bytes
+            timed = "  ".join(f"{label}{'*' if label in row['kept_configs'] else ''} {100 * floor_ms / ms:.0f}%"
+                              for label, ms in row["config_ms"].items())  # fmt: skip
+            lines.append(f"  {row['mode']} {row['n_elements']}: {timed}")
     return "\n".join(lines)
 
 
@@ -611,6 +628,7 @@ def _sweep_on_device(args: argparse.Namespace, parser: argparse.ArgumentParser, 
     else:
         sizes = [2**k for k in range(args.min_log2, args.max_log2 + 1, 2 if args.quick else 1)]
     stem = ("sweep_gpu" if device.type == "cuda" else "sweep_cpu_interpreter") + (f"_offset{args.offset}" if args.offset else "")
+    stem += "_all_configs" if args.all_configs else ""
     path = args.out / f"{stem}.json"
     run = {"device": str(device), "interpreter_dry_run": interpreted, "sizes": sizes, "modes": args.modes}
 
@@ -618,7 +636,7 @@ def _sweep_on_device(args: argparse.Namespace, parser: argparse.ArgumentParser, 
         write_json(path, {"machine": info, **run, "complete": complete, **partial, "summary": summarize_gpu(partial)})
 
     result = sweep_gpu(sizes, args.modes, device, args.offset, compiled_torch=not args.no_compiled_torch,
-                       copy_bytes=args.copy_mib << 20, on_row=save)  # fmt: skip
+                       copy_bytes=args.copy_mib << 20, on_row=save, all_configs=args.all_configs)  # fmt: skip
     table = format_gpu_table(result)
     print(table)
     result["table"] = table
@@ -646,6 +664,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--copy-mib", type=int, default=1024, help="GPU sweep: MiB copied to measure the copy bandwidth")
     parser.add_argument("--no-compiled-torch", action="store_true", help="GPU sweep: skip the torch.compile'd baseline")
+    parser.add_argument("--all-configs", action="store_true",
+                        help="GPU sweep: also time the configs configs_for drops (rows keep the kept configs' best; "
+                             "best_any_* the best of all); writes sweep_gpu_all_configs.json")
     parser.add_argument("--jobs", type=int, default=None, help="--target: compiling processes (default: one per CPU)")
     args = parser.parse_args(argv)
 
