@@ -62,6 +62,47 @@ def test_gpu_sweep_reports_the_best_config_per_bucket_with_table_and_plot(cpu_sw
     assert (tmp_path / "sweep.png").stat().st_size > 0
 
 
+def test_all_configs_times_the_dropped_configs_but_keeps_the_tuners_choice(cpu_sweep, monkeypatch):
+    # Every config is timed; the row's best stays among those configs_for keeps, and
+    # best_any_* name the fastest of all (here a dropped one, made fastest).
+    kept = {sweep.config_label(c) for c in sweep.configs_for(torch.bfloat16, 32)}
+    dropped = {sweep.config_label(c) for c in sweep.AUTOTUNE_CONFIGS} - kept
+    assert dropped
+    launched = []
+    monkeypatch.setattr(sweep.Buffers, "launch", lambda self, block_size, num_warps: launched.append(f"B{block_size}_w{num_warps}"))
+
+    def time_restored(launch, restore, restore_ms, device):
+        launch()
+        label = launched[-1]
+        return 1.0 if label in dropped else 2.0 + sorted(kept).index(label)
+
+    monkeypatch.setattr(sweep, "time_restored", time_restored)
+    result = sweep.sweep_gpu([3000], ["bf16"], torch.device("cpu"), compiled_torch=False, all_configs=True)
+    (row,) = result["rows"]
+    assert set(row["config_ms"]) == kept | dropped
+    assert row["best_config"] == sorted(kept)[0] and row["best_ms"] == 2.0
+    assert row["best_any_config"] in dropped and row["best_any_ms"] == 1.0
+    assert row["best_any_pct_of_copy"] == 2 * row["pct_of_copy"]
+    assert "every config (--all-configs)" in sweep.format_gpu_table(result)
+
+
+def test_the_ncu_reader_gives_instructions_per_element_and_their_bound():
+    import ncu_state_modes
+
+    text = (REPO / "perf" / "results" / "gpu" / "ncu_state_modes.txt").read_text()
+    rows = ncu_state_modes.summarize(text, sm_clock_ghz=1.98, copy_gbps=4225.0)
+    assert [row["mode"] for row in rows] == [mode for mode in ncu_state_modes.MODES for _ in range(2)]
+    for row in rows:
+        # Perfect issue at the 90% bound takes floor / 0.9: the two figures agree.
+        allowed = row["instructions_per_element_for_90pct"]
+        assert row["max_pct_of_copy"] == pytest.approx(min(100.0, 90 * allowed / row["instructions_per_element"]))
+    # A faster clock allows more instructions.
+    faster = ncu_state_modes.summarize(text, sm_clock_ghz=3.96, copy_gbps=4225.0)
+    assert faster[2]["instructions_per_element_for_90pct"] == pytest.approx(2 * rows[2]["instructions_per_element_for_90pct"])
+    with pytest.raises(ValueError, match="Elapsed Cycles"):
+        ncu_state_modes.summarize(text.replace("Elapsed Cycles", "Elapsed"), sm_clock_ghz=1.98, copy_gbps=4225.0)
+
+
 def test_compiled_torch_baseline_runs_torchs_own_update(monkeypatch):
     # Compiling on CPU takes minutes here: the same call, uncompiled, must be torch's step.
     monkeypatch.setattr(torch, "compile", lambda fn, **_: fn)
