@@ -287,8 +287,19 @@ def test_a_bad_compact_state_is_refused_and_changes_nothing():
         optimizer.load_state_dict(broken)
     broken = copy.deepcopy(state_dict)
     broken["state"][0]["acc_delta_scale"] = broken["state"][0]["acc_delta_scale"][:-1]
-    with pytest.raises(ValueError, match="acc_delta_scale"):
+    with pytest.raises(ValueError, match=r"acc_delta_scale.*not torch.float32 of \d+ elements"):
         optimizer.load_state_dict(broken)
+    # Scales the encoder never writes: a negative one read back as zeros, an inf one
+    # made NaN weights after a step, and 3.0 is no power of two.
+    for bad in (-1.0, float("inf"), 3.0, 2.0**-130, -0.0):
+        broken = copy.deepcopy(state_dict)
+        broken["state"][1]["square_avg_scale"][-1] = bad
+        with pytest.raises(ValueError, match="square_avg_scale' of param 1 holds 1 scales that no 8-bit state has"):
+            optimizer.load_state_dict(broken)
+    # Every scale the encoder writes loads: 0, NaN, 2**-126 and 2**127.
+    fine = copy.deepcopy(state_dict)
+    fine["state"][0]["acc_delta_scale"][:4] = torch.tensor([0.0, float("nan"), 2.0**-126, 2.0**127])[: fine["state"][0]["acc_delta_scale"].numel()]
+    Adadelta(_model().parameters(), state_dtype=torch.uint8).load_state_dict(fine)
     for key, value in before.items():
         assert torch.equal(optimizer.state[model[0].weight][key], value)
 

@@ -56,15 +56,28 @@ _NUMEL = torch.Tensor.numel
 STATE_KEYS = ("step", "square_avg", "acc_delta")
 
 
-def dtensor_type() -> type | None:
-    """``torch.distributed.tensor.DTensor`` once imported (no DTensor exists before)."""
-    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+# DTensor's class, once an eager call has seen torch.distributed.tensor imported.
+_dtensor_class: type | None = None
+
+
+def dtensor_type_of(tensor: object) -> type | None:
+    """``torch.distributed.tensor.DTensor`` where ``tensor`` is one, else None.
+
+    Eagerly, the class comes from ``sys.modules`` (no DTensor exists before that module
+    is imported) and is remembered. A step compiled by torch.compile reads only the
+    remembered class: dynamo's trace of ``sys.modules`` failed ("dictionary changed size
+    during iteration") while the compile itself imported modules. The constructor and
+    ``add_param_group`` see every param eagerly first.
+    """
+    global _dtensor_class
+    if not torch.compiler.is_compiling() and _dtensor_class is None:
+        _dtensor_class = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return _dtensor_class if _dtensor_class is not None and isinstance(tensor, _dtensor_class) else None
 
 
 def is_dtensor(tensor: object) -> bool:
     """Whether ``tensor`` is a DTensor (FSDP2's and tensor parallelism's params)."""
-    dtensor = dtensor_type()
-    return dtensor is not None and isinstance(tensor, dtensor)
+    return dtensor_type_of(tensor) is not None
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -157,12 +170,25 @@ def check_param_state(key: object, param: torch.Tensor, value: object) -> None:
 
 
 def _check_scales(key: object, name: str, codes: torch.Tensor, scales: object) -> None:
-    """8-bit codes come with one fp32 scale per QUANT_BLOCK of them, under ``{name}_scale``."""
+    """8-bit codes come with one fp32 scale per QUANT_BLOCK of them, under ``{name}_scale``,
+    each one the encoder can write: 0, NaN, or a power of two from 2**-126 to 2**127."""
     n_blocks = -(-codes.numel() // QUANT_BLOCK)
     if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or scales.numel() != n_blocks:
+        given = (f"{scales.dtype} of {scales.numel()} elements" if isinstance(scales, torch.Tensor)
+                 else "nothing" if scales is None else type(scales).__name__)  # fmt: skip
         raise ValueError(
             f"state '{name}' of param {key} holds 8-bit codes, which need '{name}_scale': "
-            f"{n_blocks} fp32 scales (one per {QUANT_BLOCK} codes)"
+            f"{n_blocks} fp32 scales (one per {QUANT_BLOCK} codes), not {given}"
+        )
+    bits = scales.detach().reshape(-1).view(torch.int32)
+    power_of_two = (bits & 0x7FFFFF == 0) & (bits >= 1 << 23) & (bits < 255 << 23)
+    invalid = ~(power_of_two | (bits == 0) | scales.detach().reshape(-1).isnan())
+    if bool(invalid.any()):
+        first = int(invalid.nonzero()[0, 0])
+        raise ValueError(
+            f"state '{name}_scale' of param {key} holds {int(invalid.sum())} scales that no 8-bit state has, "
+            f"the first {scales.reshape(-1)[first].item()!r} (block {first}): a scale is 0, NaN or a power "
+            "of two from 2**-126 to 2**127"
         )
 
 
@@ -560,7 +586,7 @@ class FlatState:
         view = lambda flat: _shaped_view(flat, self.offsets[i], self.numels[i], self.shapes[i], self.param_dtype)  # noqa: E731
         if self.sharded:
             param, local_view = self.params[i], view
-            from_local = dtensor_type().from_local  # type: ignore[union-attr]
+            from_local = dtensor_type_of(param).from_local  # type: ignore[union-attr]
             view = lambda flat: from_local(  # noqa: E731
                 local_view(flat), param.device_mesh, param.placements, run_check=False, shape=param.shape,
                 stride=param.stride(),
