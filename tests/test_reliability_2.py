@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import hashlib
+import importlib.util
 import os
 import shutil
 import stat
@@ -824,7 +825,8 @@ def lightning_optimizer_handles_unscaling(optimizer: Any) -> bool:
     (``_optimizer_handles_unscaling``): an optimizer whose step unscales the grads
     itself. Lightning's MixedPrecision plugin (``"16-mixed"`` and ``"bf16-mixed"``)
     raises in ``clip_gradients`` for such an optimizer when ``gradient_clip_val > 0``,
-    and with a scaler it skips ``scaler.unscale_``. (Lightning is not installed here.)"""
+    and with a scaler it skips ``scaler.unscale_``. (A copy, so that the rule is pinned
+    without Lightning; the test below runs Lightning itself where it is installed.)"""
     return getattr(optimizer, "_step_supports_amp_scaling", False)
 
 
@@ -844,6 +846,36 @@ def test_lightning_sees_ours_as_unscaling_itself_unless_told_otherwise():
     optimizer = UnscaledByGradScaler([param])
     assert not lightning_optimizer_handles_unscaling(optimizer)
     assert not lightning_optimizer_handles_unscaling(copy.deepcopy(optimizer))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="lightning is not installed")
+def test_lightning_itself_refuses_clipping_ours_under_bf16_mixed_and_the_workaround_trains(cpu_path):
+    import lightning
+
+    class Regression(lightning.LightningModule):
+        def __init__(self, optimizer_class: type) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(16, 4)
+            self.optimizer_class = optimizer_class
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return self.optimizer_class(self.parameters(), lr=1.0)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 16), torch.randn(32, 4)), batch_size=8)
+    options = dict(max_steps=3, accelerator="cpu", precision="bf16-mixed", gradient_clip_val=1.0, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(Exception, match="does not allow for gradient clipping"):
+        lightning.Trainer(**options).fit(Regression(Adadelta), data)
+    module = Regression(UnscaledByGradScaler)
+    before = [param.detach().clone() for param in module.parameters()]
+    trainer = lightning.Trainer(**options)
+    trainer.fit(module, data)
+    assert trainer.global_step == 3
+    assert all(not torch.equal(a, b) and torch.isfinite(b).all() for a, b in zip(before, module.parameters()))
 
 
 @pytest.mark.parametrize("handles_unscaling", [True, False], ids=["as-is", "lightning-workaround"])
