@@ -251,6 +251,10 @@ class KernelReport:
     sgpr_spills: int | None = None
     # Whether the cubin ptxas -v built is Triton's, byte for byte (None on AMD).
     binary_matches: bool | None = None
+    # NVIDIA: instructions in the cubin's SASS (cuobjdump -sass, NOPs left out): both
+    # branches and the slow paths of division and square root, so a static count, not
+    # the instructions an element costs; None on AMD or without cuobjdump.
+    sass_instructions: int | None = None
     # Bookkeeping accesses (table, block map, hyper-parameters, ...): {bits: count}.
     other_loads: dict[int, int] = field(default_factory=dict)
     other_stores: dict[int, int] = field(default_factory=dict)
@@ -462,6 +466,24 @@ def _ptxas_resources(ptx: str, capability: int, cubin: bytes) -> tuple[int, int,
     if frame is None or registers is None:
         raise RuntimeError(f"ptxas -v printed no stack frame / registers:\n{log}")
     return int(registers.group(1)), int(frame.group(1)), int(frame.group(2)), int(frame.group(3)), matches
+
+
+def _sass_instructions(cubin: bytes) -> int | None:
+    """Instructions in ``cubin``'s SASS, NOPs left out (None without Triton's cuobjdump)."""
+    try:
+        from triton import knobs
+
+        cuobjdump = knobs.nvidia.cuobjdump.path
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    with tempfile.TemporaryDirectory() as directory:
+        binary = os.path.join(directory, "kernel.cubin")
+        with open(binary, "wb") as handle:
+            handle.write(cubin)
+        listing = subprocess.run([cuobjdump, "-sass", binary], capture_output=True, text=True, check=True).stdout
+    # Each instruction line: /*address*/ [predicate] OPCODE ...
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", listing)
+    return sum(1 for opcode in opcodes if opcode != "NOP")
 
 
 def _amdgcn_resources(assembly: str) -> dict[str, int]:
@@ -800,6 +822,7 @@ def inspect_kernel(
             spill_store_bytes=stores,
             spill_load_bytes=loads,
             binary_matches=matches,
+            sass_instructions=_sass_instructions(asm["cubin"]),
         )
         runtime_args = [name for name, kind in _signature(mode, grad_scaler).items()]
         offset_problems = offset_problems + _ptx_offset_problems(assembly, runtime_args.index("block_map_ptr"))

@@ -130,6 +130,7 @@ def report_row(config: triton.Config, report: aot.KernelReport) -> dict[str, Any
         row["spill_store_bytes"] = report.spill_store_bytes
         row["spill_load_bytes"] = report.spill_load_bytes
         row["ptxas_cubin_is_tritons"] = report.binary_matches
+        row["sass_instructions"] = report.sass_instructions
     if report.vgpr_spills is not None:
         row["vgpr_spills"] = report.vgpr_spills
         row["sgpr_spills"] = report.sgpr_spills
@@ -224,7 +225,7 @@ def sweep_ahead_of_time(target: str, out: Path, modes: list[str], workers: int |
 
 def format_aot_table(result: dict[str, Any]) -> str:
     header = (
-        f"{'mode':<12} {'config':<9} {'regs':>4} {'spill B':>7} {'stack B':>7} {'aligned':>7} {'B/elem':>6} "
+        f"{'mode':<12} {'config':<9} {'regs':>4} {'spill B':>7} {'stack B':>7} {'SASS':>5} {'aligned':>7} {'B/elem':>6} "
         f"{'unaligned':>9} {'B/elem':>6} {'floor':>5} {'i64':>5}  ok"
     )
     lines = [f"target {result['target']}", header, "-" * len(header)]
@@ -233,7 +234,8 @@ def format_aot_table(result: dict[str, Any]) -> str:
         unaligned = "/".join(map(str, _widths(row["unaligned"]))) or "-"
         return (
             f"{row['mode']:<12} {row['config']:<9} {row['registers']:>4} {row['spill_bytes']:>7} "
-            f"{row['stack_frame_bytes']:>7} {row['aligned']['vector_bits']:>5}-b {row['aligned']['bytes_per_element']:>6} "
+            f"{row['stack_frame_bytes']:>7} {row.get('sass_instructions') or '-':>5} "
+            f"{row['aligned']['vector_bits']:>5}-b {row['aligned']['bytes_per_element']:>6} "
             f"{unaligned:>7}-b {row['unaligned']['bytes_per_element']:>6} {row['floor_bytes']:>5} "
             f"{str(row['offsets_64bit']):>5}  {'yes' if row['ok'] else 'NO'}"
         )

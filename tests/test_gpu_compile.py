@@ -123,6 +123,14 @@ _PTX_BLOCK_INDEX_IN_32_BITS = """
 """
 
 
+def test_the_sass_is_counted_and_follows_the_work(sm90_reports: dict[str, aot.KernelReport]) -> None:
+    # The static SASS count (cuobjdump, NOPs out): 8-bit state's decoding, encoding and
+    # block reductions take more instructions than fp32 state's plain loads and stores.
+    counts = {mode: report.sass_instructions for mode, report in sm90_reports.items()}
+    assert all(isinstance(count, int) and count > 0 for count in counts.values()), counts
+    assert counts["fp32+u8state"] > counts["fp32+bf16state"] > counts["fp32"]
+
+
 def test_offset_checks_fail_on_a_block_index_scaled_in_32_bits() -> None:
     # What the kernel compiles to without `.to(tl.int64)` on the block index.
     ttir = aot._ttir_offset_problems(_TTIR_BLOCK_INDEX_IN_32_BITS, 4096)
