@@ -357,3 +357,46 @@ def test_training_with_8_bit_state_follows_fp32_state(backend):
         losses.append(_train(Adadelta(model.parameters(), state_dtype=state_dtype), model, 30))
     assert abs(losses[1] - losses[0]) <= 0.03 * losses[0], losses
 
+
+
+def test_the_rounding_seeds_are_in_the_state_dict_and_a_resume_needs_no_rng_state(backend):
+    # Only the first launch that rounds draws from torch's generator; the state_dict
+    # holds that seed and the launches since, so a run resumed after any draws from the
+    # generator (a new process) rounds as the uninterrupted one, bit for bit.
+    model, twin_model = _model(), _model()
+    twin_model.load_state_dict(model.state_dict())
+    optimizer = Adadelta(model.parameters(), state_dtype=torch.uint8)
+    torch.manual_seed(3)
+    _train(optimizer, model, 2, seed=1)
+    assert optimizer.state_dict()["rounding"] == {"seed": optimizer._rounding["seed"], "launches": 2}
+    rng = torch.get_rng_state()
+    _train(optimizer, model, 1, seed=2)
+    assert torch.equal(torch.get_rng_state(), rng), "a later step drew from torch's generator"
+
+    twin = Adadelta(twin_model.parameters(), state_dtype=torch.uint8)
+    torch.manual_seed(3)
+    _train(twin, twin_model, 2, seed=1)
+    saved = copy.deepcopy(twin.state_dict())
+    fresh_model = copy.deepcopy(twin_model)
+    resumed = Adadelta(fresh_model.parameters(), state_dtype=torch.uint8)
+    resumed.load_state_dict(saved)
+    torch.manual_seed(999)  # another process's generator
+    _train(resumed, fresh_model, 1, seed=2)
+    for mine, theirs in zip(model.parameters(), fresh_model.parameters()):
+        assert torch.equal(mine, theirs)
+    # torch's Adadelta loads it (the key is ignored), and a copy rounds on as the original.
+    torch.optim.Adadelta(copy.deepcopy(model).parameters()).load_state_dict(optimizer.state_dict())
+    assert copy.deepcopy(optimizer)._rounding == optimizer._rounding
+
+
+def test_a_bad_rounding_entry_is_refused_and_changes_nothing():
+    model = _model()
+    optimizer = Adadelta(model.parameters(), state_dtype=torch.uint8)
+    _train(optimizer, model, 1)
+    before = dict(optimizer._rounding)
+    for bad in ({"seed": 0, "launches": 1}, {"seed": 5, "launches": -1}, {"seed": 5.0, "launches": 1}, {"seed": 5}, [5, 1]):
+        state_dict = copy.deepcopy(optimizer.state_dict())
+        state_dict["rounding"] = bad
+        with pytest.raises(ValueError, match="rounding"):
+            optimizer.load_state_dict(state_dict)
+        assert optimizer._rounding == before

@@ -207,6 +207,29 @@ def _loaded_param_state(key: object, param: torch.Tensor, value: object) -> dict
     return value
 
 
+# The step between consecutive rounding seeds (a prime, so coprime to 2**31 - 2: the
+# seeds repeat only after 2**31 - 2 launches). The kernel hashes each seed into its key.
+_ROUNDING_SEED_STRIDE = 0x9E3779B1
+
+
+def _checked_rounding(saved: object, current: dict[str, Any]) -> dict[str, Any]:
+    """A state_dict's ``rounding`` (seed and launches), checked; ``current`` where the
+    dict has none (torch's, or ours from before a launch rounded)."""
+    if saved is None:
+        return dict(current)
+    if (
+        not isinstance(saved, dict)
+        or set(saved) != {"seed", "launches"}
+        or not all(isinstance(saved[key], int) and not isinstance(saved[key], bool) for key in saved)
+        or not 1 <= saved["seed"] <= 2**31 - 2
+        or saved["launches"] < 0
+    ):
+        raise ValueError(
+            f"state_dict['rounding'] must be {{'seed': an int in [1, 2**31 - 2], 'launches': an int >= 0}}, not {saved!r}"
+        )
+    return {"seed": saved["seed"], "launches": saved["launches"]}
+
+
 class Adadelta(Optimizer):
     r"""Implements the Adadelta algorithm as one fused Triton kernel per flat buffer.
 
@@ -265,12 +288,13 @@ class Adadelta(Optimizer):
         state_dtype (torch.dtype, optional): ``torch.float32`` keeps ``square_avg``
             and ``acc_delta`` in fp32 (fp64 for fp64 params); ``torch.bfloat16``
             stores them in bf16, rounded stochastically (unbiased; the noise comes
-            from the element's index and a seed drawn from torch's generator), for
+            from the element's index and the launch's seed, the first drawn from
+            torch's generator, all in :meth:`state_dict`), for
             4 B of state per param instead of 8. The math stays fp32, and
             :meth:`state_dict` gives fp32 state, as torch's does. ``torch.uint8``
             stores each as 8-bit codes with one fp32 scale per block of 256
-            elements (2.03 B of state per param; rounded to nearest on the block's
-            grid, see :mod:`triton_adadelta.quant`); :meth:`state_dict` gives the
+            elements (2.03 B of state per param; rounded stochastically on the
+            block's grid, see :mod:`triton_adadelta.quant`); :meth:`state_dict` gives the
             fp32 values, which load back to the same codes, and
             :meth:`compact_state_dict` the codes and scales themselves. Neither is
             for fp64 or complex params (default: torch.float32).
@@ -334,6 +358,8 @@ class Adadelta(Optimizer):
         # `self.state` and its size as of the last step, to notice edits from outside.
         self._state_seen: dict[Any, Any] | None = None
         self._state_size = 0
+        # Stochastic rounding's seeds (_next_rounding_seed): the first, and launches since.
+        self._rounding = {"seed": None, "launches": 0}
         # How the compiled step's op finds this optimizer (triton_adadelta/compiled.py).
         self._handle = compiled.register(self)
         super().__init__(params, defaults)
@@ -392,7 +418,12 @@ class Adadelta(Optimizer):
         self.__dict__.setdefault("_laid_out_state_dtypes", [])
         self.__dict__.setdefault("_state_seen", None)
         self.__dict__.setdefault("_state_size", 0)
+        # A copy (deepcopy, pickle) rounds on as the original would (see __getstate__).
+        self.__dict__["_rounding"] = dict(state.get("rounding", self.__dict__.get("_rounding", {"seed": None, "launches": 0})))
         self._handle = compiled.register(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "rounding": dict(self._rounding)}
 
     # ------------------------------------------------------------- flat states
     def _lay_out(self) -> list[FlatState]:
@@ -629,9 +660,8 @@ class Adadelta(Optimizer):
             for stand_in, source in plan.refresh:
                 stand_in.copy_(source)
             stochastic = flat.stochastic_rounding
-            # Drawn from torch's generator, so torch.manual_seed makes the rounding reproducible.
             rounds = stochastic or flat.compressed_state or flat.quantized_state
-            seed = int(torch.randint(1, 2**31 - 1, (1,)).item()) if rounds else 0
+            seed = self._next_rounding_seed() if rounds else 0
             update_(
                 plan.table,
                 flat.square_avg,
@@ -650,6 +680,20 @@ class Adadelta(Optimizer):
             flat.note_written(plan, given=given)
             self._advance_steps(flat, plan, found_inf)
         self._remember_state()
+
+    def _next_rounding_seed(self) -> int:
+        """The seed of a launch that rounds stochastically: the first is drawn from
+        torch's generator (so ``torch.manual_seed`` makes a run reproducible), each later
+        one is the first plus the launches since times an odd stride, mod 2**31 - 2, in
+        [1, 2**31 - 2]. Both numbers are in :meth:`state_dict`, so a resumed run rounds
+        as the uninterrupted one would have, whatever torch's RNG state, and a step
+        draws nothing from torch's generator after the first."""
+        rounding = self._rounding
+        if rounding["seed"] is None:
+            rounding["seed"] = int(torch.randint(1, 2**31 - 1, (1,)).item())
+        seed = 1 + (rounding["seed"] - 1 + rounding["launches"] * _ROUNDING_SEED_STRIDE) % (2**31 - 2)
+        rounding["launches"] += 1
+        return seed
 
     def _advance_steps(self, flat: FlatState, plan: StepPlan, found_inf: torch.Tensor | None) -> None:
         """Advance the step counts of the params that had a grad (one small op), and give
@@ -740,6 +784,13 @@ class Adadelta(Optimizer):
                 # 8-bit state: the codes' values, in the param's shape; not the scales.
                 fp32 = {name: dequantize(value[name].reshape(-1), value[f"{name}_scale"]).view(value[name].shape) for name in dtypes}
                 packed[key] = {k: v for k, v in value.items() if not k.endswith("_scale")} | fp32
+        return self._with_rounding(state_dict)
+
+    def _with_rounding(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with the rounding's seed and launch count (once a launch has
+        rounded): a key torch's Adadelta ignores, which resumes our rounding."""
+        if self._rounding["seed"] is not None:
+            state_dict["rounding"] = dict(self._rounding)
         return state_dict
 
     def compact_state_dict(self) -> dict[str, Any]:
@@ -757,7 +808,7 @@ class Adadelta(Optimizer):
         for key, value in packed.items():
             if getattr(value.get("square_avg"), "dtype", None) == torch.bfloat16:
                 packed[key] = {**value, **{name: value[name].float() for name in ("square_avg", "acc_delta")}}
-        return state_dict
+        return self._with_rounding(state_dict)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load an optimizer state from ours or :class:`torch.optim.Adadelta`'s.
@@ -783,6 +834,7 @@ class Adadelta(Optimizer):
             if hook_result is not None:
                 state_dict = hook_result
         new_groups, loaded = self._checked_state_dict(state_dict)
+        rounding = _checked_rounding(state_dict.get("rounding"), self._rounding)
 
         # Everything fits. Should laying the state out fail all the same (out of
         # memory), the optimizer is put back as it was.
@@ -803,6 +855,7 @@ class Adadelta(Optimizer):
         except BaseException:
             self.__dict__.update(kept)
             raise
+        self._rounding = rounding
         self._remember_state()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
