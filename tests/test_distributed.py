@@ -543,3 +543,75 @@ def test_readme_s_distributed_snippets_run_on_two_ranks(readme_results, name: st
 
 if __name__ == "__main__":
     worker(sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
+
+
+# A resume through torch.distributed.checkpoint's state_dict helpers (FSDP2, Lightning's
+# ModelParallelStrategy, Accelerate) and through ZeroRedundancyOptimizer, whose state
+# dicts keep only 'state' and 'param_groups': the rounding's seeds must live there. In
+# a process of its own (one gloo rank), with torch's generator reseeded before the
+# resume, as a new process would find it.
+_RESUME_SCRIPT = r"""
+import io, os, sys, tempfile, torch, torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from triton_adadelta import Adadelta
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+data = torch.randn(8, 32, 20, generator=torch.Generator().manual_seed(0))
+
+def make(wrapper):
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+    if wrapper == "zero":
+        return model, ZeroRedundancyOptimizer(model.parameters(), optimizer_class=Adadelta, lr=1.0, state_dtype=torch.uint8)
+    return model, Adadelta(model.parameters(), lr=1.0, state_dtype=torch.uint8)
+
+def train(model, optimizer, steps):
+    for x in steps:
+        optimizer.zero_grad()
+        model(data[x]).square().mean().backward()
+        optimizer.step()
+
+for wrapper in ("dcp", "zero"):
+    model, optimizer = make(wrapper)
+    torch.manual_seed(123)
+    train(model, optimizer, range(8))
+    expected = [p.detach().clone() for p in model.parameters()]
+    model, optimizer = make(wrapper)
+    torch.manual_seed(123)
+    train(model, optimizer, range(4))
+    resumed_model, resumed = make(wrapper)
+    if wrapper == "dcp":
+        directory = tempfile.mkdtemp()
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=directory)
+        torch.manual_seed(999)
+        model_state, optimizer_state = get_state_dict(resumed_model, resumed)
+        loaded = {"model": model_state, "optim": optimizer_state}
+        dcp.load(loaded, checkpoint_id=directory)
+        set_state_dict(resumed_model, resumed, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    else:
+        optimizer.consolidate_state_dict(to=0)
+        buffer = io.BytesIO()
+        torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, buffer)
+        buffer.seek(0)
+        checkpoint = torch.load(buffer, weights_only=True)
+        torch.manual_seed(999)
+        resumed_model.load_state_dict(checkpoint["model"])
+        resumed.load_state_dict(checkpoint["optim"])
+    train(resumed_model, resumed, range(4, 8))
+    same = all(torch.equal(a, b) for a, b in zip(expected, resumed_model.parameters()))
+    print(wrapper, "identical" if same else "DIFFERENT")
+dist.destroy_process_group()
+"""
+
+
+def test_8_bit_state_resumes_bit_for_bit_through_dcp_and_zero_without_the_rng_state(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _RESUME_SCRIPT, str(free_port())],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "0"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["dcp", "identical", "zero", "identical"], result.stdout + result.stderr[-2000:]

@@ -360,15 +360,16 @@ def test_training_with_8_bit_state_follows_fp32_state(backend):
 
 
 def test_the_rounding_seeds_are_in_the_state_dict_and_a_resume_needs_no_rng_state(backend):
-    # Only the first launch that rounds draws from torch's generator; the state_dict
-    # holds that seed and the launches since, so a run resumed after any draws from the
-    # generator (a new process) rounds as the uninterrupted one, bit for bit.
+    # Only the first launch that rounds draws from torch's generator; the first param
+    # group holds that seed and the launches since, so a run resumed after any draws
+    # from the generator (a new process) rounds as the uninterrupted one, bit for bit.
     model, twin_model = _model(), _model()
     twin_model.load_state_dict(model.state_dict())
     optimizer = Adadelta(model.parameters(), state_dtype=torch.uint8)
     torch.manual_seed(3)
     _train(optimizer, model, 2, seed=1)
-    assert optimizer.state_dict()["rounding"] == {"seed": optimizer._rounding["seed"], "launches": 2}
+    group = optimizer.state_dict()["param_groups"][0]
+    assert isinstance(group["rounding_seed"], int) and group["rounding_launches"] == 2
     rng = torch.get_rng_state()
     _train(optimizer, model, 1, seed=2)
     assert torch.equal(torch.get_rng_state(), rng), "a later step drew from torch's generator"
@@ -384,19 +385,52 @@ def test_the_rounding_seeds_are_in_the_state_dict_and_a_resume_needs_no_rng_stat
     _train(resumed, fresh_model, 1, seed=2)
     for mine, theirs in zip(model.parameters(), fresh_model.parameters()):
         assert torch.equal(mine, theirs)
-    # torch's Adadelta loads it (the key is ignored), and a copy rounds on as the original.
+    # torch's Adadelta loads it (the keys ride along), a copy rounds on as the original,
+    # and loading torch's dict (no seed) keeps this optimizer's own.
     torch.optim.Adadelta(copy.deepcopy(model).parameters()).load_state_dict(optimizer.state_dict())
-    assert copy.deepcopy(optimizer)._rounding == optimizer._rounding
+    copied = copy.deepcopy(optimizer)
+    assert copied.param_groups[0]["rounding_seed"] == optimizer.param_groups[0]["rounding_seed"]
+    assert copied.param_groups[0]["rounding_launches"] == 3
+    theirs = torch.optim.Adadelta(copy.deepcopy(model).parameters())
+    optimizer.load_state_dict(theirs.state_dict())
+    assert (optimizer.param_groups[0]["rounding_seed"], optimizer.param_groups[0]["rounding_launches"]) == (
+        copied.param_groups[0]["rounding_seed"], 3)
+
+
+def test_a_checkpoint_before_the_first_rounding_launch_holds_the_seed_too():
+    # Saved before any step (or while the rounding groups are frozen), then resumed in
+    # another process: the seed was drawn when saving, so the runs round alike.
+    model, twin_model = _model(), _model()
+    twin_model.load_state_dict(model.state_dict())
+    optimizer = Adadelta(model.parameters(), state_dtype=torch.uint8)
+    saved = copy.deepcopy(optimizer.state_dict())
+    assert saved["param_groups"][0]["rounding_launches"] == 0
+    twin = Adadelta(twin_model.parameters(), state_dtype=torch.uint8)
+    twin.load_state_dict(saved)
+    torch.manual_seed(1)
+    _train(optimizer, model, 2)
+    torch.manual_seed(2)
+    _train(twin, twin_model, 2)
+    for mine, theirs in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(mine, theirs)
 
 
 def test_a_bad_rounding_entry_is_refused_and_changes_nothing():
+    import numpy as np
+
     model = _model()
     optimizer = Adadelta(model.parameters(), state_dtype=torch.uint8)
     _train(optimizer, model, 1)
-    before = dict(optimizer._rounding)
-    for bad in ({"seed": 0, "launches": 1}, {"seed": 5, "launches": -1}, {"seed": 5.0, "launches": 1}, {"seed": 5}, [5, 1]):
+    before = {key: optimizer.param_groups[0][key] for key in ("rounding_seed", "rounding_launches")}
+    for seed, launches in ((0, 1), (5, -1), (5.0, 1), (2**31 - 1, 0), (True, 1), ("5", 1)):
         state_dict = copy.deepcopy(optimizer.state_dict())
-        state_dict["rounding"] = bad
-        with pytest.raises(ValueError, match="rounding"):
+        state_dict["param_groups"][0].update(rounding_seed=seed, rounding_launches=launches)
+        with pytest.raises(ValueError, match="rounding_seed"):
             optimizer.load_state_dict(state_dict)
-        assert optimizer._rounding == before
+        assert {key: optimizer.param_groups[0][key] for key in before} == before
+    # Ints as frameworks may hand them back: numpy ints and 1-element integer tensors.
+    state_dict = copy.deepcopy(optimizer.state_dict())
+    state_dict["param_groups"][0].update(rounding_seed=np.int64(7), rounding_launches=torch.tensor(4))
+    optimizer.load_state_dict(state_dict)
+    assert (optimizer.param_groups[0]["rounding_seed"], optimizer.param_groups[0]["rounding_launches"]) == (7, 4)
+    assert type(optimizer.param_groups[0]["rounding_seed"]) is int

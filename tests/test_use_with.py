@@ -53,8 +53,8 @@ def test_the_hugging_face_trainer_snippet(cpu_path) -> None:
 def test_a_hugging_face_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_one(
     cpu_path, tmp_path: Path, state_dtype: torch.dtype
 ) -> None:
-    # 8-bit state draws each step's rounding seed from torch's generator: the Trainer's
-    # checkpoint restores its state (rng_state.pth), so the run goes on bit for bit.
+    # 8-bit state's rounding seeds are in the optimizer's param groups, which the
+    # Trainer's checkpoint keeps, so the run goes on bit for bit.
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
     torch.manual_seed(0)

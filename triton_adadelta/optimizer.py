@@ -212,22 +212,37 @@ def _loaded_param_state(key: object, param: torch.Tensor, value: object) -> dict
 _ROUNDING_SEED_STRIDE = 0x9E3779B1
 
 
-def _checked_rounding(saved: object, current: dict[str, Any]) -> dict[str, Any]:
-    """A state_dict's ``rounding`` (seed and launches), checked; ``current`` where the
-    dict has none (torch's, or ours from before a launch rounded)."""
-    if saved is None:
-        return dict(current)
-    if (
-        not isinstance(saved, dict)
-        or set(saved) != {"seed", "launches"}
-        or not all(isinstance(saved[key], int) and not isinstance(saved[key], bool) for key in saved)
-        or not 1 <= saved["seed"] <= 2**31 - 2
-        or saved["launches"] < 0
-    ):
+# Where the rounding's seeds live: keys of the first param group, so that every
+# wrapper that keeps a state_dict's groups (torch.distributed.checkpoint, ZeRO, HF,
+# Lightning) keeps them too. The seed is None until drawn.
+ROUNDING_SEED = "rounding_seed"
+ROUNDING_LAUNCHES = "rounding_launches"
+
+
+def _checked_rounding(group: dict[str, Any], where: str) -> dict[str, Any]:
+    """A saved first group's rounding keys as ints (numpy ints and 1-element integer
+    tensors taken), or {} where it has none.
+
+    Raises:
+        ValueError: a seed outside [1, 2**31 - 2] or a negative launch count.
+    """
+    if group.get(ROUNDING_SEED) is None:
+        return {}
+    try:
+        seed, launches = operator.index(group[ROUNDING_SEED]), operator.index(group.get(ROUNDING_LAUNCHES, 0))
+    except TypeError as error:
+        raise ValueError(f"{where}: {ROUNDING_SEED} and {ROUNDING_LAUNCHES} must be ints ({error})") from error
+    if isinstance(group[ROUNDING_SEED], bool) or not 1 <= seed <= 2**31 - 2 or launches < 0:
         raise ValueError(
-            f"state_dict['rounding'] must be {{'seed': an int in [1, 2**31 - 2], 'launches': an int >= 0}}, not {saved!r}"
+            f"{where}: {ROUNDING_SEED} must be an int in [1, 2**31 - 2] and {ROUNDING_LAUNCHES} an int >= 0, "
+            f"not {group[ROUNDING_SEED]!r} and {group.get(ROUNDING_LAUNCHES)!r}"
         )
-    return {"seed": saved["seed"], "launches": saved["launches"]}
+    return {ROUNDING_SEED: seed, ROUNDING_LAUNCHES: launches}
+
+
+def _group_rounds(group: dict[str, Any]) -> bool:
+    """Whether a group's launches may round stochastically (and so need a seed)."""
+    return bool(group.get("stochastic_rounding")) or group.get("state_dtype") in (torch.bfloat16, torch.uint8)
 
 
 class Adadelta(Optimizer):
@@ -358,8 +373,6 @@ class Adadelta(Optimizer):
         # `self.state` and its size as of the last step, to notice edits from outside.
         self._state_seen: dict[Any, Any] | None = None
         self._state_size = 0
-        # Stochastic rounding's seeds (_next_rounding_seed): the first, and launches since.
-        self._rounding = {"seed": None, "launches": 0}
         # How the compiled step's op finds this optimizer (triton_adadelta/compiled.py).
         self._handle = compiled.register(self)
         super().__init__(params, defaults)
@@ -418,12 +431,7 @@ class Adadelta(Optimizer):
         self.__dict__.setdefault("_laid_out_state_dtypes", [])
         self.__dict__.setdefault("_state_seen", None)
         self.__dict__.setdefault("_state_size", 0)
-        # A copy (deepcopy, pickle) rounds on as the original would (see __getstate__).
-        self.__dict__["_rounding"] = dict(state.get("rounding", self.__dict__.get("_rounding", {"seed": None, "launches": 0})))
         self._handle = compiled.register(self)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "rounding": dict(self._rounding)}
 
     # ------------------------------------------------------------- flat states
     def _lay_out(self) -> list[FlatState]:
@@ -685,15 +693,22 @@ class Adadelta(Optimizer):
         """The seed of a launch that rounds stochastically: the first is drawn from
         torch's generator (so ``torch.manual_seed`` makes a run reproducible), each later
         one is the first plus the launches since times an odd stride, mod 2**31 - 2, in
-        [1, 2**31 - 2]. Both numbers are in :meth:`state_dict`, so a resumed run rounds
-        as the uninterrupted one would have, whatever torch's RNG state, and a step
-        draws nothing from torch's generator after the first."""
-        rounding = self._rounding
-        if rounding["seed"] is None:
-            rounding["seed"] = int(torch.randint(1, 2**31 - 1, (1,)).item())
-        seed = 1 + (rounding["seed"] - 1 + rounding["launches"] * _ROUNDING_SEED_STRIDE) % (2**31 - 2)
-        rounding["launches"] += 1
-        return seed
+        [1, 2**31 - 2]. Both numbers are keys of the first param group, so every
+        checkpoint of the groups holds them: a resumed run rounds as the uninterrupted
+        one would, whatever torch's RNG state, and no step after the first draws from
+        torch's generator."""
+        group = self._draw_rounding_seed()
+        launches = group.get(ROUNDING_LAUNCHES, 0)
+        group[ROUNDING_LAUNCHES] = launches + 1
+        return 1 + (group[ROUNDING_SEED] - 1 + launches * _ROUNDING_SEED_STRIDE) % (2**31 - 2)
+
+    def _draw_rounding_seed(self) -> dict[str, Any]:
+        """The first param group, with its rounding seed drawn if it had none."""
+        group = self.param_groups[0]
+        if group.get(ROUNDING_SEED) is None:
+            group[ROUNDING_SEED] = int(torch.randint(1, 2**31 - 1, (1,)).item())
+            group[ROUNDING_LAUNCHES] = 0
+        return group
 
     def _advance_steps(self, flat: FlatState, plan: StepPlan, found_inf: torch.Tensor | None) -> None:
         """Advance the step counts of the params that had a grad (one small op), and give
@@ -773,6 +788,7 @@ class Adadelta(Optimizer):
         hold its values exactly: torch's Adadelta loads the dict, and loading it back
         here stores the same bf16 values, so a save and load resumes bit for bit.
         """
+        self._seed_before_saving()
         state_dict = super().state_dict()
         packed = state_dict["state"]
         for key, value in packed.items():
@@ -784,14 +800,12 @@ class Adadelta(Optimizer):
                 # 8-bit state: the codes' values, in the param's shape; not the scales.
                 fp32 = {name: dequantize(value[name].reshape(-1), value[f"{name}_scale"]).view(value[name].shape) for name in dtypes}
                 packed[key] = {k: v for k, v in value.items() if not k.endswith("_scale")} | fp32
-        return self._with_rounding(state_dict)
-
-    def _with_rounding(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """``state_dict`` with the rounding's seed and launch count (once a launch has
-        rounded): a key torch's Adadelta ignores, which resumes our rounding."""
-        if self._rounding["seed"] is not None:
-            state_dict["rounding"] = dict(self._rounding)
         return state_dict
+
+    def _seed_before_saving(self) -> None:
+        """A checkpoint taken before the first launch that rounds holds the seed too."""
+        if self.param_groups and any(_group_rounds(group) for group in self.param_groups):
+            self._draw_rounding_seed()
 
     def compact_state_dict(self) -> dict[str, Any]:
         """:meth:`state_dict` with 8-bit state as its codes and scales.
@@ -803,12 +817,13 @@ class Adadelta(Optimizer):
         :meth:`load_state_dict` takes either form and restores the same codes; only
         this optimizer reads the compact one. Other state is as in :meth:`state_dict`.
         """
+        self._seed_before_saving()
         state_dict = super().state_dict()
         packed = state_dict["state"]
         for key, value in packed.items():
             if getattr(value.get("square_avg"), "dtype", None) == torch.bfloat16:
                 packed[key] = {**value, **{name: value[name].float() for name in ("square_avg", "acc_delta")}}
-        return self._with_rounding(state_dict)
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load an optimizer state from ours or :class:`torch.optim.Adadelta`'s.
@@ -834,7 +849,11 @@ class Adadelta(Optimizer):
             if hook_result is not None:
                 state_dict = hook_result
         new_groups, loaded = self._checked_state_dict(state_dict)
-        rounding = _checked_rounding(state_dict.get("rounding"), self._rounding)
+        # The saved rounding seeds, or (torch's dict) this optimizer's own, go on.
+        for key in (ROUNDING_SEED, ROUNDING_LAUNCHES):
+            new_groups[0].pop(key, None)
+        rounding = _checked_rounding(state_dict["param_groups"][0], "param group 0 of the state_dict")
+        new_groups[0].update(rounding or _checked_rounding(self.param_groups[0], "param group 0"))
 
         # Everything fits. Should laying the state out fail all the same (out of
         # memory), the optimizer is put back as it was.
@@ -855,7 +874,6 @@ class Adadelta(Optimizer):
         except BaseException:
             self.__dict__.update(kept)
             raise
-        self._rounding = rounding
         self._remember_state()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
