@@ -370,3 +370,38 @@ def test_the_params_and_the_states_roundings_are_independent(implementation):
         ("square_avg", square_avg, exact_square[0].item()),
         ("acc_delta", acc_delta, exact_acc[0].item()),
     ])
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_a_state_dict_names_its_state_dtype_and_either_form_loads(state_dtype):
+    # torch.distributed.checkpoint takes no torch.dtype: with one in the groups,
+    # get_optimizer_state_dict(full_state_dict=True) raised under FSDP2 (a full
+    # two-rank run is in test_distributed.py).
+    torch.manual_seed(0)
+    model = torch.nn.Linear(20, 30)
+    optimizer = Adadelta(model.parameters(), state_dtype=state_dtype)
+    model(torch.randn(4, 20)).square().sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    assert saved["param_groups"][0]["state_dtype"] == str(state_dtype)
+    assert optimizer.param_groups[0]["state_dtype"] is state_dtype  # the group itself keeps the dtype
+    if state_dtype == torch.uint8:
+        assert optimizer.compact_state_dict()["param_groups"][0]["state_dtype"] == "torch.uint8"
+    torch.optim.Adadelta(model.parameters()).load_state_dict(copy.deepcopy(saved))
+    # A dict saved with the dtype itself (before names), and the named one, load alike.
+    as_dtype = copy.deepcopy(saved)
+    as_dtype["param_groups"][0]["state_dtype"] = state_dtype
+    for form in (saved, as_dtype):
+        loaded = Adadelta(model.parameters(), state_dtype=state_dtype)
+        loaded.load_state_dict(copy.deepcopy(form))
+        assert loaded.param_groups[0]["state_dtype"] is state_dtype
+        # (the same values: 8-bit codes may come back on a block's smaller scale)
+        assert torch.equal(loaded.state_dict()["state"][0]["square_avg"], saved["state"][0]["square_avg"])
+    # A name of no state dtype is refused, and nothing changes.
+    bad = copy.deepcopy(saved)
+    bad["param_groups"][0]["state_dtype"] = "torch.float16"
+    before = optimizer.state[model.weight]["square_avg"].clone()
+    with pytest.raises(ValueError, match="state_dtype must be one of"):
+        optimizer.load_state_dict(bad)
+    assert optimizer.param_groups[0]["state_dtype"] is state_dtype
+    assert torch.equal(optimizer.state[model.weight]["square_avg"], before)

@@ -190,12 +190,12 @@ FSDP2_STEPS = 20
 SCRATCH = Path(".")
 
 
-def _fsdp2_model_and_optimizer(optimizer_class: type) -> tuple[nn.Module, torch.optim.Optimizer]:
+def _fsdp2_model_and_optimizer(optimizer_class: type, **options: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
     from torch.distributed.fsdp import fully_shard
 
     model = make_model()
     fully_shard(model)
-    return model, optimizer_class(model.parameters(), **TORCH_HPARAMS)
+    return model, optimizer_class(model.parameters(), **TORCH_HPARAMS, **options)
 
 
 def _fsdp2_steps(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, steps: range) -> None:
@@ -251,11 +251,15 @@ def train_fsdp2(rank: int, optimizer_class_name: str) -> dict[str, Any]:
     return result
 
 
-def train_fsdp2_checkpoint(rank: int) -> dict[str, Any]:
+def train_fsdp2_checkpoint(rank: int, state_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Half the steps, a save through torch.distributed.checkpoint, the other half;
-    then a fresh model and optimizer load the save and take the second half again."""
+    then a fresh model and optimizer load the save and take the second half again.
+    It is also resumed from a full (gathered) state_dict, as
+    ``StateDictOptions(full_state_dict=True)`` gives and takes it; torch's generator is
+    reseeded before each resume, as a new process would find it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
         set_model_state_dict,
@@ -265,17 +269,24 @@ def train_fsdp2_checkpoint(rank: int) -> dict[str, Any]:
     from triton_adadelta import Adadelta
 
     half = FSDP2_STEPS // 2
-    checkpoint = SCRATCH / "fsdp2_checkpoint"
-    model, optimizer = _fsdp2_model_and_optimizer(Adadelta)
+    checkpoint = SCRATCH / f"fsdp2_checkpoint_{str(state_dtype).removeprefix('torch.')}"
+    model, optimizer = _fsdp2_model_and_optimizer(Adadelta, state_dtype=state_dtype)
     _fsdp2_steps(model, optimizer, rank, range(half))
     dcp.save(
         {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
         checkpoint_id=checkpoint,
     )
+    full = StateDictOptions(full_state_dict=True)
+    full_checkpoint = checkpoint.with_suffix(".pt")
+    torch.save(
+        {"model": get_model_state_dict(model, options=full), "optim": get_optimizer_state_dict(model, optimizer, options=full)},
+        full_checkpoint,
+    )  # fmt: skip
     _fsdp2_steps(model, optimizer, rank, range(half, FSDP2_STEPS))
-    uninterrupted = _local_shards_and_state(model, optimizer)
+    result = {"params": _local_shards_and_state(model, optimizer)}
 
-    resumed_model, resumed_optimizer = _fsdp2_model_and_optimizer(Adadelta)
+    torch.manual_seed(1000 + rank)
+    resumed_model, resumed_optimizer = _fsdp2_model_and_optimizer(Adadelta, state_dtype=state_dtype)
     state = {
         "model": get_model_state_dict(resumed_model),
         "optim": get_optimizer_state_dict(resumed_model, resumed_optimizer),
@@ -284,7 +295,66 @@ def train_fsdp2_checkpoint(rank: int) -> dict[str, Any]:
     set_model_state_dict(resumed_model, state["model"])
     set_optimizer_state_dict(resumed_model, resumed_optimizer, state["optim"])
     _fsdp2_steps(resumed_model, resumed_optimizer, rank, range(half, FSDP2_STEPS))
-    return {"params": uninterrupted, "resumed": _local_shards_and_state(resumed_model, resumed_optimizer)}
+    result["resumed"] = _local_shards_and_state(resumed_model, resumed_optimizer)
+    torch.manual_seed(2000 + rank)
+    resumed_model, resumed_optimizer = _fsdp2_model_and_optimizer(Adadelta, state_dtype=state_dtype)
+    loaded = torch.load(full_checkpoint, weights_only=True)
+    set_model_state_dict(resumed_model, loaded["model"], options=full)
+    set_optimizer_state_dict(resumed_model, resumed_optimizer, loaded["optim"], options=full)
+    _fsdp2_steps(resumed_model, resumed_optimizer, rank, range(half, FSDP2_STEPS))
+    result["resumed_from_full"] = _local_shards_and_state(resumed_model, resumed_optimizer)
+    return result
+
+
+def _compressed_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each param's stored state as it is (codes, bf16 values), DTensors' local tensors,
+    and 8-bit state's scales."""
+    out = []
+    for param in params:
+        state = optimizer.state[param]
+        for name in ("square_avg", "acc_delta", "square_avg_scale", "acc_delta_scale"):
+            if name in state:
+                value = state[name]
+                out.append((value.to_local() if hasattr(value, "to_local") else value).clone())
+    return out
+
+
+def train_fsdp2_compressed(rank: int, state_dtype: torch.dtype) -> dict[str, Any]:
+    """FSDP2 with compressed state, beside a plain optimizer over copies of this rank's
+    shards given the same grads and rounding seed: the same state layout, so the same
+    bits are expected of both."""
+    from triton_adadelta import Adadelta
+
+    model, optimizer = _fsdp2_model_and_optimizer(Adadelta, state_dtype=state_dtype)
+    params = list(model.parameters())
+    twins = [nn.Parameter(p.to_local().detach().clone()) for p in params]
+    twin_optimizer = Adadelta(twins, **TORCH_HPARAMS, state_dtype=state_dtype)
+    for each in (optimizer, twin_optimizer):
+        each.param_groups[0]["rounding_seed"] = 12345
+    for step in range(FSDP2_STEPS):
+        optimizer.zero_grad()
+        loss_of(model, rank, step).backward()
+        for param, twin in zip(params, twins):
+            twin.grad = param.grad.to_local().detach().clone()
+        optimizer.step()
+        twin_optimizer.step()
+    result = {
+        "params": [p.to_local().detach().clone() for p in params] + _compressed_state(optimizer, params),
+        "twin": [p.detach().clone() for p in twins] + _compressed_state(twin_optimizer, twins),
+        "layout": _state_dict_layout(optimizer),
+    }
+    # The state_dict's fp32 DTensors hold the stored state's values, shard by shard.
+    saved = optimizer.state_dict()["state"]
+    twin_saved = twin_optimizer.state_dict()["state"]
+    result["state_dict_values_match"] = all(
+        torch.equal(saved[index][name].to_local(), twin_saved[index][name])
+        for index in saved for name in ("square_avg", "acc_delta")
+    )  # fmt: skip
+    try:
+        optimizer.compact_state_dict()
+    except ValueError as error:
+        result["compact_refused"] = str(error)
+    return result
 
 
 def run_readme_snippet(name: str) -> dict[str, Any]:
@@ -318,6 +388,10 @@ SCENARIOS: dict[str, Callable[[int], list[torch.Tensor]]] = {
     "fsdp2": lambda rank: train_fsdp2(rank, "ours"),
     "fsdp2_torch": lambda rank: train_fsdp2(rank, "torch"),
     "fsdp2_checkpoint": train_fsdp2_checkpoint,
+    "fsdp2_bf16_state": lambda rank: train_fsdp2_compressed(rank, torch.bfloat16),
+    "fsdp2_8_bit_state": lambda rank: train_fsdp2_compressed(rank, torch.uint8),
+    "fsdp2_checkpoint_bf16_state": lambda rank: train_fsdp2_checkpoint(rank, torch.bfloat16),
+    "fsdp2_checkpoint_8_bit_state": lambda rank: train_fsdp2_checkpoint(rank, torch.uint8),
     "readme_ddp": lambda rank: run_readme_snippet("ddp"),
     "readme_zero": lambda rank: run_readme_snippet("zero"),
     "readme_fsdp2": lambda rank: run_readme_snippet("fsdp2"),
@@ -440,6 +514,10 @@ ddp_results = launch(DDP_SCENARIOS)
 sharded_results = launch(["zero", "zero_bucket_view"])
 fsdp2_results = launch(["fsdp2", "fsdp2_torch", "fsdp2_checkpoint"])
 readme_results = launch(["readme_ddp", "readme_zero", "readme_fsdp2"])
+COMPRESSED_STATES = ["bf16_state", "8_bit_state"]
+fsdp2_compressed_results = launch(
+    [f"fsdp2_{state}" for state in COMPRESSED_STATES] + [f"fsdp2_checkpoint_{state}" for state in COMPRESSED_STATES]
+)
 
 
 def test_puzzlelib_nodeinfo_averages_grads_and_ranks_stay_identical(puzzlelib_results):
@@ -518,11 +596,46 @@ def test_fsdp2_state_dict_looks_like_torch_s(fsdp2_results):
 
 
 def test_fsdp2_resumes_bit_identically_through_distributed_checkpoint(fsdp2_results):
+    # Sharded (dcp.save) and full (full_state_dict=True) state dicts alike.
     results = fsdp2_results["fsdp2_checkpoint"]
     _assert_trained(results)
     for rank, result in enumerate(results):
-        for index, (a, b) in enumerate(zip(result["params"], result["resumed"])):
-            assert torch.equal(a, b), f"rank {rank}, tensor {index} differs after the resume"
+        for resume in ("resumed", "resumed_from_full"):
+            for index, (a, b) in enumerate(zip(result["params"], result[resume])):
+                assert torch.equal(a, b), f"rank {rank}, tensor {index} differs after the {resume} run"
+
+
+@pytest.mark.parametrize("state", COMPRESSED_STATES)
+def test_fsdp2_compressed_state_is_a_plain_optimizer_s_on_each_rank_s_shards(
+    fsdp2_results, fsdp2_compressed_results, state: str
+):
+    results = fsdp2_compressed_results[f"fsdp2_{state}"]
+    _assert_trained(results)
+    for rank, result in enumerate(results):
+        # Shards, then the stored state (8-bit: codes and scales) of every param, bit for bit.
+        assert len(result["params"]) == len(result["twin"]) == 4 * (5 if state == "8_bit_state" else 3)
+        for index, (ours, twin) in enumerate(zip(result["params"], result["twin"])):
+            assert ours.dtype == twin.dtype and torch.equal(ours, twin), f"rank {rank}, tensor {index}"
+        assert result["params"][4].dtype == (torch.uint8 if state == "8_bit_state" else torch.bfloat16)
+        assert result["state_dict_values_match"], f"rank {rank}"
+        # torch's format: fp32 DTensors of the params' placements, as torch's Adadelta saves.
+        states = [line for line in result["layout"] if line[0].isdigit()]
+        assert states == [line for line in fsdp2_results["fsdp2_torch"][rank]["layout"] if line[0].isdigit()]
+    if state == "8_bit_state":
+        for result in results:
+            assert "state_dict()" in result.get("compact_refused", ""), result.get("compact_refused")
+    # An unevenly sharded param: rank 1 holds 2 of the 5 output rows.
+    assert results[1]["params"][2].shape == (2, 16)
+
+
+@pytest.mark.parametrize("state", COMPRESSED_STATES)
+def test_fsdp2_compressed_state_resumes_bit_for_bit_from_sharded_and_full_checkpoints(fsdp2_compressed_results, state: str):
+    results = fsdp2_compressed_results[f"fsdp2_checkpoint_{state}"]
+    _assert_trained(results)
+    for rank, result in enumerate(results):
+        for resume in ("resumed", "resumed_from_full"):
+            for index, (a, b) in enumerate(zip(result["params"], result[resume])):
+                assert torch.equal(a, b), f"rank {rank}, tensor {index} differs after the {resume} run"
 
 
 @pytest.mark.parametrize("name", ["readme_ddp", "readme_zero", "readme_fsdp2"])

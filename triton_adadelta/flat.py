@@ -159,7 +159,13 @@ def check_param_state(key: object, param: torch.Tensor, value: object) -> None:
                 f"state '{name}' of param {key} has shape {tuple(tensor.shape)} "
                 f"but the param has shape {tuple(param.shape)}"
             )
-        if tensor.dtype == torch.uint8 and name != "master_param" and not sharded:
+        if tensor.dtype == torch.uint8 and name != "master_param":
+            if sharded:
+                # Each rank's scales cover its own shard's blocks: no DTensor holds them.
+                raise ValueError(
+                    f"state '{name}' of param {key} holds 8-bit codes of a DTensor param: load "
+                    "state_dict()'s fp32 form (torch.distributed.checkpoint saves it sharded)"
+                )
             # 8-bit state's own form (Adadelta.compact_state_dict): codes and their scales.
             _check_scales(key, name, tensor, value.get(f"{name}_scale"))
             continue
@@ -190,6 +196,19 @@ def _check_scales(key: object, name: str, codes: torch.Tensor, scales: object) -
             f"the first {scales.reshape(-1)[first].item()!r} (block {first}): a scale is 0, NaN or a power "
             "of two from 2**-126 to 2**127"
         )
+
+
+def dequantized(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """8-bit codes' fp32 values in the codes' shape; a DTensor of codes gives a DTensor
+    of its mesh and placements, each rank decoding its own shard with its own scales."""
+    local = local_tensor(codes)
+    values = dequantize(local.reshape(-1), scales).view(local.shape)
+    dtensor_type = dtensor_type_of(codes)
+    if dtensor_type is None:
+        return values
+    return dtensor_type.from_local(
+        values, codes.device_mesh, codes.placements, run_check=False, shape=codes.shape, stride=codes.stride()
+    )
 
 
 def _state_values(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -476,8 +495,6 @@ class FlatState:
         if state_dtype in (torch.bfloat16, torch.uint8) and (self.dtype == torch.float64 or self.param_dtype.is_complex):
             # (The optimizer says so before anything changes; this guards the class itself.)
             raise ValueError(f"state_dtype={state_dtype} is for real fp32, bf16 and fp16 params, not {self.param_dtype}")
-        if self.quantized_state and self.sharded:
-            raise ValueError("state_dtype=torch.uint8 is not supported for DTensor (FSDP2) params yet")
         if state_dtype not in (torch.bfloat16, torch.uint8):
             state_dtype = state_dtype_for(self.dtype)
         # bf16 state: rounded stochastically, so a step needs a seed.
@@ -593,7 +610,8 @@ class FlatState:
             )  # fmt: skip
         state = {"step": self.steps[i], "square_avg": view(self.square_avg), "acc_delta": view(self.acc_delta)}
         if self.quantized_state:
-            # The codes (above, in the param's shape) and their scales: 8-bit state's own form.
+            # The codes (above, in the param's shape) and their scales: 8-bit state's own
+            # form. A DTensor param's scales are its local shard's, as a plain tensor.
             state["square_avg_scale"] = self.square_avg_scale[self._scale_range(i)]
             state["acc_delta_scale"] = self.acc_delta_scale[self._scale_range(i)]
         if self.master is not None:

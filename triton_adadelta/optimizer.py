@@ -14,8 +14,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from .quant import dequantize
-from .flat import FlatState, Relayout, StepPlan, check_param_state, is_dtensor, local_tensor, state_key
+from .flat import FlatState, Relayout, StepPlan, check_param_state, dequantized, is_dtensor, local_tensor, state_key
 from . import compiled
 from .reader import grad_zeroer, record_function
 from .update import implementation, update_
@@ -136,7 +135,7 @@ STATE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
 
 def _check_group_state_dtype(group: dict[str, Any], default: torch.dtype, where: str) -> None:
     """A group's ``state_dtype``, and that its params can have it (bf16 and 8-bit state
-    are for real fp32/bf16/fp16 params, and 8-bit state not for DTensor params yet)."""
+    are for real fp32/bf16/fp16 params)."""
     state_dtype = group.get("state_dtype", default)
     _check_state_dtype(state_dtype, where)
     if state_dtype == torch.float32:
@@ -150,11 +149,32 @@ def _check_group_state_dtype(group: dict[str, Any], default: torch.dtype, where:
                 f"{where}: state_dtype={state_dtype} is for real fp32, bf16 and fp16 params, not {param.dtype}: "
                 "put such params in a param group of their own with state_dtype=torch.float32"
             )
-        if state_dtype == torch.uint8 and is_dtensor(param):
-            raise ValueError(
-                f"{where}: state_dtype=torch.uint8 is not supported for DTensor (FSDP2) params yet; "
-                "use torch.bfloat16 (4 B of state per param) or torch.float32"
-            )
+
+
+# How a state_dict's groups name a state dtype: torch.distributed.checkpoint takes
+# tensors, numbers, strings, lists and dicts only, so not a torch.dtype.
+_STATE_DTYPE_NAMES = {str(dtype): dtype for dtype in STATE_DTYPES}
+
+
+def _saveable_groups(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with each group's ``state_dtype`` as its name ("torch.uint8")."""
+    for group in state_dict["param_groups"]:
+        if isinstance(group.get("state_dtype"), torch.dtype):
+            group["state_dtype"] = str(group["state_dtype"])
+    return state_dict
+
+
+def _loaded_groups(groups: object) -> object:
+    """Saved groups with a named ``state_dtype`` as the dtype (a dict saved before
+    names were used holds the dtype itself); anything else is left to the checks."""
+    if not isinstance(groups, (list, tuple)):
+        return groups
+    return [
+        {**group, "state_dtype": _STATE_DTYPE_NAMES[group["state_dtype"]]}
+        if isinstance(group, dict) and isinstance(group.get("state_dtype"), str) and group["state_dtype"] in _STATE_DTYPE_NAMES
+        else group
+        for group in groups
+    ]
 
 
 def _check_state_dtype(state_dtype: object, where: str) -> None:
@@ -798,9 +818,9 @@ class Adadelta(Optimizer):
                 packed[key] = {**value, **{name: value[name].float() for name in dtypes}}
             elif torch.uint8 in dtypes.values():
                 # 8-bit state: the codes' values, in the param's shape; not the scales.
-                fp32 = {name: dequantize(value[name].reshape(-1), value[f"{name}_scale"]).view(value[name].shape) for name in dtypes}
+                fp32 = {name: dequantized(value[name], value[f"{name}_scale"]) for name in dtypes}
                 packed[key] = {k: v for k, v in value.items() if not k.endswith("_scale")} | fp32
-        return state_dict
+        return _saveable_groups(state_dict)
 
     def _seed_before_saving(self) -> None:
         """A checkpoint taken before the first launch that rounds holds the seed too."""
@@ -816,14 +836,27 @@ class Adadelta(Optimizer):
         2.03 B per param for both, against 8 in :meth:`state_dict`'s fp32 form.
         :meth:`load_state_dict` takes either form and restores the same codes; only
         this optimizer reads the compact one. Other state is as in :meth:`state_dict`.
+
+        Raises:
+            ValueError: for 8-bit state of DTensor params (FSDP2), whose scales belong
+                to each rank's shard: save :meth:`state_dict` instead, which
+                ``torch.distributed.checkpoint`` saves sharded and which resumes bit
+                for bit.
         """
+        for flat in self._flat_states:
+            if flat.quantized_state and flat.sharded:
+                raise ValueError(
+                    "compact_state_dict() is for 8-bit state of plain params; the 8-bit state of DTensor (FSDP2) "
+                    "params is saved through state_dict() (fp32 DTensors, which torch.distributed.checkpoint "
+                    "saves sharded; loading them back restores the same values)"
+                )
         self._seed_before_saving()
         state_dict = super().state_dict()
         packed = state_dict["state"]
         for key, value in packed.items():
             if getattr(value.get("square_avg"), "dtype", None) == torch.bfloat16:
                 packed[key] = {**value, **{name: value[name].float() for name in ("square_avg", "acc_delta")}}
-        return state_dict
+        return _saveable_groups(state_dict)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load an optimizer state from ours or :class:`torch.optim.Adadelta`'s.
@@ -890,7 +923,7 @@ class Adadelta(Optimizer):
         """
         if "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("an optimizer state_dict has the keys 'state' and 'param_groups'")
-        saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
+        saved_state, saved_groups = state_dict["state"], _loaded_groups(state_dict["param_groups"])
         if not isinstance(saved_state, dict):
             raise ValueError(f"'state' of a state_dict is a dict, not a {type(saved_state).__name__}")
         if not isinstance(saved_groups, (list, tuple)) or not all(isinstance(g, dict) for g in saved_groups):
