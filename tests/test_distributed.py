@@ -306,6 +306,82 @@ def train_fsdp2_checkpoint(rank: int, state_dtype: torch.dtype = torch.float32) 
     return result
 
 
+def _low_precision_steps(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, steps: range) -> None:
+    """:func:`_fsdp2_steps` for a model of any dtype (the data in the model's dtype)."""
+    dtype = next(model.parameters()).dtype
+    for step in steps:
+        optimizer.zero_grad()
+        inputs, target = batch(rank, step)
+        nn.functional.mse_loss(model(inputs.to(dtype)), target.to(dtype)).backward()
+        optimizer.step()
+
+
+def train_fsdp2_saving(rank: int) -> dict[str, Any]:
+    """torch.save, pickle and deepcopy of the state of DTensor params (fp32 state and the
+    master copy are live views of the flat state, at offsets), and torch's checkpoint
+    of a bf16 model loaded into ours with master weights through DCP's partial load."""
+    import copy
+    import io
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from triton_adadelta import Adadelta
+
+    def sharded_model(dtype: torch.dtype, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5)).to(dtype)
+        fully_shard(model)
+        return model
+
+    def locals_of(state_dict: dict[str, Any]) -> list[torch.Tensor]:
+        return [
+            value.to_local() if hasattr(value, "to_local") else value
+            for _, state in sorted(state_dict["state"].items()) for _, value in sorted(state.items())
+        ]  # fmt: skip
+
+    result: dict[str, Any] = {}
+    for name, dtype, options in (("fp32", torch.float32, {}), ("bf16, master weights", torch.bfloat16, {"master_weights": True})):
+        model = sharded_model(dtype)
+        optimizer = Adadelta(model.parameters(), **TORCH_HPARAMS, **options)
+        _low_precision_steps(model, optimizer, rank, range(3))
+        for source, state_dict in (("state_dict", optimizer.state_dict()), ("dcp", get_optimizer_state_dict(model, optimizer))):
+            buffer = io.BytesIO()
+            torch.save(state_dict, buffer)
+            buffer.seek(0)
+            copies = {"torch.save": torch.load(buffer, weights_only=True), "deepcopy": copy.deepcopy(state_dict)}
+            for how, saved in copies.items():
+                result[f"{name}: {source} through {how}"] = all(
+                    torch.equal(a, b) for a, b in zip(locals_of(saved), locals_of(state_dict))
+                )  # fmt: skip
+        result[f"{name}: pickle of the optimizer"] = len(pickle.dumps(optimizer)) > 0
+
+    # torch's checkpoint holds no master_param: the template's (ours, of a fresh model) stays.
+    checkpoint = SCRATCH / "fsdp2_torch_bf16"
+    model = sharded_model(torch.bfloat16)
+    optimizer = torch.optim.Adadelta(model.parameters(), **TORCH_HPARAMS)
+    _low_precision_steps(model, optimizer, rank, range(3))
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=checkpoint)
+    saved_params = [p.to_local().detach().clone() for p in model.parameters()]
+    fresh = sharded_model(torch.bfloat16, seed=5)
+    ours = Adadelta(fresh.parameters(), **TORCH_HPARAMS, master_weights=True)
+    fresh_params = [p.to_local().detach().clone() for p in fresh.parameters()]
+    model_state, optimizer_state = get_state_dict(fresh, ours)
+    state = {"model": model_state, "optim": optimizer_state}
+    dcp.load(state, checkpoint_id=checkpoint, planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_state_dict(fresh, ours, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    _low_precision_steps(fresh, ours, rank, range(3, 4))
+    after = [p.to_local().detach().float() for p in fresh.parameters()]
+    result["partial load: from the checkpoint"] = max((a - b.float()).abs().max().item() for a, b in zip(after, saved_params))
+    result["partial load: from the fresh model"] = max((a - b.float()).abs().max().item() for a, b in zip(after, fresh_params))
+    result["params"] = after
+    return result
+
+
 def _compressed_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each param's stored state as it is (codes, bf16 values), DTensors' local tensors,
     and 8-bit state's scales."""
@@ -388,6 +464,7 @@ SCENARIOS: dict[str, Callable[[int], list[torch.Tensor]]] = {
     "fsdp2": lambda rank: train_fsdp2(rank, "ours"),
     "fsdp2_torch": lambda rank: train_fsdp2(rank, "torch"),
     "fsdp2_checkpoint": train_fsdp2_checkpoint,
+    "fsdp2_saving": train_fsdp2_saving,
     "fsdp2_bf16_state": lambda rank: train_fsdp2_compressed(rank, torch.bfloat16),
     "fsdp2_8_bit_state": lambda rank: train_fsdp2_compressed(rank, torch.uint8),
     "fsdp2_checkpoint_bf16_state": lambda rank: train_fsdp2_checkpoint(rank, torch.bfloat16),
@@ -512,7 +589,7 @@ DDP_SCENARIOS = ["ddp", "ddp_optimizer_first", "ddp_bucket_view", "ddp_bucket_vi
 puzzlelib_results = launch(["puzzlelib", "puzzlelib_partly_used"])
 ddp_results = launch(DDP_SCENARIOS)
 sharded_results = launch(["zero", "zero_bucket_view"])
-fsdp2_results = launch(["fsdp2", "fsdp2_torch", "fsdp2_checkpoint"])
+fsdp2_results = launch(["fsdp2", "fsdp2_torch", "fsdp2_checkpoint", "fsdp2_saving"])
 readme_results = launch(["readme_ddp", "readme_zero", "readme_fsdp2"])
 COMPRESSED_STATES = ["bf16_state", "8_bit_state"]
 fsdp2_compressed_results = launch(
@@ -587,9 +664,12 @@ def test_fsdp2_state_dict_looks_like_torch_s(fsdp2_results):
     _assert_trained(fsdp2_results["fsdp2"])
     for rank in range(WORLD_SIZE):
         ours, theirs = fsdp2_results["fsdp2"][rank]["layout"], fsdp2_results["fsdp2_torch"][rank]["layout"]
-        # Our groups carry torch's keys and our own (master_weights, stochastic_rounding, state_dtype).
+        # Our groups carry torch's keys and our own (master_weights, stochastic_rounding,
+        # state_dtype, and the rounding's seeds, whatever the mode).
         assert set(theirs) - set(ours) == set()
-        assert set(ours) - set(theirs) == {"master_weights", "stochastic_rounding", "state_dtype"}
+        assert set(ours) - set(theirs) == {
+            "master_weights", "stochastic_rounding", "state_dtype", "rounding_seed", "rounding_launches"
+        }  # fmt: skip
         states = [line for line in ours if line[0].isdigit()]
         assert states == [line for line in theirs if line[0].isdigit()] and len(states) == 4 * 3
         assert "0 square_avg DTensor (Shard(dim=0),) (16, 12) torch.float32" in states
@@ -603,6 +683,25 @@ def test_fsdp2_resumes_bit_identically_through_distributed_checkpoint(fsdp2_resu
         for resume in ("resumed", "resumed_from_full"):
             for index, (a, b) in enumerate(zip(result["params"], result[resume])):
                 assert torch.equal(a, b), f"rank {rank}, tensor {index} differs after the {resume} run"
+
+
+def test_fsdp2_state_of_live_views_saves_pickles_and_copies(fsdp2_results):
+    # torch pickled a DTensor over a view at an offset through the wrapper's absent
+    # storage: torch.save and deepcopy of the state_dict failed in fp32 and with
+    # master weights ("invalid python storage").
+    results = fsdp2_results["fsdp2_saving"]
+    _assert_trained(results)
+    for rank, result in enumerate(results):
+        checks = {key: value for key, value in result.items() if key.startswith(("fp32", "bf16"))}
+        assert len(checks) == 2 * (2 * 2 + 1)
+        assert all(checks.values()), f"rank {rank}: {checks}"
+
+
+def test_fsdp2_partial_load_of_torch_s_checkpoint_keeps_the_checkpoint_s_params_with_master_weights(fsdp2_results):
+    # The template's master_param (the fresh model's) no longer wins over the loaded params.
+    for rank, result in enumerate(fsdp2_results["fsdp2_saving"]):
+        assert result["partial load: from the checkpoint"] < 0.1, f"rank {rank}: {result}"
+        assert result["partial load: from the fresh model"] > 0.5, f"rank {rank}: {result}"
 
 
 @pytest.mark.parametrize("state", COMPRESSED_STATES)

@@ -167,6 +167,32 @@ def test_an_edit_from_outside_reaches_the_master_copy_where_it_changed_the_param
     assert torch.equal(param[:8].float(), torch.full((8,), 2.0))
 
 
+def test_a_loaded_master_copy_that_the_params_do_not_round_to_gives_way_to_the_params(backend):
+    """A loaded ``master_param`` is kept where the param holds its rounding (a resume of
+    model and optimizer from one checkpoint: bit for bit, tested above) and gives way
+    where the param differs. torch.distributed.checkpoint's partial load of torch's
+    checkpoint (no master_param) into ours hands back the optimizer's own stale master
+    copy beside the checkpoint's params: that master reverted the model at the next step."""
+    torch.manual_seed(0)
+    checkpoint_params = torch.randn(64).to(torch.bfloat16)
+    state = {"step": torch.tensor(3.0), "square_avg": torch.rand(64), "acc_delta": torch.full((64,), 1e-4)}
+    results = []
+    for master in (torch.randn(64), None):  # a stale master copy; none (torch's dict)
+        param = torch.nn.Parameter(torch.randn(64).to(torch.bfloat16))
+        optimizer = Adadelta([param], master_weights=True)
+        groups = optimizer.state_dict()["param_groups"]
+        with torch.no_grad():
+            param.copy_(checkpoint_params)  # the model's load
+        loaded = {**state, **({} if master is None else {"master_param": master})}
+        optimizer.load_state_dict({"state": {0: loaded}, "param_groups": groups})
+        assert optimizer.flat_states()[0].master is not None
+        param.grad = torch.full((64,), 0.5, dtype=torch.bfloat16)
+        optimizer.step()
+        results.append(param.detach().clone())
+    assert torch.equal(results[0], results[1])
+    assert (results[0].float() - checkpoint_params.float()).abs().max() < 0.1
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_state_is_fp32_for_low_precision_params(backend, dtype):
     param = torch.nn.Parameter(torch.randn(10).to(dtype))

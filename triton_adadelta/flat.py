@@ -198,6 +198,25 @@ def _check_scales(key: object, name: str, codes: torch.Tensor, scales: object) -
         )
 
 
+def _dtensor_over(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A DTensor of ``like``'s mesh, placements, shape and stride whose local tensor is
+    ``local``, a live view of a flat state.
+
+    Its wrapper is made over a stand-in at storage offset 0, then given ``local``:
+    torch pickles a DTensor whose own storage offset is not 0 (which it takes from
+    its local tensor) through the wrapper's storage, which it does not have, so
+    ``torch.save``, pickle and ``copy.deepcopy`` of a state_dict of views at an offset
+    failed ("invalid python storage"; torch 2.13). The local tensor is what every
+    DTensor op, ``to_local()`` and torch.distributed.checkpoint use.
+    """
+    stand_in = local.new_zeros(()).expand(local.shape)  # offset 0, one element of memory
+    tensor = dtensor_type_of(like).from_local(  # type: ignore[union-attr]
+        stand_in, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    )
+    tensor._local_tensor = local
+    return tensor
+
+
 def dequantized(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """8-bit codes' fp32 values in the codes' shape; a DTensor of codes gives a DTensor
     of its mesh and placements, each rank decoding its own shard with its own scales."""
@@ -603,11 +622,7 @@ class FlatState:
         view = lambda flat: _shaped_view(flat, self.offsets[i], self.numels[i], self.shapes[i], self.param_dtype)  # noqa: E731
         if self.sharded:
             param, local_view = self.params[i], view
-            from_local = dtensor_type_of(param).from_local  # type: ignore[union-attr]
-            view = lambda flat: from_local(  # noqa: E731
-                local_view(flat), param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                stride=param.stride(),
-            )  # fmt: skip
+            view = lambda flat: _dtensor_over(local_view(flat), param)  # noqa: E731
         state = {"step": self.steps[i], "square_avg": view(self.square_avg), "acc_delta": view(self.acc_delta)}
         if self.quantized_state:
             # The codes (above, in the param's shape) and their scales: 8-bit state's own
@@ -638,6 +653,12 @@ class FlatState:
                 getattr(self, name)[start:end].copy_(values)
         if self.master is not None and with_master and "master_param" in state:
             self.master[start:end].copy_(_real_flat(local_tensor(state["master_param"].detach()).to(self.device)))
+            # The next step merges the param in (sync_master): a param that is the
+            # master's rounding keeps the loaded master, one that differs wins, as an
+            # edit does (a model not loaded from the same checkpoint, or a
+            # torch.distributed.checkpoint partial load, whose master_param is the
+            # optimizer's own, not the checkpoint's).
+            self._versions[i] = -1
         self.initialized[i] = True
         self.all_initialized = all(self.initialized)
 

@@ -157,10 +157,16 @@ _STATE_DTYPE_NAMES = {str(dtype): dtype for dtype in STATE_DTYPES}
 
 
 def _saveable_groups(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """``state_dict`` with each group's ``state_dtype`` as its name ("torch.uint8")."""
+    """``state_dict`` with each group's ``state_dtype`` as its name ("torch.uint8"), and
+    the rounding keys in the first group whatever the mode (None and 0 where no launch
+    rounds): torch.distributed.checkpoint loads a dict only into one with the same
+    keys, so a checkpoint of fp32 state must have the keys that 8-bit state's has."""
     for group in state_dict["param_groups"]:
         if isinstance(group.get("state_dtype"), torch.dtype):
             group["state_dtype"] = str(group["state_dtype"])
+    if state_dict["param_groups"]:
+        state_dict["param_groups"][0].setdefault(ROUNDING_SEED, None)
+        state_dict["param_groups"][0].setdefault(ROUNDING_LAUNCHES, 0)
     return state_dict
 
 
