@@ -12,8 +12,8 @@ trajectories, GradScaler scales), every autotune config and the tuned choice giv
 the default config's bits, parity with ``torch.optim.Adadelta`` on the same device,
 GradScaler's unscale and inf skip (eager and in a replayed CUDA graph), the
 compiled kernel's bits against the C loop's and the interpreter's, a `torch.compile`d step's bits against the
-eager step's, unbiased stochastic rounding, and
-params on two devices.
+eager step's, unbiased stochastic rounding, FSDP2 on one rank (DTensor shards, compressed
+state), and params on two devices.
 """
 
 from __future__ import annotations
@@ -411,6 +411,69 @@ def test_the_device_gives_the_reference_bits(tmp_path, monkeypatch):
                 failures.append(str(error))
     assert not failures, "\n".join(failures)
     assert compared >= len(cases)
+
+
+# FSDP2 on one rank of the device (NCCL on CUDA, gloo on the CPU): the kernel updates
+# the DTensor params' local shards, with their state at offsets of the flat state.
+_FSDP2_MODES = ("fp32", "fp32_bf16_state", "fp32_u8_state", "bf16_master_u8_state")
+_FSDP2_SCRIPT = r"""
+import io, socket, sys, torch, torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+from torch.distributed.fsdp import fully_shard
+from triton_adadelta import Adadelta
+
+device = torch.device(sys.argv[1])
+with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+if device.type == "cuda":
+    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    torch.cuda.set_device(device)
+dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+modes = {
+    "fp32": (torch.float32, {}),
+    "fp32_bf16_state": (torch.float32, {"state_dtype": torch.bfloat16}),
+    "fp32_u8_state": (torch.float32, {"state_dtype": torch.uint8}),
+    "bf16_master_u8_state": (torch.bfloat16, {"master_weights": True, "state_dtype": torch.uint8}),
+}
+local = lambda value: value.to_local() if hasattr(value, "to_local") else value
+for name, (dtype, options) in modes.items():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 129), torch.nn.Tanh(), torch.nn.Linear(129, 7)).to(device, dtype)
+    fully_shard(model)
+    params = list(model.parameters())
+    twins = [torch.nn.Parameter(p.to_local().detach().clone()) for p in params]
+    optimizer, twin_optimizer = Adadelta(params, lr=1.0, **options), Adadelta(twins, lr=1.0, **options)
+    for each in (optimizer, twin_optimizer):
+        each.param_groups[0]["rounding_seed"] = 12345
+    for x in torch.randn(5, 16, 300, generator=torch.Generator().manual_seed(1)).to(device, dtype):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        for param, twin in zip(params, twins):
+            twin.grad = param.grad.to_local().detach().clone()
+        optimizer.step()
+        twin_optimizer.step()
+    same = all(torch.equal(p.to_local(), t) for p, t in zip(params, twins)) and all(
+        torch.equal(local(value), twin_optimizer.state[t][key])
+        for p, t in zip(params, twins) for key, value in optimizer.state[p].items()
+    )
+    buffer = io.BytesIO()
+    torch.save(get_optimizer_state_dict(model, optimizer), buffer)
+    print(name, "same" if same else "DIFFERENT", "saved" if buffer.tell() > 0 else "unsaved", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@gpu_or_cpu
+def test_fsdp2_on_the_device_updates_shards_as_a_plain_optimizer_does_and_saves():
+    # Each mode's shards and state (codes, scales, master copy) equal, bit for bit, a
+    # plain optimizer's over copies of the shards; the DCP state dict saves.
+    result = subprocess.run(
+        [sys.executable, "-c", _FSDP2_SCRIPT, str(DEVICE)], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert result.stdout.split() == [word for mode in _FSDP2_MODES for word in (mode, "same", "saved")], result.stdout
 
 
 # --------------------------------------------------------- graphs and devices
