@@ -198,20 +198,25 @@ def _check_scales(key: object, name: str, codes: torch.Tensor, scales: object) -
         )
 
 
-def _dtensor_over(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A DTensor of ``like``'s mesh, placements, shape and stride whose local tensor is
-    ``local``, a live view of a flat state.
+def saveable(value: object) -> object:
+    """``value``, or for a DTensor over a view at a storage offset (a DTensor param's
+    fp32 state or master copy) the same DTensor with its wrapper at offset 0.
 
-    Its wrapper is made over a stand-in at storage offset 0, then given ``local``:
-    torch pickles a DTensor whose own storage offset is not 0 (which it takes from
-    its local tensor) through the wrapper's storage, which it does not have, so
-    ``torch.save``, pickle and ``copy.deepcopy`` of a state_dict of views at an offset
-    failed ("invalid python storage"; torch 2.13). The local tensor is what every
-    DTensor op, ``to_local()`` and torch.distributed.checkpoint use.
+    torch pickles a DTensor whose own storage offset is not 0 (taken from its local
+    tensor) through the wrapper's storage, which it does not have, so ``torch.save``
+    and ``copy.deepcopy`` of a state_dict of such views failed ("invalid python
+    storage"; torch 2.13). The new wrapper is made over a stand-in at offset 0, then
+    given the view: DCP, ``to_local()`` and eager DTensor ops read the view. Only
+    state_dicts hold them: ``optimizer.state`` keeps consistent DTensors, which
+    ``torch.compile`` can trace (it cannot trace these).
     """
+    dtensor_type = dtensor_type_of(value)
+    if dtensor_type is None or value._local_tensor.storage_offset() == 0:  # type: ignore[attr-defined]
+        return value
+    local = value._local_tensor  # type: ignore[attr-defined]
     stand_in = local.new_zeros(()).expand(local.shape)  # offset 0, one element of memory
-    tensor = dtensor_type_of(like).from_local(  # type: ignore[union-attr]
-        stand_in, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    tensor = dtensor_type.from_local(
+        stand_in, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride()
     )
     tensor._local_tensor = local
     return tensor
@@ -622,7 +627,11 @@ class FlatState:
         view = lambda flat: _shaped_view(flat, self.offsets[i], self.numels[i], self.shapes[i], self.param_dtype)  # noqa: E731
         if self.sharded:
             param, local_view = self.params[i], view
-            view = lambda flat: _dtensor_over(local_view(flat), param)  # noqa: E731
+            from_local = dtensor_type_of(param).from_local  # type: ignore[union-attr]
+            view = lambda flat: from_local(  # noqa: E731
+                local_view(flat), param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                stride=param.stride(),
+            )  # fmt: skip
         state = {"step": self.steps[i], "square_avg": view(self.square_avg), "acc_delta": view(self.acc_delta)}
         if self.quantized_state:
             # The codes (above, in the param's shape) and their scales: 8-bit state's own

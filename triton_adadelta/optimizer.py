@@ -14,7 +14,17 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from .flat import FlatState, Relayout, StepPlan, check_param_state, dequantized, is_dtensor, local_tensor, state_key
+from .flat import (
+    FlatState,
+    Relayout,
+    StepPlan,
+    check_param_state,
+    dequantized,
+    is_dtensor,
+    local_tensor,
+    saveable,
+    state_key,
+)
 from . import compiled
 from .reader import grad_zeroer, record_function
 from .update import implementation, update_
@@ -160,7 +170,13 @@ def _saveable_groups(state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` with each group's ``state_dtype`` as its name ("torch.uint8"), and
     the rounding keys in the first group whatever the mode (None and 0 where no launch
     rounds): torch.distributed.checkpoint loads a dict only into one with the same
-    keys, so a checkpoint of fp32 state must have the keys that 8-bit state's has."""
+    keys, so a checkpoint of fp32 state must have the keys that 8-bit state's has.
+    DTensor state views become :func:`~triton_adadelta.flat.saveable` (new dicts:
+    torch's packing hands out the optimizer's own)."""
+    packed = state_dict["state"]
+    for key, value in packed.items():
+        if any(is_dtensor(tensor) for tensor in value.values()):
+            packed[key] = {name: saveable(tensor) for name, tensor in value.items()}
     for group in state_dict["param_groups"]:
         if isinstance(group.get("state_dtype"), torch.dtype):
             group["state_dtype"] = str(group["state_dtype"])
