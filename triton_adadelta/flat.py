@@ -198,6 +198,13 @@ def _check_scales(key: object, name: str, codes: torch.Tensor, scales: object) -
         )
 
 
+def _dtensor_like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A DTensor of ``like``'s mesh, placements, shape and stride over ``local``."""
+    return dtensor_type_of(like).from_local(  # type: ignore[union-attr]
+        local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    )
+
+
 def saveable(value: object) -> object:
     """``value``, or for a DTensor over a view at a storage offset (a DTensor param's
     fp32 state or master copy) the same DTensor with its wrapper at offset 0.
@@ -210,14 +217,10 @@ def saveable(value: object) -> object:
     state_dicts hold them: ``optimizer.state`` keeps consistent DTensors, which
     ``torch.compile`` can trace (it cannot trace these).
     """
-    dtensor_type = dtensor_type_of(value)
-    if dtensor_type is None or value._local_tensor.storage_offset() == 0:  # type: ignore[attr-defined]
+    if not is_dtensor(value) or value._local_tensor.storage_offset() == 0:  # type: ignore[attr-defined]
         return value
     local = value._local_tensor  # type: ignore[attr-defined]
-    stand_in = local.new_zeros(()).expand(local.shape)  # offset 0, one element of memory
-    tensor = dtensor_type.from_local(
-        stand_in, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride()
-    )
+    tensor = _dtensor_like(local.new_zeros(()).expand(local.shape), value)  # a stand-in at offset 0
     tensor._local_tensor = local
     return tensor
 
@@ -227,12 +230,7 @@ def dequantized(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     of its mesh and placements, each rank decoding its own shard with its own scales."""
     local = local_tensor(codes)
     values = dequantize(local.reshape(-1), scales).view(local.shape)
-    dtensor_type = dtensor_type_of(codes)
-    if dtensor_type is None:
-        return values
-    return dtensor_type.from_local(
-        values, codes.device_mesh, codes.placements, run_check=False, shape=codes.shape, stride=codes.stride()
-    )
+    return _dtensor_like(values, codes) if is_dtensor(codes) else values
 
 
 def _state_values(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -627,11 +625,7 @@ class FlatState:
         view = lambda flat: _shaped_view(flat, self.offsets[i], self.numels[i], self.shapes[i], self.param_dtype)  # noqa: E731
         if self.sharded:
             param, local_view = self.params[i], view
-            from_local = dtensor_type_of(param).from_local  # type: ignore[union-attr]
-            view = lambda flat: from_local(  # noqa: E731
-                local_view(flat), param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                stride=param.stride(),
-            )  # fmt: skip
+            view = lambda flat: _dtensor_like(local_view(flat), param)  # noqa: E731
         state = {"step": self.steps[i], "square_avg": view(self.square_avg), "acc_delta": view(self.acc_delta)}
         if self.quantized_state:
             # The codes (above, in the param's shape) and their scales: 8-bit state's own

@@ -138,8 +138,8 @@ def _check_group_values(group: dict[str, Any], where: str) -> None:
     _check_state_dtype(group.get("state_dtype", torch.float32), where)
 
 
-# The state dtypes a user may ask for: fp32 (fp64 for fp64 params), and bf16 with
-# stochastic rounding. 8-bit block-quantized state (torch.uint8) is not built yet.
+# The state dtypes a user may ask for: fp32 (fp64 for fp64 params), bf16 with
+# stochastic rounding, and 8-bit block-quantized state (torch.uint8).
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
 
 
@@ -166,7 +166,7 @@ def _check_group_state_dtype(group: dict[str, Any], default: torch.dtype, where:
 _STATE_DTYPE_NAMES = {str(dtype): dtype for dtype in STATE_DTYPES}
 
 
-def _saveable_groups(state_dict: dict[str, Any]) -> dict[str, Any]:
+def _saveable_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` with each group's ``state_dtype`` as its name ("torch.uint8"), and
     the rounding keys in the first group whatever the mode (None and 0 where no launch
     rounds): torch.distributed.checkpoint loads a dict only into one with the same
@@ -842,7 +842,7 @@ class Adadelta(Optimizer):
                 # 8-bit state: the codes' values, in the param's shape; not the scales.
                 fp32 = {name: dequantized(value[name], value[f"{name}_scale"]) for name in dtypes}
                 packed[key] = {k: v for k, v in value.items() if not k.endswith("_scale")} | fp32
-        return _saveable_groups(state_dict)
+        return _saveable_state_dict(state_dict)
 
     def _seed_before_saving(self) -> None:
         """A checkpoint taken before the first launch that rounds holds the seed too."""
@@ -878,7 +878,7 @@ class Adadelta(Optimizer):
         for key, value in packed.items():
             if getattr(value.get("square_avg"), "dtype", None) == torch.bfloat16:
                 packed[key] = {**value, **{name: value[name].float() for name in ("square_avg", "acc_delta")}}
-        return _saveable_groups(state_dict)
+        return _saveable_state_dict(state_dict)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load an optimizer state from ours or :class:`torch.optim.Adadelta`'s.
