@@ -132,6 +132,26 @@ def _native_reader_built():
     param_reader(wait=True)
 
 
+@pytest.fixture(scope="session")
+def library_8_lanes():
+    """The C loop built without AVX-512, where this machine's build has it: the 8-lane
+    compressed-state loops that CPUs without AVX-512 run (and this one, for uint8
+    state, under flush-to-zero)."""
+    import ctypes
+
+    from triton_adadelta import cpu
+
+    try:
+        built = cpu._build_native_library()
+        if ctypes.c_int.in_dll(built, "adadelta_u8_lanes").value != 16:
+            pytest.skip("this machine's build has no 16-lane loop: the tests as built ran the 8-lane one")
+        library = cpu._build_native_library(("-mno-avx512f",))
+    except cpu.BuildError as error:
+        pytest.skip(f"no C loop here: {error}")
+    assert ctypes.c_int.in_dll(library, "adadelta_u8_lanes").value == 8
+    return library
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip the CUDA runs of the ``gpu`` tests under the interpreter: ``TRITON_INTERPRET=1``
     (set above unless the caller set it) runs the kernel on the host, which cannot reach

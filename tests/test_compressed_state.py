@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from triton_adadelta import Adadelta, cpu
+from triton_adadelta.flat import hparams_table, table_for_tensors
 from triton_adadelta.puzzlelib import AdaDelta
 from triton_adadelta.update import step_flat_
 
@@ -117,6 +118,39 @@ def test_the_c_loop_gives_the_kernels_bits(param_dtype, options):
             results.append(written + ([master] if master is not None else []))
         for kernel, native in zip(*results):
             assert torch.equal(kernel.view(torch.uint8), native.view(torch.uint8))
+
+
+@pytest.mark.parametrize(
+    "param_dtype,options",
+    [(torch.float32, {}), (torch.bfloat16, {}), (torch.bfloat16, {"master": True}),
+     (torch.bfloat16, {"stochastic_rounding": True})],
+    ids=["fp32", "bf16", "bf16_master", "bf16_stochastic"],
+)  # fmt: skip
+def test_the_8_lane_c_loop_gives_the_16_lane_loops_bits(library_8_lanes, param_dtype, options):
+    # bf16 state in the C loop as built here (16 lanes, with AVX-512: blocks whose
+    # length is a multiple of 16) and built for 8 lanes (the CPUs without AVX-512):
+    # params whose last blocks are 16 * k, 16 * k + 8 and odd lengths (the scalar way),
+    # with weight decay (the any-flags variant) and without.
+    library = cpu.native_library()
+    generator = torch.Generator().manual_seed(4)
+    sizes = [4096, 5000, 3077, 24]
+    for weight_decay in (0.0, 0.01):
+        groups = ((1.0, 0.9, 1e-6, weight_decay, False),)
+        results = []
+        for c_loop in (library, library_8_lanes):
+            generator.manual_seed(4)
+            params = [torch.randn(n, generator=generator).to(param_dtype) for n in sizes]
+            grads = [torch.randn(n, generator=generator).to(param_dtype) for n in sizes]
+            table, n_state = table_for_tensors(params, grads)
+            square_avg = torch.rand(n_state, generator=generator).bfloat16()
+            acc_delta = (torch.rand(n_state, generator=generator) * 1e-3).bfloat16()
+            master = torch.randn(n_state, generator=generator) if options.get("master") else None
+            hparams = hparams_table(groups, torch.float32, torch.device("cpu"))
+            cpu._native_step_(c_loop, table, square_avg, acc_delta, hparams, None, None, use_torch_sqrt=False,
+                              master=master, stochastic_rounding=options.get("stochastic_rounding", False), seed=3)  # fmt: skip
+            results.append([*params, square_avg, acc_delta, *([] if master is None else [master])])
+        for wide, narrow in zip(*results):
+            assert torch.equal(wide.view(torch.uint8), narrow.view(torch.uint8))
 
 
 def test_the_param_of_a_step_is_the_fp32_state_steps(backend, monkeypatch):

@@ -188,6 +188,23 @@ def native(monkeypatch):
     return library
 
 
+@pytest.fixture(params=["as built", "8 lanes"])
+def u8_step(request, native) -> Callable[..., None]:
+    """The uint8-state step under test, with adadelta_step_cpu_'s arguments: the CPU
+    path as built here (the C loop's 16 lanes where the CPU has AVX-512), or the C loop
+    built for 8 lanes (library_8_lanes)."""
+    if request.param == "as built":
+        return cpu.adadelta_step_cpu_
+    library = request.getfixturevalue("library_8_lanes")
+
+    def step(table: SegmentTable, square_avg: torch.Tensor, acc_delta: torch.Tensor, *, hparams: torch.Tensor,
+             grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None, **options) -> None:  # fmt: skip
+        cpu._native_step_(library, table, square_avg, acc_delta, hparams, grad_scale, found_inf,
+                          use_torch_sqrt=False, **options)  # fmt: skip
+
+    return step
+
+
 # A step's results: params, codes and scales (square_avg's, acc_delta's), master.
 Result = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], "torch.Tensor | None"]
 
@@ -306,7 +323,7 @@ def test_the_reference_follows_the_format():
 
 
 @pytest.mark.parametrize("param_dtype,store", MODES, ids=MODE_IDS)
-def test_the_c_loop_gives_the_references_bits(native, param_dtype, store):
+def test_the_c_loop_gives_the_references_bits(native, u8_step, param_dtype, store):
     # Odd sizes (tails of 1..255, an empty tail, a piece of several blocks) in eight
     # groups (maximize, weight decay, tensor lr), with and without a grad scale.
     if param_dtype == torch.float16 and not cpu._native_f16:
@@ -322,12 +339,13 @@ def test_the_c_loop_gives_the_references_bits(native, param_dtype, store):
               groups=[i % 8 for i in range(len(sizes))])  # fmt: skip
     options = {"stochastic_rounding": store == "stochastic", "seed": 1234}
     for grad_scale in (None, torch.tensor([3.0])):
-        compare(run.step_u8(grad_scale=grad_scale, **options), run.reference(native, grad_scale=grad_scale, **options))
+        compare(run.step_u8(u8_step, grad_scale=grad_scale, **options),
+                run.reference(native, grad_scale=grad_scale, **options))
 
 
 @pytest.mark.parametrize("param_dtype,store", [mode for mode in MODES if mode[0] != torch.float16],
                          ids=[i for i, mode in zip(MODE_IDS, MODES) if mode[0] != torch.float16])  # fmt: skip
-def test_a_piece_of_whole_blocks_and_a_shorter_one(native, param_dtype, store):
+def test_a_piece_of_whole_blocks_and_a_shorter_one(native, u8_step, param_dtype, store):
     # The table splits each param into a bulk of whole quant blocks and a tail, but the
     # C loop takes any piece that starts on a block (adadelta_step_u8_state's contract):
     # here pieces of 288, 608 and 1000 elements, whose last blocks are shorter.
@@ -339,10 +357,10 @@ def test_a_piece_of_whole_blocks_and_a_shorter_one(native, param_dtype, store):
     run = WholePiecesRun(params, grads, codes, scales, eight_groups(), master=store == "master", groups=[0, 2, 5])
     assert [numel for _, numel in pieces_of(run.copies()[1])] == sizes
     options = {"stochastic_rounding": store == "stochastic", "seed": 77}
-    compare(run.step_u8(**options), run.reference(native, **options))
+    compare(run.step_u8(u8_step, **options), run.reference(native, **options))
 
 
-def test_edge_cases_of_the_encoding(native):
+def test_edge_cases_of_the_encoding(native, u8_step):
     # One fp32 param, a block per case (rho = 0.5: v = v / 2 + g * g / 2, exact here).
     hparams = hparams_table(((1e-3, 0.5, 1e-6, 0.0, False),), torch.float32, torch.device("cpu"))
     n = 8 * QUANT_BLOCK + 100  # eight blocks and a 100-element tail
@@ -379,7 +397,7 @@ def test_edge_cases_of_the_encoding(native):
     v_codes[8 * QUANT_BLOCK + 100 :] = 255
     u_codes, u_scales = torch.zeros_like(v_codes), torch.zeros_like(v_scales)
     run = Run([torch.ones(n)], [grad], (v_codes, u_codes), (v_scales, u_scales), hparams)
-    result = run.step_u8()
+    result = run.step_u8(u8_step)
     compare(result, run.reference(native))
     compare(result, run.step_u8(adadelta_step_))  # the kernel, under Triton's interpreter
     _, (codes, _), (scales, u_scales_after), _ = result
@@ -400,16 +418,20 @@ def test_edge_cases_of_the_encoding(native):
 
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("same_order", [True, False], ids=["same", "reversed"])
-def test_scales_at_the_fast_ways_bounds(native, param_dtype, same_order):
-    # The AVX2 loop encodes a block the fast way where both states' new scales are
-    # 2**(E - 127) with E >= 37: a block per E about that bound, about fp32's smallest
-    # normal scales and at the largest, acc_delta's scales in the same order (each
-    # bound met at both) or reversed (met beside the other's far side), random codes,
-    # zero grads and rho = 0.5, so that both states halve and the new scale is
-    # 2**(E - 128) (eps: with a zero grad, only d = 0 * sqrt(u + eps) / sqrt(v + eps)
-    # sees it, which must not be 0 / 0 where v and u are 0).
+@pytest.mark.parametrize("flush", [False, True], ids=["", "flush-to-zero"])
+def test_scales_at_the_fast_ways_bounds(native, u8_step, param_dtype, same_order, flush):
+    # The C loop encodes a block the fast way where both states' new scales are
+    # 2**(E - 127) with E in [37, 254] (8 lanes) or [1, 141] (16 lanes, without
+    # flush-to-zero): a block per E about those bounds, about fp32's smallest normal
+    # scales and at the largest, acc_delta's scales in the same order (each bound met
+    # at both) or reversed (met beside the other's far side), random codes, zero grads
+    # and rho = 0.5, so that both states halve and the new scale is 2**(E - 128) (eps:
+    # with a zero grad, only d = 0 * sqrt(u + eps) / sqrt(v + eps) sees it, which must
+    # not be 0 / 0 where v and u are 0). With flush-to-zero and denormals-are-zero
+    # (torch.set_flush_denormal), the 16-lane build runs its 8-lane loop: the bits are
+    # the reference's under the same flags.
     hparams = hparams_table(((1e-3, 0.5, 1e-30, 0.0, False),), torch.float32, torch.device("cpu"))
-    exponents = [17, 18, 19, 20, 35, 36, 37, 38, 39, 253, 254]
+    exponents = [2, 3, 17, 18, 19, 20, 35, 36, 37, 38, 39, 140, 141, 142, 143, 253, 254]
     orders = (exponents, exponents if same_order else exponents[::-1])
     n = (len(exponents) + 1) * QUANT_BLOCK
     generator = torch.Generator().manual_seed(8)
@@ -419,10 +441,42 @@ def test_scales_at_the_fast_ways_bounds(native, param_dtype, same_order):
     params = [torch.randn(n, generator=generator).to(param_dtype)]
     run = Run(params, [torch.zeros(n, dtype=param_dtype)], tuple(codes), tuple(scales), hparams)
     options = {"stochastic_rounding": param_dtype == torch.bfloat16, "seed": 5}
-    result = run.step_u8(**options)
-    compare(result, run.reference(native, **options))
+    if flush and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero")
+    try:
+        result = run.step_u8(u8_step, **options)
+        wanted = run.reference(native, **options)
+    finally:
+        torch.set_flush_denormal(False)
+    compare(result, wanted)
     for new_scales, order in zip(result[2], orders):
         assert (bits(new_scales[:-1]) >> 23).tolist() == [e - 1 for e in order]
+
+
+@pytest.mark.parametrize("store", ["nearest", "master"])
+def test_bf16_params_round_to_nearest_at_the_edges(native, u8_step, store):
+    # Zero grads keep each param's value (d = 0), so that the stored bf16 is the
+    # param's own bits: subnormals of either sign (which a vcvtneps2bf16 would flush
+    # to zero), zeros, infinities, a NaN, and the smallest normals, among ordinary
+    # values; and random bits beside them.
+    special = [0x0001, 0x8001, 0x007F, 0x807F, 0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0x0080, 0x8080, 0x3F80]
+    generator = torch.Generator().manual_seed(12)
+    n = 4 * QUANT_BLOCK
+    words = torch.randint(0, 1 << 16, (n,), generator=generator, dtype=torch.int32)
+    words[:: QUANT_BLOCK // 8] = torch.tensor(special * 3)[: n // (QUANT_BLOCK // 8)]
+    words[QUANT_BLOCK : 2 * QUANT_BLOCK] = torch.tensor(special * 22)[:QUANT_BLOCK]  # a block of edges alone
+    param = words.to(torch.int16).view(torch.bfloat16)
+    hparams = hparams_table(((1.0, 0.9, 1e-6, 0.0, False),), torch.float32, torch.device("cpu"))
+    codes, scales = zip(*(random_state(n, generator) for _ in range(2)))
+    run = Run([param], [torch.zeros(n, dtype=torch.bfloat16)], codes, scales, hparams, master=store == "master")
+    if run.master is not None:
+        run.master = param.float()
+    result = run.step_u8(u8_step)
+    compare(result, run.reference(native))
+    # d = 0: each param as it was (a signaling NaN quieted)
+    words = bits(param).to(torch.int32) & 0xFFFF
+    nan = (words & 0x7F80 == 0x7F80) & (words & 0x7F != 0)
+    assert torch.equal(bits(result[0][0]).to(torch.int32) & 0xFFFF, torch.where(nan, words | 0x40, words))
 
 
 def test_found_inf_writes_nothing(native):

@@ -113,7 +113,7 @@ _NATIVE_CFLAGS = [
     "-Werror=implicit-function-declaration", "-fPIC", "-shared", "-pthread", "-lm",
 ]  # fmt: skip
 # Translation units of the C source, compiled at once: the entry points with the
-# fp32/fp64 and fp32-state loops, and the compressed-state loops (its ADADELTA_PART).
+# fp32/fp64, fp32-state and bf16-state loops, and the uint8-state loops (its ADADELTA_PART).
 _NATIVE_PARTS = (("-DADADELTA_PART=0",), ("-DADADELTA_PART=1",))
 
 # The table layout the C source was written for, as it exports it (adadelta_layout).
@@ -168,8 +168,13 @@ _torch_sqrt_checked: bool | None = None
 # --------------------------------------------------------------------------- native
 
 
-def _build_native_library() -> ctypes.CDLL:
+def _build_native_library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Compile (or load from the cache) the fused loop.
+
+    Args:
+        extra_flags: compiler flags after ``_NATIVE_CFLAGS`` (the tests build the loop
+            without AVX-512 too, with ``-mno-avx512f``, to check its 8-lane loops on a
+            machine that has it).
 
     Raises:
         BuildError: saying why it cannot be built, loaded, or trusted.
@@ -180,7 +185,7 @@ def _build_native_library() -> ctypes.CDLL:
             "adadelta_cpu",
             _SOURCE,
             language="c",
-            flags=_NATIVE_CFLAGS,
+            flags=[*_NATIVE_CFLAGS, *extra_flags],
             key_extra=cpu_model(),
             loader=ctypes.CDLL,
             symbols=_NATIVE_SYMBOLS,

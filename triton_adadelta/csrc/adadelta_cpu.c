@@ -33,8 +33,8 @@
 #include <string.h>
 
 /* The build compiles this file as two translation units at once, one per core:
-   ADADELTA_PART 0, the entry points and the fp32/fp64 and fp32-state loops, and 1,
-   the compressed-state loops (their tables of functions, which part 0 reads). Without
+   ADADELTA_PART 0, the entry points and the fp32/fp64, fp32-state and bf16-state
+   loops, and 1, the uint8-state loops (their table of functions, which part 0 reads). Without
    ADADELTA_PART, one unit holds both. What the two share across units is hidden from
    the library's users. */
 #ifndef ADADELTA_PART
@@ -43,6 +43,13 @@
 #define IN_MAIN_PART (ADADELTA_PART != 1)
 #define IN_CS_PART (ADADELTA_PART != 0)
 #define SHARED __attribute__((visibility("hidden")))
+
+/* AVX-512 (with its byte and word instructions): uint8 state's 16-lane loop. */
+#if defined(__AVX2__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define HAVE_AVX512 1
+#else
+#define HAVE_AVX512 0
+#endif
 
 /* Rows of the segment table and columns of the hyper-parameter table: the same
    numbers as kernels/adadelta.py (checked by the Python loader). */
@@ -55,6 +62,14 @@ const int64_t adadelta_layout[] = {
     PARAM_ROW, GRAD_ROW, STATE_ROW, NUMEL_ROW, GROUP_ROW, ALIGNED_ROW, N_TABLE_ROWS,
     LR, RHO, ONE_MINUS_RHO, EPS, WEIGHT_DECAY, MAXIMIZE, LR_IS_TENSOR, N_HPARAMS,
 };
+/* The lanes of uint8 state's loop in this build (tests and benchmarks read it). */
+#if HAVE_AVX512
+const int adadelta_u8_lanes = 16;
+#elif defined(__AVX2__)
+const int adadelta_u8_lanes = 8;
+#else
+const int adadelta_u8_lanes = 1;
+#endif
 #endif
 
 #define FLAG_GRAD_SCALE 1
@@ -1072,10 +1087,11 @@ static inline __attribute__((always_inline)) __m256i u8_exponent8(const int expo
 }
 
 /* E of a scale that u8_encoding made (2**(E - 127), 0 or NaN) where E is in
-   [lowest, 254], else 0. */
-static inline __attribute__((always_inline)) int u8_scale_exponent(const float scale, const int lowest) {
-    const uint32_t exponent = f32_to_bits(scale) >> 23;
-    return (int)exponent >= lowest && exponent <= 254 ? (int)exponent : 0;
+   [lowest, highest], else 0. */
+static inline __attribute__((always_inline)) int u8_scale_exponent(const float scale, const int lowest,
+                                                                   const int highest) {
+    const int exponent = (int)(f32_to_bits(scale) >> 23);
+    return exponent >= lowest && exponent <= highest ? exponent : 0;
 }
 
 /* How a block's values encode the fast way (see above): by a scale 2**(E - 127). */
@@ -1149,10 +1165,13 @@ static inline __attribute__((always_inline)) void u8_encode_pending32(u8_pending
 
 /* A block's encoding from its values' largest bits (as unsigned: a negative value's
    or a NaN's are above every finite non-negative one's, and then its maxima are
-   u8_max_add's over the values). */
+   u8_max_add's over the values). *exponent: E of its scale 2**(E - 127) where its
+   values are all finite and >= 0 and E is in [lowest, highest] (it encodes the fast
+   way), else 0. */
 static inline __attribute__((always_inline)) u8_encoding_t u8_encoding_of(const __m256i top, const float *restrict w,
                                                                           const int n, float *restrict scale,
-                                                                          int *restrict exponent) {
+                                                                          int *restrict exponent, const int lowest,
+                                                                          const int highest) {
     uint32_t lanes[8] __attribute__((aligned(32)));
     _mm256_store_si256((__m256i *)lanes, top);
     uint32_t largest = 0;
@@ -1164,7 +1183,7 @@ static inline __attribute__((always_inline)) u8_encoding_t u8_encoding_of(const 
         for (int i = 0; i < n; ++i) u8_max_add(&max, w[i]);
     }
     const u8_encoding_t encoding = u8_encoding(max, scale);
-    *exponent = plain && encoding.mask ? u8_scale_exponent(*scale, 37) : 0;
+    *exponent = plain && encoding.mask ? u8_scale_exponent(*scale, lowest, highest) : 0;
     return encoding;
 }
 
@@ -1202,8 +1221,8 @@ static inline __attribute__((always_inline)) void update_piece_u8x8(
         if (kind != KIND_F32 && store == STORE_STOCHASTIC)
             round_block_stochastic(w_block, (uint16_t *)p + first, n, kind, index + (uint64_t)first, k0);
         int v_new_exponent, u_new_exponent;
-        next->v_encoding = u8_encoding_of(v_top, next->v, n, &v_scale[b], &v_new_exponent);
-        next->u_encoding = u8_encoding_of(u_top, next->u, n, &u_scale[b], &u_new_exponent);
+        next->v_encoding = u8_encoding_of(v_top, next->v, n, &v_scale[b], &v_new_exponent, 37, 254);
+        next->u_encoding = u8_encoding_of(u_top, next->u, n, &u_scale[b], &u_new_exponent, 37, 254);
         next->fast = v_new_exponent && u_new_exponent;
         next->v_fast = u8_fast_encoding(v_new_exponent);
         next->u_fast = u8_fast_encoding(u_new_exponent);
@@ -1216,6 +1235,240 @@ static inline __attribute__((always_inline)) void update_piece_u8x8(
     }
     if (last)
         for (int i = 0; i < last->n; i += 32) u8_encode_pending32(last, i);
+}
+#endif
+
+#if HAVE_AVX512
+/* uint8 state with AVX-512: update_piece_u8x8's loop on 16 lanes. This CPU's
+   (Zen 4's) 512-bit operations take a 256-bit unit twice, so the gain is in the
+   instructions issued: half of them for the update, decoding and hashing, and fewer
+   still for the codes, whose truncating multiply (an AVX-512 rounding override) makes
+   both of u8_code's branches at once: where a block's scale is 2**(E - 127) with E
+   <= 141 and its values are finite and >= 0, w * 2**(15 - E) rounded toward zero is
+   x * 2**-112 (x = w / scale), exact from 2**-126 on, where its bits are
+   bits(x) - (112 << 23) (u8_code's normal code before the noise), and below, a
+   subnormal whose bits are floor(x * 2**37) = 8 * floor(x * 2**34) + t, t < 8:
+   u8_code's subnormal one, as in update_piece_u8x8's fast way. So the code is
+   (bits(t) + 8 * noise) >> 19 either way. (Subnormal results need flush-to-zero off:
+   update_cs checks.) On a CPU without AVX-512 the 8-lane loop runs; in a test, the
+   library built without it (tests/test_u8_state_cpu.py). */
+DEFINE_ELEMENT(__m512, m512, _mm512_fmadd_ps, _mm512_sqrt_ps)
+
+typedef struct {
+    __m512 lr, rho, one_minus_rho, eps, weight_decay, grad_scale;
+} hparams16_t;
+
+static inline __attribute__((always_inline)) hparams16_t hparams16(const float *restrict row, const float grad_scale) {
+    const hparams16_t h = {_mm512_set1_ps(row[LR]), _mm512_set1_ps(row[RHO]), _mm512_set1_ps(row[ONE_MINUS_RHO]),
+                           _mm512_set1_ps(row[EPS]), _mm512_set1_ps(row[WEIGHT_DECAY]), _mm512_set1_ps(grad_scale)};
+    return h;
+}
+
+/* widen8, round_nearest_bf16x8, store16x8 and hash32x8 on 16 lanes. */
+static inline __attribute__((always_inline)) __m512 widen16(const uint16_t *src) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)), 16));
+}
+static inline __attribute__((always_inline)) __m512i bf16_add_and_truncate16(const __m512 x, const __m512i addend) {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __mmask16 is_nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    return _mm512_srli_epi32(_mm512_mask_or_epi32(_mm512_add_epi32(bits, addend), is_nan, bits,
+                                                  _mm512_set1_epi32(0x400000)), 16);
+}
+static inline __attribute__((always_inline)) __m512i round_nearest_bf16x16(const __m512 x) {
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(x), 16), _mm512_set1_epi32(1));
+    return bf16_add_and_truncate16(x, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+}
+static inline __attribute__((always_inline)) void store16x16(uint16_t *dst, const __m512i x) {
+    _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(x)); /* (each lane below 2**16) */
+}
+/* round_nearest_bf16x16 of 16 values, stored. With AVX512_BF16, vcvtneps2bf16 rounds
+   the same way (to nearest even; a NaN quieted, its bits | 0x400000, truncated) but
+   for zeros and subnormals, whose result it flushes to a signed zero: lanes whose
+   exponent is 0 take the bits' way. */
+static inline __attribute__((always_inline)) void store_nearest_bf16x16(uint16_t *dst, const __m512 x) {
+#if defined(__AVX512BF16__)
+    const __mmask16 tiny = _mm512_testn_epi32_mask(_mm512_castps_si512(x), _mm512_set1_epi32(0x7F800000));
+    if (__builtin_expect(tiny == 0, 1)) {
+        _mm256_storeu_si256((__m256i *)dst, (__m256i)_mm512_cvtneps_pbh(x));
+        return;
+    }
+#endif
+    store16x16(dst, round_nearest_bf16x16(x));
+}
+static inline __attribute__((always_inline)) __m512i hash32x16(__m512i x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x7FEB352Du));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846CA68Bu));
+    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+/* u8_decode8 of 16 codes. */
+static inline __attribute__((always_inline)) __m512 u8_decode16(const uint8_t *codes, const __m512 scale) {
+    const __m256i halves = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)codes)), 6);
+    return _mm512_mul_ps(scale, _mm512_cvtph_ps(halves));
+}
+
+/* update8 on 16 lanes. */
+static inline __attribute__((always_inline)) __m512 update16(
+        void *restrict p, const void *restrict gr, float *restrict m, const int64_t e, const __m512 v,
+        __m512 *restrict u, const hparams16_t h, const int flags, const int kind, const int store,
+        float *restrict w_slot) {
+    __m512 w = store == STORE_MASTER ? _mm512_loadu_ps(m + e)
+             : kind == KIND_F32      ? _mm512_loadu_ps((const float *)p + e)
+                                     : widen16((const uint16_t *)p + e);
+    const __m512 grad = kind == KIND_F32 ? _mm512_loadu_ps((const float *)gr + e) : widen16((const uint16_t *)gr + e);
+    const __m512 g = grad_m512(grad, w, h.grad_scale, h.weight_decay, flags);
+    const __m512 square = square_m512(g, v, h.rho, h.one_minus_rho);
+    apply_m512(delta_m512(g, square, *u, h.eps), u, &w, h.rho, h.one_minus_rho, h.lr, flags);
+    if (kind == KIND_F32) {
+        _mm512_storeu_ps((float *)p + e, w);
+    } else {
+        if (store == STORE_MASTER) _mm512_storeu_ps(m + e, w);
+        if (store == STORE_STOCHASTIC) _mm512_store_ps(w_slot, w);
+        else store_nearest_bf16x16((uint16_t *)p + e, w);
+    }
+    return square;
+}
+
+/* update_block_cs8 on 16 lanes (n: a multiple of 16). */
+static inline __attribute__((always_inline)) void update_block_cs16(
+        void *restrict p, const void *restrict gr, uint16_t *restrict v, uint16_t *restrict u, float *restrict m,
+        const int64_t first, const int n, const float *restrict row, const float grad_scale, const int flags,
+        const int kind, const int store, const uint64_t at, const uint32_t k0) {
+    const hparams16_t h = hparams16(row, grad_scale);
+    __m512i index = _mm512_add_epi32(_mm512_set1_epi32((int)((uint32_t)at + hash32(k0))),
+                                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    float w_block[BLOCK] __attribute__((aligned(64)));
+    for (int i = 0; i < n; i += 16) {
+        __m512 acc = widen16(u + i);
+        const __m512 square = update16(p, gr, m, first + i, widen16(v + i), &acc, h, flags, kind, store, w_block + i);
+        const __m512i noise = hash32x16(index);
+        index = _mm512_add_epi32(index, _mm512_set1_epi32(16));
+        store16x16(v + i, bf16_add_and_truncate16(square, _mm512_and_si512(noise, _mm512_set1_epi32(0xFFFF))));
+        store16x16(u + i, bf16_add_and_truncate16(acc, _mm512_srli_epi32(noise, 16)));
+    }
+    if (kind != KIND_F32 && store == STORE_STOCHASTIC)
+        round_block_stochastic(w_block, (uint16_t *)p + first, n, kind, at, k0);
+}
+
+/* A quant block's new values, waiting for their codes (u8_pending_t's, for 16 lanes). */
+typedef struct {
+    float v[QUANT_BLOCK] __attribute__((aligned(64)));
+    float u[QUANT_BLOCK] __attribute__((aligned(64)));
+    u8_encoding_t v_encoding, u_encoding;
+    __m512 v_factor, u_factor; /* 2**(15 - E) of each scale 2**(E - 127), where fast */
+    int fast;                  /* both encode by the truncating multiply */
+    uint8_t *v_codes, *u_codes;
+    __m512i index;             /* the hash's inputs at the next 16 elements to encode */
+    int n;
+} u8_pending16_t;
+
+/* 2**(15 - E) where E is in [1, 141], a normal fp32 (else anything: not used). A
+   block of a larger scale, rare, encodes the general way (u8_codes32). */
+static inline __attribute__((always_inline)) __m512 u8_truncating_factor(const int exponent) {
+    return _mm512_castsi512_ps(_mm512_set1_epi32((int)((uint32_t)(142 - exponent) << 23)));
+}
+
+/* The codes of 32 values of a block encoded by the truncating multiply (see above),
+   stored; noise8[k]: 8 * the noise of w[16k..16k+15]. */
+static inline __attribute__((always_inline)) void u8_truncated_codes32(const float *restrict w, const __m512 factor,
+                                                                       const __m512i noise8[2],
+                                                                       uint8_t *restrict codes) {
+    __m512i c[2];
+    for (int k = 0; k < 2; ++k) {
+        const __m512 t = _mm512_mul_round_ps(_mm512_loadu_ps(w + 16 * k), factor,
+                                             _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        c[k] = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), noise8[k]), 19);
+    }
+    /* (Each pack works within 128-bit lanes: lane l ends with the bytes of c[0]'s and
+       c[1]'s lane l, twice over; the permute gathers the first copy of each.) */
+    const __m512i words = _mm512_packus_epi32(c[0], c[1]);
+    const __m512i bytes = _mm512_packus_epi16(words, words);
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+    _mm256_storeu_si256((__m256i *)codes, _mm512_castsi512_si256(_mm512_permutexvar_epi32(order, bytes)));
+}
+
+/* Codes [from, from + 32) of a pending block, stored; called for from = 0, 32, ... in turn. */
+static inline __attribute__((always_inline)) void u8_encode_pending16(u8_pending16_t *restrict b, const int from) {
+    const __m512i noise[2] = {hash32x16(b->index), hash32x16(_mm512_add_epi32(b->index, _mm512_set1_epi32(16)))};
+    b->index = _mm512_add_epi32(b->index, _mm512_set1_epi32(32));
+    if (b->fast) {
+        __m512i low[2], high[2];
+        for (int k = 0; k < 2; ++k) {
+            low[k] = _mm512_and_si512(_mm512_slli_epi32(noise[k], 3), _mm512_set1_epi32(0xFFFF << 3));
+            high[k] = _mm512_and_si512(_mm512_srli_epi32(noise[k], 13), _mm512_set1_epi32(~7));
+        }
+        u8_truncated_codes32(b->v + from, b->v_factor, low, b->v_codes + from);
+        u8_truncated_codes32(b->u + from, b->u_factor, high, b->u_codes + from);
+        return;
+    }
+    /* u8_codes32's general way, on 8 lanes. */
+    __m256i quarters[4], high[4];
+    for (int k = 0; k < 4; ++k) {
+        quarters[k] = k & 1 ? _mm512_extracti64x4_epi64(noise[k >> 1], 1) : _mm512_castsi512_si256(noise[k >> 1]);
+        high[k] = _mm256_srli_epi32(quarters[k], 16);
+    }
+    /* (A block of zero or NaN scale has only zero codes: its mask is 0.) */
+    if (b->v_encoding.mask) u8_codes32(b->v + from, _mm256_set1_ps(b->v_encoding.inverse), quarters, 1, b->v_codes + from);
+    else memset(b->v_codes + from, 0, 32);
+    if (b->u_encoding.mask) u8_codes32(b->u + from, _mm256_set1_ps(b->u_encoding.inverse), high, 0, b->u_codes + from);
+    else memset(b->u_codes + from, 0, 32);
+}
+
+/* The largest of 16 lanes' bits, in 8 lanes (u8_encoding_of's input). */
+static inline __attribute__((always_inline)) __m256i u8_top8(const __m512i top) {
+    return _mm256_max_epu32(_mm512_castsi512_si256(top), _mm512_extracti64x4_epi64(top, 1));
+}
+
+/* n_elements (a multiple of 32) of one piece: update_piece_u8x8's loop on 16 lanes. */
+static inline __attribute__((always_inline)) void update_piece_u8x16(
+        void *restrict p, const void *restrict gr, uint8_t *restrict v, uint8_t *restrict u,
+        float *restrict v_scale, float *restrict u_scale, float *restrict m, const int64_t n_elements,
+        const float *restrict row, const float grad_scale, const int flags, const int kind, const int store,
+        const uint64_t index, const uint32_t k0) {
+    const hparams16_t h = hparams16(row, grad_scale);
+    const uint32_t key = hash32(k0);
+    u8_pending16_t pending[2];
+    float w_block[QUANT_BLOCK] __attribute__((aligned(64)));
+    u8_pending16_t *last = 0; /* the pending block to encode, if any */
+    for (int64_t first = 0, b = 0; first < n_elements; first += QUANT_BLOCK, ++b) {
+        const int n = n_elements - first < QUANT_BLOCK ? (int)(n_elements - first) : QUANT_BLOCK;
+        u8_pending16_t *restrict next = &pending[b & 1];
+        const int n_last = last ? last->n : 0;
+        const __m512 v_old_scale = _mm512_set1_ps(v_scale[b]), u_old_scale = _mm512_set1_ps(u_scale[b]);
+        __m512i v_top = _mm512_setzero_si512(), u_top = _mm512_setzero_si512();
+        for (int i = 0; i < n; i += 32) {
+            for (int k = i; k < i + 32; k += 16) {
+                const int64_t e = first + k;
+                const __m512 v_old = u8_decode16(v + e, v_old_scale);
+                __m512 acc = u8_decode16(u + e, u_old_scale);
+                const __m512 square = update16(p, gr, m, e, v_old, &acc, h, flags, kind, store, w_block + k);
+                _mm512_store_ps(next->v + k, square);
+                _mm512_store_ps(next->u + k, acc);
+                v_top = _mm512_max_epu32(v_top, _mm512_castps_si512(square));
+                u_top = _mm512_max_epu32(u_top, _mm512_castps_si512(acc));
+            }
+            if (i < n_last) u8_encode_pending16(last, i);
+        }
+        for (int i = n; i < n_last; i += 32) u8_encode_pending16(last, i);
+        if (kind != KIND_F32 && store == STORE_STOCHASTIC)
+            round_block_stochastic(w_block, (uint16_t *)p + first, n, kind, index + (uint64_t)first, k0);
+        int v_new_exponent, u_new_exponent;
+        next->v_encoding = u8_encoding_of(u8_top8(v_top), next->v, n, &v_scale[b], &v_new_exponent, 1, 141);
+        next->u_encoding = u8_encoding_of(u8_top8(u_top), next->u, n, &u_scale[b], &u_new_exponent, 1, 141);
+        next->fast = v_new_exponent && u_new_exponent;
+        next->v_factor = u8_truncating_factor(v_new_exponent);
+        next->u_factor = u8_truncating_factor(u_new_exponent);
+        next->v_codes = v + first;
+        next->u_codes = u + first;
+        next->index = _mm512_add_epi32(_mm512_set1_epi32((int)((uint32_t)(index + (uint64_t)first) + key)),
+                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+        next->n = n;
+        last = next;
+    }
+    if (last)
+        for (int i = 0; i < last->n; i += 32) u8_encode_pending16(last, i);
 }
 #endif
 
@@ -1237,6 +1490,14 @@ static inline __attribute__((always_inline)) void update_cs(
         const int64_t tail = n_elements % QUANT_BLOCK;
         first = tail % 32 == 0 ? n_elements : n_elements - tail;
         b = first / QUANT_BLOCK;
+#if HAVE_AVX512
+        /* (The 16-lane loop's truncating multiply needs subnormal results: with
+           flush-to-zero or denormals-are-zero, the 8-lane loop gives the same bits.) */
+        if (!(_mm_getcsr() & (_MM_FLUSH_ZERO_ON | _MM_DENORMALS_ZERO_ON)))
+            update_piece_u8x16(p, gr, (uint8_t *)v, (uint8_t *)u, v_scale, u_scale, m, first, row, grad_scale,
+                               flags, kind, store, index, k0);
+        else
+#endif
         update_piece_u8x8(p, gr, (uint8_t *)v, (uint8_t *)u, v_scale, u_scale, m, first, row, grad_scale, flags,
                           kind, store, index, k0);
     }
@@ -1249,6 +1510,13 @@ static inline __attribute__((always_inline)) void update_cs(
            instructions per 8 elements outweigh the divider): update_piece_u8x8 above
            encodes each block during the next one's update instead. */
         if (state_kind == STATE_BF16 && !use_torch_sqrt && (kind == KIND_F32 || kind == KIND_BF16) && n % 8 == 0) {
+#if HAVE_AVX512
+            if (n % 16 == 0) {
+                update_block_cs16(p, gr, (uint16_t *)v + first, (uint16_t *)u + first, m, first, n, row, grad_scale,
+                                  flags, kind, store, index + (uint64_t)first, k0);
+                continue;
+            }
+#endif
             update_block_cs8(p, gr, (uint16_t *)v + first, (uint16_t *)u + first, m, first, n, row, grad_scale,
                              flags, kind, store, index + (uint64_t)first, k0);
             continue;
@@ -1361,8 +1629,11 @@ static const update_lowp_fn update_lowp_variants[N_KINDS][N_STORES][N_FLAG_VARIA
 
 extern SHARED const update_lowp_fn update_cs_variants_STATE_BF16[N_KINDS + 1][N_STORES][N_FLAG_VARIANTS];
 extern SHARED const update_lowp_fn update_cs_variants_STATE_U8[N_KINDS + 1][N_STORES][N_FLAG_VARIANTS];
-#if IN_CS_PART
+/* (bf16 state's loops in the main part: the two parts take about as long to build.) */
+#if IN_MAIN_PART
 CS_STATE(STATE_BF16)
+#endif
+#if IN_CS_PART
 CS_STATE(STATE_U8)
 #endif
 
