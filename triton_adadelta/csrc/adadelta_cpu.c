@@ -800,7 +800,7 @@ static inline __attribute__((always_inline)) __m256 u8_decode8(const uint8_t *co
 
 /* n codes of a block of `scale`, decoded (exactly: a power of two times a 5-bit
    value), in a pass of their own (update_block_cs_scalar's; with AVX2, most blocks
-   run in update_piece_u8x8's one loop instead). */
+   run in update_piece_u8x8's or update_piece_u8x16's one loop instead). */
 static __attribute__((noinline)) void u8_decode(const uint8_t *restrict codes, const int n, const float scale,
                                                 float *restrict out) {
     int i = 0;
@@ -1070,7 +1070,7 @@ static inline __attribute__((always_inline)) void update_block_cs8(
    32 elements at a time, and its new values wait in a buffer to be encoded during the
    next block's update. The update is bound by the divider, the decoding and encoding
    by the vector units' multiplies and shifts; in passes of their own (update_cs's
-   blocks) their times add up, in one loop they overlap. Where a block's new scale is
+   blocks) their times add up, in one loop they partly overlap. Where a block's new scale is
    2**(E - 127) with E in [37, 254] and its values are all finite and >= 0 (the largest
    one's bits below 0x7F800000), which most blocks are, its codes take fewer
    multiplies and shifts than u8_codes8's, with the same bits: a value w >=
@@ -1578,7 +1578,7 @@ static const update_lowp_fn update_lowp_variants[N_KINDS][N_STORES][N_FLAG_VARIA
 
 /* Compressed state: one function per (state, kind, store) taking any flags at run
    time, and for uint8 state, as for fp32 state, one without flags and one with
-   weight decay alone. bf16 state's fused AVX2 loop takes the flags as selects (a
+   weight decay alone. bf16 state's fused vector loop takes the flags as selects (a
    variant without flags made the build 0.6 s longer for little, with Philox noise); uint8
    state's update is one vectorized loop, in which runtime flags cost selects and
    blends (16M fp32 params, 2 threads: 9.8 ms instead of 12.1 with weight decay, the
