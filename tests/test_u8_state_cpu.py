@@ -19,6 +19,7 @@ bits with torch's sqrt, and the C loop the kernel's (Triton's interpreter).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 from typing import Callable
 
@@ -194,6 +195,9 @@ def u8_step(request, native) -> Callable[..., None]:
     path as built here (the C loop's 16 lanes where the CPU has AVX-512), or the C loop
     built for 8 lanes (library_8_lanes)."""
     if request.param == "as built":
+        # (The 16-lane loop runs only without flush-to-zero: make sure it is the one tested.)
+        lanes = ctypes.c_int.in_dll(native, "adadelta_u8_lanes").value
+        assert native.adadelta_u8_lanes_now() == lanes
         return cpu.adadelta_step_cpu_
     library = request.getfixturevalue("library_8_lanes")
 
@@ -444,6 +448,8 @@ def test_scales_at_the_fast_ways_bounds(native, u8_step, param_dtype, same_order
     if flush and not torch.set_flush_denormal(True):
         pytest.skip("this CPU has no flush-to-zero")
     try:
+        if flush:
+            assert native.adadelta_u8_lanes_now() == min(8, ctypes.c_int.in_dll(native, "adadelta_u8_lanes").value)
         result = run.step_u8(u8_step, **options)
         wanted = run.reference(native, **options)
     finally:

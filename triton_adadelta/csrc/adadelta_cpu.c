@@ -1472,6 +1472,17 @@ static inline __attribute__((always_inline)) void update_piece_u8x16(
 }
 #endif
 
+#if IN_MAIN_PART
+/* The lanes that uint8 state's loop takes on the calling thread now: 8 for the
+   16-lane build under flush-to-zero or denormals-are-zero (see update_cs). */
+int adadelta_u8_lanes_now(void) {
+#if HAVE_AVX512
+    if (_mm_getcsr() & (_MM_FLUSH_ZERO_ON | _MM_DENORMALS_ZERO_ON)) return 8;
+#endif
+    return adadelta_u8_lanes;
+}
+#endif
+
 /* n elements of one piece with compressed state (v, u: at the piece's state; uint8:
    v_scale, u_scale at its first quant block, which starts the piece): block by
    block, the old state decoded, updated, and the new encoded (bf16: its blocks of
