@@ -1108,6 +1108,22 @@ static inline __attribute__((always_inline)) u8_fast_encoding_t u8_fast_encoding
     return e;
 }
 
+/* Codes of 32 values of both states the general way (u8_codes32), stored: noise[k]
+   holds the hash of the elements 8k..8k+7, whose low half is square_avg's noise and
+   high half acc_delta's. (A block of zero or NaN scale has only zero codes: its mask
+   is 0.) */
+static inline __attribute__((always_inline)) void u8_general_codes32(
+        const float *restrict v, const float *restrict u, const u8_encoding_t v_encoding,
+        const u8_encoding_t u_encoding, const __m256i noise[4], uint8_t *restrict v_codes,
+        uint8_t *restrict u_codes) {
+    __m256i high[4];
+    for (int k = 0; k < 4; ++k) high[k] = _mm256_srli_epi32(noise[k], 16);
+    if (v_encoding.mask) u8_codes32(v, _mm256_set1_ps(v_encoding.inverse), noise, 1, v_codes);
+    else memset(v_codes, 0, 32);
+    if (u_encoding.mask) u8_codes32(u, _mm256_set1_ps(u_encoding.inverse), high, 0, u_codes);
+    else memset(u_codes, 0, 32);
+}
+
 /* A quant block's new values, waiting for their codes. */
 typedef struct {
     float v[QUANT_BLOCK] __attribute__((aligned(64)));
@@ -1155,12 +1171,8 @@ static inline __attribute__((always_inline)) void u8_encode_pending32(u8_pending
         u8_fast_codes32(b->u + from, b->u_fast, high, b->u_codes + from);
         return;
     }
-    for (int k = 0; k < 4; ++k) high[k] = _mm256_srli_epi32(noise[k], 16);
-    /* (A block of zero or NaN scale has only zero codes: its mask is 0.) */
-    if (b->v_encoding.mask) u8_codes32(b->v + from, _mm256_set1_ps(b->v_encoding.inverse), noise, 1, b->v_codes + from);
-    else memset(b->v_codes + from, 0, 32);
-    if (b->u_encoding.mask) u8_codes32(b->u + from, _mm256_set1_ps(b->u_encoding.inverse), high, 0, b->u_codes + from);
-    else memset(b->u_codes + from, 0, 32);
+    u8_general_codes32(b->v + from, b->u + from, b->v_encoding, b->u_encoding, noise, b->v_codes + from,
+                       b->u_codes + from);
 }
 
 /* A block's encoding from its values' largest bits (as unsigned: a negative value's
@@ -1403,17 +1415,11 @@ static inline __attribute__((always_inline)) void u8_encode_pending16(u8_pending
         u8_truncated_codes32(b->u + from, b->u_factor, high, b->u_codes + from);
         return;
     }
-    /* u8_codes32's general way, on 8 lanes. */
-    __m256i quarters[4], high[4];
-    for (int k = 0; k < 4; ++k) {
+    __m256i quarters[4]; /* (the general way is on 8 lanes) */
+    for (int k = 0; k < 4; ++k)
         quarters[k] = k & 1 ? _mm512_extracti64x4_epi64(noise[k >> 1], 1) : _mm512_castsi512_si256(noise[k >> 1]);
-        high[k] = _mm256_srli_epi32(quarters[k], 16);
-    }
-    /* (A block of zero or NaN scale has only zero codes: its mask is 0.) */
-    if (b->v_encoding.mask) u8_codes32(b->v + from, _mm256_set1_ps(b->v_encoding.inverse), quarters, 1, b->v_codes + from);
-    else memset(b->v_codes + from, 0, 32);
-    if (b->u_encoding.mask) u8_codes32(b->u + from, _mm256_set1_ps(b->u_encoding.inverse), high, 0, b->u_codes + from);
-    else memset(b->u_codes + from, 0, 32);
+    u8_general_codes32(b->v + from, b->u + from, b->v_encoding, b->u_encoding, quarters, b->v_codes + from,
+                       b->u_codes + from);
 }
 
 /* The largest of 16 lanes' bits, in 8 lanes (u8_encoding_of's input). */
@@ -1470,14 +1476,20 @@ static inline __attribute__((always_inline)) void update_piece_u8x16(
     if (last)
         for (int i = 0; i < last->n; i += 32) u8_encode_pending16(last, i);
 }
+
+/* Whether uint8 state's 16-lane loop runs on the calling thread: its truncating
+   multiply needs subnormal results, so not under flush-to-zero or
+   denormals-are-zero, where the 8-lane loop gives the same bits. */
+static inline int u8_wide_loop_now(void) {
+    return (_mm_getcsr() & (_MM_FLUSH_ZERO_ON | _MM_DENORMALS_ZERO_ON)) == 0;
+}
 #endif
 
 #if IN_MAIN_PART
-/* The lanes that uint8 state's loop takes on the calling thread now: 8 for the
-   16-lane build under flush-to-zero or denormals-are-zero (see update_cs). */
+/* The lanes that uint8 state's loop takes on the calling thread now (tests read it). */
 int adadelta_u8_lanes_now(void) {
 #if HAVE_AVX512
-    if (_mm_getcsr() & (_MM_FLUSH_ZERO_ON | _MM_DENORMALS_ZERO_ON)) return 8;
+    if (!u8_wide_loop_now()) return 8;
 #endif
     return adadelta_u8_lanes;
 }
@@ -1502,9 +1514,7 @@ static inline __attribute__((always_inline)) void update_cs(
         first = tail % 32 == 0 ? n_elements : n_elements - tail;
         b = first / QUANT_BLOCK;
 #if HAVE_AVX512
-        /* (The 16-lane loop's truncating multiply needs subnormal results: with
-           flush-to-zero or denormals-are-zero, the 8-lane loop gives the same bits.) */
-        if (!(_mm_getcsr() & (_MM_FLUSH_ZERO_ON | _MM_DENORMALS_ZERO_ON)))
+        if (u8_wide_loop_now())
             update_piece_u8x16(p, gr, (uint8_t *)v, (uint8_t *)u, v_scale, u_scale, m, first, row, grad_scale,
                                flags, kind, store, index, k0);
         else
