@@ -577,10 +577,11 @@ def _dequantize(codes, scale, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _quantize(values, noise16, mask, BLOCK: tl.constexpr):
+def _quantize(values, noise16, mask, BLOCK: tl.constexpr, ROUND_UP: tl.constexpr):
     """fp32 ``values`` as ``(codes, scales)``: one scale per quant block, each value
     rounded stochastically on its block's grid by 16 bits of noise (``mask``: the
-    values that count).
+    values that count); with ``ROUND_UP`` (``square_avg``'s), the subnormal codes
+    (below 2**-14 of the scale) round up instead (noise 0xFFFF; see ``quant.py``).
 
     The scale is the power of two at or below the block's largest value rounded up
     to the code's 5 significant bits, so no value rounds past code 255, and
@@ -617,7 +618,8 @@ def _quantize(values, noise16, mask, BLOCK: tl.constexpr):
     normal = (bits - _CODE_EXPONENT_BIAS + (noise << 3)) >> 19
     # Below 2**-14: multiples of 2**-18; the value in 16ths of 2**-18 (truncated), plus the noise.
     # (Clamped first: the conversion of a normal value's product would overflow.)
-    subnormal = ((tl.minimum(scaled, _SMALLEST_NORMAL_CODE) * _SUBNORMAL_FIXED_POINT).to(tl.uint32) + noise) >> 16
+    small_noise = 0xFFFF if ROUND_UP else noise
+    subnormal = ((tl.minimum(scaled, _SMALLEST_NORMAL_CODE) * _SUBNORMAL_FIXED_POINT).to(tl.uint32) + small_noise) >> 16
     codes = tl.where(bits >= _SMALLEST_NORMAL_CODE_BITS, normal, subnormal)
     codes = tl.where(usable[:, None], codes, 0).to(tl.uint8)
     scale = tl.where(usable | (finite & (largest < 0x800000)), scale, float("nan"))
@@ -711,8 +713,8 @@ def _update_block(
         # 8-bit state: rounded stochastically on each quant block's grid, with bf16
         # state's noise (the halves of one hash per element).
         state_noise = _state_noise(seed, state_offs)
-        square_avg_codes, square_avg_scale = _quantize(square_avg, state_noise & 0xFFFF, mask, BLOCK)
-        acc_delta_codes, acc_delta_scale = _quantize(acc_delta, state_noise >> 16, mask, BLOCK)
+        square_avg_codes, square_avg_scale = _quantize(square_avg, state_noise & 0xFFFF, mask, BLOCK, True)
+        acc_delta_codes, acc_delta_scale = _quantize(acc_delta, state_noise >> 16, mask, BLOCK, False)
         tl.store(square_avg_ptr + state_offs, square_avg_codes, mask=mask)
         tl.store(acc_delta_ptr + state_offs, acc_delta_codes, mask=mask)
         tl.store(square_avg_scale_ptr + scale_index, square_avg_scale, mask=row_valid)

@@ -134,7 +134,8 @@ def _regression_with_code(seed: int, noise_seed: int | None) -> float:
                         continue
                     codes, scales = torch.empty(new.numel(), dtype=torch.uint8), torch.empty(-(-new.numel() // 256))
                     bits = None if noise is None else torch.randint(0, 1 << 16, (new.numel(),), generator=noise)
-                    quantize_(new, codes, scales, bits)
+                    # (square_avg's subnormal codes round up, as a step's do.)
+                    quantize_(new, codes, scales, bits, round_up_small=bits is not None and k == 0)
                     values[k] = dequantize(codes, scales)
     with torch.no_grad():
         return torch.nn.functional.mse_loss(model(x), y).item()

@@ -76,9 +76,10 @@ def noise_of(seed: int, first: int, n: int, half: int) -> np.ndarray:
     return ((hash32(index) >> np.uint32(16 * half)) & np.uint32(0xFFFF)).astype(np.int64)
 
 
-def encode_block(w: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.float32]:
+def encode_block(w: np.ndarray, noise: np.ndarray, round_up_small: bool = False) -> tuple[np.ndarray, np.float32]:
     """The codes and the scale of one quant block's ``w`` (fp32, 1 to 256 values), each
-    value's code chosen by its 16 bits of ``noise``."""
+    value's code chosen by its 16 bits of ``noise``; with ``round_up_small``
+    (square_avg's), a value below 2**-14 of the scale by noise 0xFFFF (rounded up)."""
     zeros = np.zeros(w.size, dtype=np.uint8)
     nan = np.array(NAN_SCALE_BITS, dtype=np.uint32).view(np.float32)
     if not np.isfinite(w).all():
@@ -93,6 +94,8 @@ def encode_block(w: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.float
         return zeros, nan
     scale = 2.0 ** (exponent - 127)
     x = w.astype(np.float64) / scale  # exact
+    if round_up_small:
+        noise = np.where(x < 2.0**-14, 0xFFFF, noise)
     # The two values around x; up when noise + the distance above the lower in 2**-16ths
     # of the gap (truncated) reaches 2**16.
     assert (x <= CODE_VALUES[255]).all(), "the scale puts every value at or below the last code"
@@ -114,7 +117,7 @@ def encode_pieces_(values: np.ndarray, codes: np.ndarray, scales: np.ndarray, pi
         for first in range(start, start + numel, QUANT_BLOCK):
             last = min(first + QUANT_BLOCK, start + numel)
             noise = noise_of(seed, first, last - first, half)
-            codes[first:last], scales[first // QUANT_BLOCK] = encode_block(values[first:last], noise)
+            codes[first:last], scales[first // QUANT_BLOCK] = encode_block(values[first:last], noise, half == 0)
 
 
 # -------------------------------------------------------------------------- helpers

@@ -843,8 +843,9 @@ def _chunked_step_(
                 blocks_kept = _blocks_to_keep(chunk.mask, proceed)
                 # The kernel's noise: the halves of one hash per element.
                 noise = state_noise(seed, start, n, device)
-                for codes, block_scales, fresh, half in zip(state, scales, new_state, (noise & 0xFFFF, noise >> 16)):
-                    _store_quantized_(fresh, codes, block_scales, start, chunk.mask, keep, blocks_kept, half)
+                halves = (noise & 0xFFFF, noise >> 16)
+                for codes, block_scales, fresh, half, up in zip(state, scales, new_state, halves, (True, False)):
+                    _store_quantized_(fresh, codes, block_scales, start, chunk.mask, keep, blocks_kept, half, up)
             elif compressed:
                 low = scratch["low_state"][:n]
                 for stored, fresh in zip(state, new_state):
@@ -904,10 +905,12 @@ def _store_quantized_(
     keep: torch.Tensor | None,
     blocks_kept: torch.Tensor | None,
     noise: torch.Tensor,
+    round_up_small: bool,
 ) -> None:
     """Encode a chunk's new fp32 ``values`` into its ``codes`` and its blocks' scales
     (from state element ``start``, a multiple of QUANT_BLOCK, in the whole flat
-    ``scales``), rounded stochastically by ``noise`` (16 bits per value), as the C loop does.
+    ``scales``), rounded stochastically by ``noise`` (16 bits per value), as the C loop
+    does (``round_up_small``: square_avg's, see :func:`quantize_`).
 
     ``valid``: True where a piece lies (None: everywhere): the gaps between pieces,
     padding or other params' state, count in no block's max. ``keep``: the codes
@@ -917,7 +920,7 @@ def _store_quantized_(
     first = start // QUANT_BLOCK
     block_scales = scales[first : first + n_blocks]
     new_codes, new_scales = torch.empty_like(codes), torch.empty_like(block_scales)
-    quantize_(values if valid is None else torch.where(valid, values, 0.0), new_codes, new_scales, noise)
+    quantize_(values if valid is None else torch.where(valid, values, 0.0), new_codes, new_scales, noise, round_up_small)
     _commit_(codes, new_codes, keep)
     _commit_(block_scales, new_scales, blocks_kept)
 

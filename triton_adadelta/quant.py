@@ -9,7 +9,14 @@ scale is the power of two at or below the block's largest value rounded up to 5
 significant bits, so every value of the block has a code, and dividing by the scale is
 exact. A step stores each value rounded stochastically on its block's grid, with 16
 bits of noise (unbiased to 2**-16 of a gap): to nearest, a running average that
-changes by less than half a gap per step would stall. A block with a NaN or an inf
+changes by less than half a gap per step would stall. But ``square_avg``'s subnormal
+codes (below 2**-14 of the scale) round up: on that coarse grid a small ``square_avg``
+would often read back as 0, far below its value, and AdaDelta divides by its square
+root; where an element's grads stay small, its steps then feed ``acc_delta``, which
+feeds them back, without bound (under constant grads, ``acc_delta`` reached 352 in 60
+steps where fp32 state's stays below 2e-5: ``tests/test_quantized_state.py``). Rounded
+up, it never reads back below the value the step computed, so no step is larger than
+that value gives. A block with a NaN or an inf
 gets a NaN scale (so does one whose largest value rounds past fp32's range); one whose
 largest value is below fp32's smallest normal (zero included), a zero scale.
 
@@ -87,12 +94,17 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_(
-    values: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, noise: torch.Tensor | None = None
+    values: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    round_up_small: bool = False,
 ) -> None:
     """Store 1-D fp32 ``values`` as ``codes`` (uint8, the same length) and one scale per
     ``QUANT_BLOCK`` of them (``scales``, fp32), rounded on each block's grid:
     stochastically by ``noise`` (16 bits per value, int64, as a step does), or to
-    nearest (ties to even) without it.
+    nearest (ties to even) without it. ``round_up_small`` (``square_avg``'s, with
+    ``noise``): the subnormal codes round up instead (noise 0xFFFF), as a step's do.
 
     The last block may be short: its missing elements count as padding (zeros, not
     stored). Raises nothing; a block holding a NaN or an inf gets a NaN scale.
@@ -127,7 +139,8 @@ def quantize_(
         padded[:n] = noise.reshape(-1)
         noise16 = padded.view(n_blocks, QUANT_BLOCK)
         normal = (bits - _CODE_EXPONENT_BIAS + (noise16 << 3)) >> 19
-        subnormal = ((scaled.clamp(max=2.0**-14) * _SUBNORMAL_FIXED_POINT).to(torch.int64) + noise16) >> 16
+        small_noise = 0xFFFF if round_up_small else noise16
+        subnormal = ((scaled.clamp(max=2.0**-14) * _SUBNORMAL_FIXED_POINT).to(torch.int64) + small_noise) >> 16
     code = torch.where(bits >= _SMALLEST_NORMAL_CODE_BITS, normal, subnormal)
     code = torch.where(usable[:, None], code, 0)
     codes.copy_(code.reshape(-1)[:n].to(torch.uint8).view_as(codes))

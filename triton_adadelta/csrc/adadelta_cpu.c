@@ -854,52 +854,67 @@ static inline __attribute__((always_inline)) u8_encoding_t u8_encoding(const u8_
     return encoding;
 }
 
+/* square_avg's codes below 2**-14 (the subnormal ones) round up, as if by noise
+   0xFFFF: rounded stochastically on their coarse grid, a small square_avg would often
+   read back as 0 (or far below its value), and AdaDelta divides by its square root, so
+   the steps of an element whose grads stay small, where acc_delta feeds on them, would
+   grow without bound (under constant grads, acc_delta reached 352 in 60 steps where
+   fp32 state's stays below 2e-5: tests/test_quantized_state.py).
+   Rounded up, square_avg never reads back below the value the step computed, so no
+   step is larger than that value gives. (acc_delta, a numerator, keeps the noise.) */
+#define U8_ROUND_UP 0xFFFFu
+
 /* The code of w, rounded by 16 bits of noise: x = w / scale; from 2**-14 on, the
    float8's exponent and 4 mantissa bits from x's, plus the noise at the top of the 19
-   dropped bits, truncated; below, x in 16ths of 2**-18 (truncated), plus the noise,
-   over 2**16. (The select is maxps's: a NaN or negative w gives 0; an inf, in a
-   block whose codes are all 0, anything.) */
+   dropped bits, truncated; below, x in 16ths of 2**-18 (truncated), plus the noise
+   (U8_ROUND_UP where round_up: square_avg's), over 2**16. (The select is maxps's: a
+   NaN or negative w gives 0; an inf, in a block whose codes are all 0, anything.) */
 static inline __attribute__((always_inline)) uint8_t u8_code(const float w, const u8_encoding_t encoding,
-                                                             const uint32_t noise) {
+                                                             const uint32_t noise, const int round_up) {
     const float x = (w > 0.0f ? w : 0.0f) * encoding.inverse;
     const uint32_t xb = f32_to_bits(x);
     const uint32_t normal = (xb - (112u << 23) + (noise << 3)) >> 19;
-    const uint32_t subnormal = ((uint32_t)((x < 0x1p-14f ? x : 0x1p-14f) * 0x1p34f) + noise) >> 16;
+    const uint32_t subnormal =
+        ((uint32_t)((x < 0x1p-14f ? x : 0x1p-14f) * 0x1p34f) + (round_up ? U8_ROUND_UP : noise)) >> 16;
     return (uint8_t)((xb >= (113u << 23) ? normal : subnormal) & encoding.mask);
 }
 
 #if defined(__AVX2__)
 /* u8_code of 8 values of a block that has codes, in 32-bit lanes (noise: 16 bits a lane). */
 static inline __attribute__((always_inline)) __m256i u8_codes8(const __m256 w, const __m256 inverse,
-                                                               const __m256i noise) {
+                                                               const __m256i noise, const int round_up) {
     const __m256 x = _mm256_mul_ps(_mm256_max_ps(w, _mm256_setzero_ps()), inverse);
     const __m256i xb = _mm256_castps_si256(x);
     const __m256i normal = _mm256_srli_epi32(
         _mm256_add_epi32(_mm256_sub_epi32(xb, _mm256_set1_epi32((int)(112u << 23))), _mm256_slli_epi32(noise, 3)), 19);
     const __m256 fixed = _mm256_mul_ps(_mm256_min_ps(x, _mm256_set1_ps(0x1p-14f)), _mm256_set1_ps(0x1p34f));
-    const __m256i subnormal = _mm256_srli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fixed), noise), 16);
+    const __m256i subnormal = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_cvttps_epi32(fixed), round_up ? _mm256_set1_epi32(U8_ROUND_UP) : noise), 16);
     const __m256i is_normal = _mm256_cmpgt_epi32(xb, _mm256_set1_epi32((int)(113u << 23) - 1));
     return _mm256_blendv_epi8(subnormal, normal, is_normal);
 }
 
 /* The codes of 32 values w of a block that has codes (1 / its scale: inverse), stored:
    noise[k] holds the noise of w[8k..8k+7] in its lanes' low 16 bits (above them,
-   anything when low16, else 0). */
+   anything when low16, else 0). round_up: u8_code's. */
 static inline __attribute__((always_inline)) void u8_codes32(const float *restrict w, const __m256 inverse,
                                                              const __m256i noise[4], const int low16,
-                                                             uint8_t *restrict codes) {
+                                                             const int round_up, uint8_t *restrict codes) {
     const __m256i mask = _mm256_set1_epi32(0xFFFF);
     __m256i c[4];
     for (int k = 0; k < 4; ++k)
-        c[k] = u8_codes8(_mm256_loadu_ps(w + 8 * k), inverse, low16 ? _mm256_and_si256(noise[k], mask) : noise[k]);
+        c[k] = u8_codes8(_mm256_loadu_ps(w + 8 * k), inverse, low16 ? _mm256_and_si256(noise[k], mask) : noise[k],
+                         round_up);
     /* (Each pack interleaves the two 128-bit lanes: one permute puts them back.) */
     const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c[0], c[1]), _mm256_packus_epi32(c[2], c[3]));
     _mm256_storeu_si256((__m256i *)codes, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
 }
 #endif
 
-/* The codes of n values w of a block. With AVX2, 32 at a time by hand: the
-   compiler's own vectors narrow to bytes and widen back (the pass took twice as long). */
+/* The codes of n values w of a block, noise[i] >> shift its noise: square_avg's
+   (shift 0, rounded up below 2**-14) or acc_delta's (16). With AVX2, 32 at a time by
+   hand: the compiler's own vectors narrow to bytes and widen back (the pass took twice
+   as long). */
 static __attribute__((noinline)) void u8_codes(const float *restrict w, const int n, const u8_encoding_t encoding,
                                                uint8_t *restrict codes, const uint32_t *restrict noise,
                                                const int shift) {
@@ -912,11 +927,12 @@ static __attribute__((noinline)) void u8_codes(const float *restrict w, const in
             __m256i bits[4];
             for (int k = 0; k < 4; ++k)
                 bits[k] = _mm256_srl_epi32(_mm256_loadu_si256((const __m256i *)(noise + i + 8 * k)), count);
-            u8_codes32(w + i, inverse, bits, shift == 0, codes + i);
+            if (shift == 0) u8_codes32(w + i, inverse, bits, 1, 1, codes + i);
+            else u8_codes32(w + i, inverse, bits, 0, 0, codes + i);
         }
     }
 #endif
-    for (; i < n; ++i) codes[i] = u8_code(w[i], encoding, (noise[i] >> shift) & 0xFFFFu);
+    for (; i < n; ++i) codes[i] = u8_code(w[i], encoding, (noise[i] >> shift) & 0xFFFFu, shift == 0);
 }
 
 /* One block of n <= BLOCK elements of the fp32 update with compressed state, from
@@ -1118,9 +1134,9 @@ static inline __attribute__((always_inline)) void u8_general_codes32(
         uint8_t *restrict u_codes) {
     __m256i high[4];
     for (int k = 0; k < 4; ++k) high[k] = _mm256_srli_epi32(noise[k], 16);
-    if (v_encoding.mask) u8_codes32(v, _mm256_set1_ps(v_encoding.inverse), noise, 1, v_codes);
+    if (v_encoding.mask) u8_codes32(v, _mm256_set1_ps(v_encoding.inverse), noise, 1, 1, v_codes);
     else memset(v_codes, 0, 32);
-    if (u_encoding.mask) u8_codes32(u, _mm256_set1_ps(u_encoding.inverse), high, 0, u_codes);
+    if (u_encoding.mask) u8_codes32(u, _mm256_set1_ps(u_encoding.inverse), high, 0, 0, u_codes);
     else memset(u_codes, 0, 32);
 }
 
@@ -1137,9 +1153,10 @@ typedef struct {
 } u8_pending_t;
 
 /* The codes of 32 values of a block encoded the fast way (see above), stored;
-   noise8[k]: 8 * the noise of w[8k..8k+7]. */
+   noise8[k]: 8 * the noise of w[8k..8k+7]. round_up: u8_code's. */
 static inline __attribute__((always_inline)) void u8_fast_codes32(const float *restrict w, const u8_fast_encoding_t e,
-                                                                  const __m256i noise8[4], uint8_t *restrict codes) {
+                                                                  const __m256i noise8[4], const int round_up,
+                                                                  uint8_t *restrict codes) {
     const __m256i offset = e.offset, below = e.below;
     const __m256 small = e.small;
     __m256i c[4];
@@ -1147,8 +1164,11 @@ static inline __attribute__((always_inline)) void u8_fast_codes32(const float *r
         const __m256 x = _mm256_loadu_ps(w + 8 * k);
         const __m256i bits = _mm256_castps_si256(x);
         const __m256i fixed = _mm256_cvttps_epi32(_mm256_mul_ps(x, small));
-        const __m256i y = _mm256_blendv_epi8(fixed, _mm256_sub_epi32(bits, offset), _mm256_cmpgt_epi32(bits, below));
-        c[k] = _mm256_srli_epi32(_mm256_add_epi32(y, noise8[k]), 19);
+        const __m256i is_normal = _mm256_cmpgt_epi32(bits, below);
+        const __m256i y = _mm256_blendv_epi8(fixed, _mm256_sub_epi32(bits, offset), is_normal);
+        const __m256i noise = round_up ? _mm256_blendv_epi8(_mm256_set1_epi32(8 * U8_ROUND_UP), noise8[k], is_normal)
+                                       : noise8[k];
+        c[k] = _mm256_srli_epi32(_mm256_add_epi32(y, noise), 19);
     }
     const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c[0], c[1]), _mm256_packus_epi32(c[2], c[3]));
     _mm256_storeu_si256((__m256i *)codes, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
@@ -1167,8 +1187,8 @@ static inline __attribute__((always_inline)) void u8_encode_pending32(u8_pending
             low[k] = _mm256_and_si256(_mm256_slli_epi32(noise[k], 3), _mm256_set1_epi32(0xFFFF << 3));
             high[k] = _mm256_and_si256(_mm256_srli_epi32(noise[k], 13), _mm256_set1_epi32(~7));
         }
-        u8_fast_codes32(b->v + from, b->v_fast, low, b->v_codes + from);
-        u8_fast_codes32(b->u + from, b->u_fast, high, b->u_codes + from);
+        u8_fast_codes32(b->v + from, b->v_fast, low, 1, b->v_codes + from);
+        u8_fast_codes32(b->u + from, b->u_fast, high, 0, b->u_codes + from);
         return;
     }
     u8_general_codes32(b->v + from, b->u + from, b->v_encoding, b->u_encoding, noise, b->v_codes + from,
@@ -1383,15 +1403,20 @@ static inline __attribute__((always_inline)) __m512 u8_truncating_factor(const i
 }
 
 /* The codes of 32 values of a block encoded by the truncating multiply (see above),
-   stored; noise8[k]: 8 * the noise of w[16k..16k+15]. */
+   stored; noise8[k]: 8 * the noise of w[16k..16k+15]. round_up: u8_code's (below
+   2**-14, the product is a subnormal: its bits below 1 << 23). */
 static inline __attribute__((always_inline)) void u8_truncated_codes32(const float *restrict w, const __m512 factor,
-                                                                       const __m512i noise8[2],
+                                                                       const __m512i noise8[2], const int round_up,
                                                                        uint8_t *restrict codes) {
     __m512i c[2];
     for (int k = 0; k < 2; ++k) {
-        const __m512 t = _mm512_mul_round_ps(_mm512_loadu_ps(w + 16 * k), factor,
-                                             _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-        c[k] = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), noise8[k]), 19);
+        const __m512i t = _mm512_castps_si512(_mm512_mul_round_ps(_mm512_loadu_ps(w + 16 * k), factor,
+                                                                  _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
+        const __m512i noise = round_up ? _mm512_mask_mov_epi32(noise8[k],
+                                                               _mm512_cmplt_epu32_mask(t, _mm512_set1_epi32(1 << 23)),
+                                                               _mm512_set1_epi32(8 * U8_ROUND_UP))
+                                       : noise8[k];
+        c[k] = _mm512_srli_epi32(_mm512_add_epi32(t, noise), 19);
     }
     /* (Each pack works within 128-bit lanes: lane l ends with the bytes of c[0]'s and
        c[1]'s lane l, twice over; the permute gathers the first copy of each.) */
@@ -1411,8 +1436,8 @@ static inline __attribute__((always_inline)) void u8_encode_pending16(u8_pending
             low[k] = _mm512_and_si512(_mm512_slli_epi32(noise[k], 3), _mm512_set1_epi32(0xFFFF << 3));
             high[k] = _mm512_and_si512(_mm512_srli_epi32(noise[k], 13), _mm512_set1_epi32(~7));
         }
-        u8_truncated_codes32(b->v + from, b->v_factor, low, b->v_codes + from);
-        u8_truncated_codes32(b->u + from, b->u_factor, high, b->u_codes + from);
+        u8_truncated_codes32(b->v + from, b->v_factor, low, 1, b->v_codes + from);
+        u8_truncated_codes32(b->u + from, b->u_factor, high, 0, b->u_codes + from);
         return;
     }
     __m256i quarters[4]; /* (the general way is on 8 lanes) */
