@@ -920,7 +920,8 @@ def _store_quantized_(
     first = start // QUANT_BLOCK
     block_scales = scales[first : first + n_blocks]
     new_codes, new_scales = torch.empty_like(codes), torch.empty_like(block_scales)
-    quantize_(values if valid is None else torch.where(valid, values, 0.0), new_codes, new_scales, noise, round_up_small)
+    masked = values if valid is None else torch.where(valid, values, 0.0)
+    quantize_(masked, new_codes, new_scales, noise, round_up_small)
     _commit_(codes, new_codes, keep)
     _commit_(block_scales, new_scales, blocks_kept)
 
