@@ -123,8 +123,8 @@ def test_a_step_stores_the_quantizers_codes_on_awkward_blocks(backend, name):
 
 
 def test_constant_grads_leave_acc_delta_near_fp32_states(backend):
-    # Full-batch training: the same grads every step. In each block one grad is 8 (its
-    # square_avg's scale: 64) and the rest 3e-3, so their square_avg, 9e-6, lies below
+    # The same grads every step, as perf/bench_step.py steps. In each block one grad is
+    # 8 (its square_avg's scale: 64) and the rest 3e-3, so their square_avg, 9e-6, lies below
     # the block's first code above 0 (64 * 2**-22, 1.5e-5). Rounded stochastically
     # there, it read back as 0 two times in five, and each such step multiplied
     # acc_delta by 0.9 + 0.1 * g**2 / eps = 1.8: it reached 352 in 60 steps (fp32
