@@ -896,15 +896,16 @@ static inline __attribute__((always_inline)) __m256i u8_codes8(const __m256 w, c
 
 /* The codes of 32 values w of a block that has codes (1 / its scale: inverse), stored:
    noise[k] holds the noise of w[8k..8k+7] in its lanes' low 16 bits (above them,
-   anything when low16, else 0). round_up: u8_code's. */
+   anything for square_avg, the low half's owner, whose small codes round up as
+   u8_code's round_up; 0 for acc_delta). */
 static inline __attribute__((always_inline)) void u8_codes32(const float *restrict w, const __m256 inverse,
-                                                             const __m256i noise[4], const int low16,
-                                                             const int round_up, uint8_t *restrict codes) {
+                                                             const __m256i noise[4], const int square_avg,
+                                                             uint8_t *restrict codes) {
     const __m256i mask = _mm256_set1_epi32(0xFFFF);
     __m256i c[4];
     for (int k = 0; k < 4; ++k)
-        c[k] = u8_codes8(_mm256_loadu_ps(w + 8 * k), inverse, low16 ? _mm256_and_si256(noise[k], mask) : noise[k],
-                         round_up);
+        c[k] = u8_codes8(_mm256_loadu_ps(w + 8 * k), inverse,
+                         square_avg ? _mm256_and_si256(noise[k], mask) : noise[k], square_avg);
     /* (Each pack interleaves the two 128-bit lanes: one permute puts them back.) */
     const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c[0], c[1]), _mm256_packus_epi32(c[2], c[3]));
     _mm256_storeu_si256((__m256i *)codes, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
@@ -927,8 +928,7 @@ static __attribute__((noinline)) void u8_codes(const float *restrict w, const in
             __m256i bits[4];
             for (int k = 0; k < 4; ++k)
                 bits[k] = _mm256_srl_epi32(_mm256_loadu_si256((const __m256i *)(noise + i + 8 * k)), count);
-            if (shift == 0) u8_codes32(w + i, inverse, bits, 1, 1, codes + i);
-            else u8_codes32(w + i, inverse, bits, 0, 0, codes + i);
+            u8_codes32(w + i, inverse, bits, shift == 0, codes + i);
         }
     }
 #endif
@@ -1134,9 +1134,9 @@ static inline __attribute__((always_inline)) void u8_general_codes32(
         uint8_t *restrict u_codes) {
     __m256i high[4];
     for (int k = 0; k < 4; ++k) high[k] = _mm256_srli_epi32(noise[k], 16);
-    if (v_encoding.mask) u8_codes32(v, _mm256_set1_ps(v_encoding.inverse), noise, 1, 1, v_codes);
+    if (v_encoding.mask) u8_codes32(v, _mm256_set1_ps(v_encoding.inverse), noise, 1, v_codes);
     else memset(v_codes, 0, 32);
-    if (u_encoding.mask) u8_codes32(u, _mm256_set1_ps(u_encoding.inverse), high, 0, 0, u_codes);
+    if (u_encoding.mask) u8_codes32(u, _mm256_set1_ps(u_encoding.inverse), high, 0, u_codes);
     else memset(u_codes, 0, 32);
 }
 
