@@ -1418,12 +1418,23 @@ static inline __attribute__((always_inline)) void u8_truncated_codes32(const flo
                                        : noise8[k];
         c[k] = _mm512_srli_epi32(_mm512_add_epi32(t, noise), 19);
     }
-    /* (Each pack works within 128-bit lanes: lane l ends with the bytes of c[0]'s and
-       c[1]'s lane l, twice over; the permute gathers the first copy of each.) */
+    /* Each code is below 256, its lane's low byte. With AVX512_VBMI one two-source byte
+       permute gathers those of c[0] and c[1]: perf/ab_native.py
+       (perf/results/ab_native_u8_byte_permute*). Else packs, each within 128-bit lanes
+       (lane l ends with the bytes of c[0]'s and c[1]'s lane l, twice over), and a
+       permute that gathers the first copy of each. */
+#if defined(__AVX512VBMI__)
+    const __m512i low_bytes = _mm512_set_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        124, 120, 116, 112, 108, 104, 100, 96, 92, 88, 84, 80, 76, 72, 68, 64,
+        60, 56, 52, 48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0);
+    _mm256_storeu_si256((__m256i *)codes, _mm512_castsi512_si256(_mm512_permutex2var_epi8(c[0], low_bytes, c[1])));
+#else
     const __m512i words = _mm512_packus_epi32(c[0], c[1]);
     const __m512i bytes = _mm512_packus_epi16(words, words);
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
     _mm256_storeu_si256((__m256i *)codes, _mm512_castsi512_si256(_mm512_permutexvar_epi32(order, bytes)));
+#endif
 }
 
 /* Codes [from, from + 32) of a pending block, stored; called for from = 0, 32, ... in turn. */
