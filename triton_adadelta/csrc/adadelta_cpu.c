@@ -1404,7 +1404,13 @@ static inline __attribute__((always_inline)) __m512 u8_truncating_factor(const i
 
 /* The codes of 32 values of a block encoded by the truncating multiply (see above),
    stored; noise8[k]: 8 * the noise of w[16k..16k+15]. round_up: u8_code's (below
-   2**-14, the product is a subnormal: its bits below 1 << 23). */
+   2**-14, the product is a subnormal: its bits below 1 << 23).
+   On Zen 4 a multiply whose product in any lane is subnormal, or at 2**-126, costs
+   about 3 ns more (scratch probe: a block with one subnormal code in each 16 lanes
+   encodes in 1.8x the time), and it is why bench_step's constant grads, which leave
+   ~1% of square_avg's codes subnormal, take longer than fresh ones. Lanes below
+   2**-125 taken the integer way (a variable shift of the mantissa) behind a branch
+   cost more than that, both with and without such codes; not kept. */
 static inline __attribute__((always_inline)) void u8_truncated_codes32(const float *restrict w, const __m512 factor,
                                                                        const __m512i noise8[2], const int round_up,
                                                                        uint8_t *restrict codes) {
