@@ -132,6 +132,23 @@ def _native_reader_built():
     param_reader(wait=True)
 
 
+def _c_loop_built_with(flags: tuple[str, ...], export: str, as_built: int, skip_reason: str) -> object:
+    """The C loop built with extra compiler ``flags``, where this machine's own build
+    has the int ``export`` at ``as_built`` (else the tests as built ran that variant:
+    skip with ``skip_reason``)."""
+    import ctypes
+
+    from triton_adadelta import cpu
+
+    try:
+        built = cpu._build_native_library()
+        if ctypes.c_int.in_dll(built, export).value != as_built:
+            pytest.skip(skip_reason)
+        return cpu._build_native_library(flags)
+    except cpu.BuildError as error:
+        pytest.skip(f"no C loop here: {error}")
+
+
 @pytest.fixture(scope="session")
 def library_8_lanes():
     """The C loop built without AVX-512, where this machine's build has it: the 8-lane
@@ -139,16 +156,27 @@ def library_8_lanes():
     state, under flush-to-zero)."""
     import ctypes
 
-    from triton_adadelta import cpu
-
-    try:
-        built = cpu._build_native_library()
-        if ctypes.c_int.in_dll(built, "adadelta_u8_lanes").value != 16:
-            pytest.skip("this machine's build has no 16-lane loop: the tests as built ran the 8-lane one")
-        library = cpu._build_native_library(("-mno-avx512f",))
-    except cpu.BuildError as error:
-        pytest.skip(f"no C loop here: {error}")
+    library = _c_loop_built_with(
+        ("-mno-avx512f",), "adadelta_u8_lanes", 16,
+        "this machine's build has no 16-lane loop: the tests as built ran the 8-lane one",
+    )  # fmt: skip
     assert ctypes.c_int.in_dll(library, "adadelta_u8_lanes").value == 8
+    return library
+
+
+@pytest.fixture(scope="session")
+def library_16_lanes_packs():
+    """The C loop built without AVX512_VBMI, where this machine's build has it: the
+    16-lane uint8 encoder's other gather of its codes (packs and a permute), which
+    AVX-512 CPUs without VBMI run."""
+    import ctypes
+
+    library = _c_loop_built_with(
+        ("-mno-avx512vbmi",), "adadelta_u8_byte_permute", 1,
+        "this machine's build has no byte-permute gather: the tests as built ran the packs",
+    )  # fmt: skip
+    assert ctypes.c_int.in_dll(library, "adadelta_u8_byte_permute").value == 0
+    assert ctypes.c_int.in_dll(library, "adadelta_u8_lanes").value == 16
     return library
 
 

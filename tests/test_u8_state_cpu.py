@@ -192,17 +192,18 @@ def native(monkeypatch):
     return library
 
 
-@pytest.fixture(params=["as built", "8 lanes"])
+@pytest.fixture(params=["as built", "8 lanes", "16 lanes, packs"])
 def u8_step(request, native) -> Callable[..., None]:
     """The uint8-state step under test, with adadelta_step_cpu_'s arguments: the CPU
-    path as built here (the C loop's 16 lanes where the CPU has AVX-512), or the C loop
-    built for 8 lanes (library_8_lanes)."""
+    path as built here (the C loop's 16 lanes where the CPU has AVX-512), the C loop
+    built for 8 lanes (library_8_lanes), or its 16 lanes without the byte permute
+    (library_16_lanes_packs)."""
     if request.param == "as built":
         # (The 16-lane loop runs only without flush-to-zero: make sure it is the one tested.)
         lanes = ctypes.c_int.in_dll(native, "adadelta_u8_lanes").value
         assert native.adadelta_u8_lanes_now() == lanes
         return cpu.adadelta_step_cpu_
-    library = request.getfixturevalue("library_8_lanes")
+    library = request.getfixturevalue("library_8_lanes" if request.param == "8 lanes" else "library_16_lanes_packs")
 
     def step(table: SegmentTable, square_avg: torch.Tensor, acc_delta: torch.Tensor, *, hparams: torch.Tensor,
              grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None, **options) -> None:  # fmt: skip

@@ -70,6 +70,13 @@ const int adadelta_u8_lanes = 8;
 #else
 const int adadelta_u8_lanes = 1;
 #endif
+/* Whether the 16-lane encoder gathers its codes by a byte permute (AVX512_VBMI), not
+   by packs (tests build both). */
+#if HAVE_AVX512 && defined(__AVX512VBMI__)
+const int adadelta_u8_byte_permute = 1;
+#else
+const int adadelta_u8_byte_permute = 0;
+#endif
 #endif
 
 #define FLAG_GRAD_SCALE 1
