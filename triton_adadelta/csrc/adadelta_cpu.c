@@ -1398,10 +1398,6 @@ typedef struct {
     u8_encoding_t v_encoding, u_encoding;
     __m512 v_factor, u_factor; /* 2**(15 - E) of each scale 2**(E - 127), where fast */
     int fast;                  /* both encode by the truncating multiply */
-    int v_way;      /* square_avg's codes (fast): 0, the multiply (no value below 2**-13 of
-                       the scale); 2, the integer way (some; E >= 38); 1, the multiply and
-                       the round-up (some; E < 38) */
-    int v_exponent; /* square_avg's E, where fast */
     uint8_t *v_codes, *u_codes;
     __m512i index;             /* the hash's inputs at the next 16 elements to encode */
     int n;
@@ -1416,38 +1412,19 @@ static inline __attribute__((always_inline)) __m512 u8_truncating_factor(const i
 /* The codes of 32 values of a block encoded by the truncating multiply (see above),
    stored; noise8[k]: 8 * the noise of w[16k..16k+15]. round_up: u8_code's (below
    2**-14, the product is a subnormal: its bits below 1 << 23).
-   integer: the product's bits from w's instead, for a block whose scale's E
-   (`exponent`) is at least 38 (a subnormal w then gives 0 either way). On Zen 4 a
-   multiply whose product in any lane is subnormal, or at 2**-126, costs about 3 ns
-   more (scratch probe: a block with one subnormal code in each 16 lanes encoded in
-   1.8x the time), and bench_step's constant grads leave ~1% of square_avg's codes
-   subnormal: so square_avg's blocks with a value below 2**-13 of their scale take
-   the integer way, five more instructions per 16 lanes, and the others the multiply
-   without a round-up (u8_pending16_t's v_way). Per lane behind a branch, the integer
-   way cost more than the penalty; acc_delta's blocks, whose values AdaDelta keeps
-   close together, gained nothing from it. perf/ab_native.py
-   (perf/results/ab_native_u8_integer_way*). */
+   On Zen 4 a multiply whose product in any lane is subnormal, or at 2**-126, costs
+   about 3 ns more (scratch probe: a block with one subnormal code in each 16 lanes
+   encodes in 1.8x the time), and it is why bench_step's constant grads, which leave
+   ~1% of square_avg's codes subnormal, take longer than fresh ones. Lanes below
+   2**-125 taken the integer way (a variable shift of the mantissa) behind a branch
+   cost more than that, both with and without such codes; not kept. */
 static inline __attribute__((always_inline)) void u8_truncated_codes32(const float *restrict w, const __m512 factor,
                                                                        const __m512i noise8[2], const int round_up,
-                                                                       const int integer, const int exponent,
                                                                        uint8_t *restrict codes) {
     __m512i c[2];
     for (int k = 0; k < 2; ++k) {
-        __m512i t;
-        if (integer) {
-            /* The product's bits from w's: its exponent E - 15 less where that stays
-               normal, else the mantissa with its leading 1 shifted right by the rest
-               (a count past 31 gives 0; the larger of the two is the right one). */
-            const __m512i bits = _mm512_loadu_si512(w + 16 * k);
-            const __m512i normal = _mm512_sub_epi32(bits, _mm512_set1_epi32((exponent - 15) << 23));
-            const __m512i shift = _mm512_sub_epi32(_mm512_set1_epi32(exponent - 14), _mm512_srli_epi32(bits, 23));
-            const __m512i mantissa = _mm512_ternarylogic_epi32(bits, _mm512_set1_epi32(0x7FFFFF),
-                                                               _mm512_set1_epi32(0x800000), 0xEA);
-            t = _mm512_max_epi32(normal, _mm512_srlv_epi32(mantissa, shift));
-        } else {
-            t = _mm512_castps_si512(_mm512_mul_round_ps(_mm512_loadu_ps(w + 16 * k), factor,
-                                                        _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
-        }
+        const __m512i t = _mm512_castps_si512(_mm512_mul_round_ps(_mm512_loadu_ps(w + 16 * k), factor,
+                                                                  _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
         const __m512i noise = round_up ? _mm512_mask_mov_epi32(noise8[k],
                                                                _mm512_cmplt_epu32_mask(t, _mm512_set1_epi32(1 << 23)),
                                                                _mm512_set1_epi32(8 * U8_ROUND_UP))
@@ -1483,10 +1460,8 @@ static inline __attribute__((always_inline)) void u8_encode_pending16(u8_pending
             low[k] = _mm512_and_si512(_mm512_slli_epi32(noise[k], 3), _mm512_set1_epi32(0xFFFF << 3));
             high[k] = _mm512_and_si512(_mm512_srli_epi32(noise[k], 13), _mm512_set1_epi32(~7));
         }
-        if (b->v_way == 0) u8_truncated_codes32(b->v + from, b->v_factor, low, 0, 0, 0, b->v_codes + from);
-        else if (b->v_way == 2) u8_truncated_codes32(b->v + from, b->v_factor, low, 1, 1, b->v_exponent, b->v_codes + from);
-        else u8_truncated_codes32(b->v + from, b->v_factor, low, 1, 0, 0, b->v_codes + from);
-        u8_truncated_codes32(b->u + from, b->u_factor, high, 0, 0, 0, b->u_codes + from);
+        u8_truncated_codes32(b->v + from, b->v_factor, low, 1, b->v_codes + from);
+        u8_truncated_codes32(b->u + from, b->u_factor, high, 0, b->u_codes + from);
         return;
     }
     __m256i quarters[4]; /* (the general way is on 8 lanes) */
@@ -1550,7 +1525,6 @@ static inline __attribute__((always_inline)) void update_piece_u8x16(
         const int n_last = last ? last->n : 0;
         const __m512 v_old_scale = _mm512_set1_ps(v_scale[b]), u_old_scale = _mm512_set1_ps(u_scale[b]);
         __m512i v_top = _mm512_setzero_si512(), u_top = _mm512_setzero_si512();
-        __m512i v_bottom = _mm512_set1_epi32(-1); /* (the smallest, for u8_pending16_t's v_way) */
         for (int i = 0; i < n; i += 32) {
             u8_prefetch(p, gr, m, v, u, first + i + U8_PREFETCH_AHEAD, kind, store);
             for (int k = i; k < i + 32; k += 16) {
@@ -1561,7 +1535,6 @@ static inline __attribute__((always_inline)) void update_piece_u8x16(
                 _mm512_store_ps(next->v + k, square);
                 _mm512_store_ps(next->u + k, acc);
                 v_top = _mm512_max_epu32(v_top, _mm512_castps_si512(square));
-                v_bottom = _mm512_min_epu32(v_bottom, _mm512_castps_si512(square));
                 u_top = _mm512_max_epu32(u_top, _mm512_castps_si512(acc));
             }
             if (i < n_last) u8_encode_pending16(last, i);
@@ -1573,10 +1546,6 @@ static inline __attribute__((always_inline)) void update_piece_u8x16(
         next->v_encoding = u8_encoding_of(u8_top8(v_top), next->v, n, &v_scale[b], &v_new_exponent, 1, 141);
         next->u_encoding = u8_encoding_of(u8_top8(u_top), next->u, n, &u_scale[b], &u_new_exponent, 1, 141);
         next->fast = v_new_exponent && u_new_exponent;
-        next->v_exponent = v_new_exponent;
-        /* (square_avg's smallest bits: whether any value is below 2**(E - 140).) */
-        const int v_any_small = _mm512_reduce_min_epu32(v_bottom) < (uint32_t)(v_new_exponent - 13) << 23;
-        next->v_way = !v_any_small ? 0 : v_new_exponent >= 38 ? 2 : 1;
         next->v_factor = u8_truncating_factor(v_new_exponent);
         next->u_factor = u8_truncating_factor(u_new_exponent);
         next->v_codes = v + first;
