@@ -50,6 +50,12 @@
 #else
 #define HAVE_AVX512 0
 #endif
+/* And AVX512_VBMI: the 16-lane encoder gathers its codes by one byte permute. */
+#if HAVE_AVX512 && defined(__AVX512VBMI__)
+#define HAVE_AVX512_VBMI 1
+#else
+#define HAVE_AVX512_VBMI 0
+#endif
 
 /* Rows of the segment table and columns of the hyper-parameter table: the same
    numbers as kernels/adadelta.py (checked by the Python loader). */
@@ -70,13 +76,9 @@ const int adadelta_u8_lanes = 8;
 #else
 const int adadelta_u8_lanes = 1;
 #endif
-/* Whether the 16-lane encoder gathers its codes by a byte permute (AVX512_VBMI), not
-   by packs (tests build both). */
-#if HAVE_AVX512 && defined(__AVX512VBMI__)
-const int adadelta_u8_byte_permute = 1;
-#else
-const int adadelta_u8_byte_permute = 0;
-#endif
+/* Whether the 16-lane encoder gathers its codes by a byte permute, not by packs
+   (tests build both). */
+const int adadelta_u8_byte_permute = HAVE_AVX512_VBMI;
 #endif
 
 #define FLAG_GRAD_SCALE 1
@@ -1438,7 +1440,7 @@ static inline __attribute__((always_inline)) void u8_truncated_codes32(const flo
        (perf/results/ab_native_u8_byte_permute*). Else packs, each within 128-bit lanes
        (lane l ends with the bytes of c[0]'s and c[1]'s lane l, twice over), and a
        permute that gathers the first copy of each. */
-#if defined(__AVX512VBMI__)
+#if HAVE_AVX512_VBMI
     const __m512i low_bytes = _mm512_set_epi8(
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         124, 120, 116, 112, 108, 104, 100, 96, 92, 88, 84, 80, 76, 72, 68, 64,
