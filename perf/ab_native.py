@@ -12,6 +12,12 @@ Usage::
 
     python perf/ab_native.py --base HEAD~1                 # every mode, 16M params
     python perf/ab_native.py --base old.c --modes "bf16, master weights" --elements 1048576 --threads 1
+    python perf/ab_native.py --base HEAD~1 --grads fresh   # new grads every round, as in training
+
+``--grads fixed`` (the default) steps on one set of grads, as ``perf/bench_step.py``
+does; under 8-bit state that leaves ~1% of ``square_avg``'s codes subnormal, which the
+encoder handles on a slower way. ``--grads fresh`` draws new grads before each round
+(outside the timing), so the state is a running average of changing grads.
 
 Writes ``ab_native.json`` in ``--out`` (default ``perf/results/ab_native``).
 """
@@ -84,21 +90,30 @@ def load(source: Path) -> Any:
         cpu._SOURCE, cpu._NATIVE_SYMBOLS, cpu._NATIVE_CONSTANTS = previous
 
 
-def compare(libraries: list[Any], mode: str, n_elements: int, rounds: int) -> dict[str, Any]:
-    """Median step times of each library in ``mode``, steps alternated on one optimizer."""
+def compare(libraries: list[Any], mode: str, n_elements: int, rounds: int, fresh_grads: bool = False) -> dict[str, Any]:
+    """Median step times of each library in ``mode``, steps alternated on one optimizer;
+    ``fresh_grads``: new grads before each round (both libraries step on the same)."""
     dtype, options = MODES[mode]
     generator = torch.Generator().manual_seed(0)
     param = torch.nn.Parameter(torch.randn(n_elements, generator=generator).to(dtype))
     param.grad = torch.randn(n_elements, generator=generator).to(dtype)
     optimizer = Adadelta([param], **options)
     times: list[list[float]] = [[] for _ in libraries]
+    grads = torch.empty(n_elements) if fresh_grads else None
+
+    def draw_grads() -> None:
+        if grads is not None:
+            param.grad.copy_(grads.normal_(generator=generator))
+
     for library in libraries * 3:  # warm-up: state made, caches and pages touched
+        draw_grads()
         cpu._native_library = library
         optimizer.step()
     if optimizer.backends() != ["cpu-native"]:
         raise SystemExit(f"{mode}: the step ran {optimizer.backends()}, not the native loop")
     for round_ in tqdm(range(rounds), desc=mode, unit="round", leave=False):
         order = range(len(libraries)) if round_ % 2 == 0 else reversed(range(len(libraries)))
+        draw_grads()
         for k in order:
             cpu._native_library = libraries[k]
             start = time.perf_counter()
@@ -107,6 +122,7 @@ def compare(libraries: list[Any], mode: str, n_elements: int, rounds: int) -> di
     medians = [statistics.median(samples) * 1e3 for samples in times]
     return {
         "mode": mode,
+        "grads": "fresh" if fresh_grads else "fixed",
         "n_elements": n_elements,
         "rounds": rounds,
         "base_ms": medians[0],
@@ -124,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--elements", type=int, default=16_000_000)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--grads", choices=["fixed", "fresh"], default="fixed",
+                        help="one set of grads for every step (bench_step's), or new ones each round")
     parser.add_argument("--out", type=Path, default=REPO / "perf" / "results" / "ab_native")
     args = parser.parse_args(argv)
     if args.elements < 1 or args.rounds < 3:
@@ -134,16 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as directory:
         base = base_source(args.base, Path(directory))
         libraries = [load(base), load(cpu._SOURCE)]
-    results = [compare(libraries, mode, args.elements, args.rounds) for mode in args.modes]
+    results = [compare(libraries, mode, args.elements, args.rounds, args.grads == "fresh") for mode in args.modes]
     record = {
         "machine": machine_info(torch.device("cpu")),
         "base": args.base,
         "threads": args.threads,
+        "grads": args.grads,
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "ab_native.json", record)
-    print(f"base {args.base} against this tree, {args.elements} params, {args.threads} threads (medians of {args.rounds}):")
+    print(f"base {args.base} against this tree, {args.elements} params, {args.threads} threads, {args.grads} grads "
+          f"(medians of {args.rounds}):")
     for row in results:
         print(f"  {row['mode']:28} {row['base_ms']:8.3f} ms -> {row['new_ms']:8.3f} ms   {row['new_vs_base']:.3f}x")
     print(f"wrote {args.out / 'ab_native.json'}")

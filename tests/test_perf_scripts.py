@@ -190,10 +190,12 @@ def test_the_c_loop_a_b_times_both_versions_in_every_mode_asked(tmp_path):
         pytest.skip("no C compiler: there is no native loop to compare")
     modes = ["fp32", "bf16, stochastic rounding", "fp32, 8-bit state"]
     base = REPO / "triton_adadelta" / "csrc" / "adadelta_cpu.c"
-    run = _ab_native(tmp_path, "--base", str(base), "--modes", *modes, "--elements", "4096", "--rounds", "5", "--threads", "1")
+    run = _ab_native(tmp_path, "--base", str(base), "--modes", *modes, "--elements", "4096", "--rounds", "5", "--threads", "1",
+                     "--grads", "fresh")  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads((tmp_path / "ab_native.json").read_text())
     assert record["machine"]["torch"] == torch.__version__ and record["threads"] == 1
+    assert record["grads"] == "fresh" and all(row["grads"] == "fresh" for row in record["results"])
     assert [row["mode"] for row in record["results"]] == modes
     for row in record["results"]:
         assert row["base_ms"] > 0 and row["new_ms"] > 0 and row["rounds"] == 5
