@@ -1421,7 +1421,12 @@ static inline __attribute__((always_inline)) __m512 u8_truncating_factor(const i
    2**-125 taken the integer way (a variable shift of the mantissa) behind a branch
    cost more than that, both with and without such codes. Whole blocks with such
    values taken the integer way (e488d4b, reverted) gave 0.92-0.95x the time in cache
-   but 1.03-1.05x at 16M params on 2 threads, where the target is measured. */
+   but 1.03-1.05x at 16M params on 2 threads, where the target is measured. Masking
+   such lanes out of the multiply, behind a branch per 32 values, and converting
+   w * 2**(164 - E) to an integer for them instead (the same bits; the patch is in
+   perf/results/ab_native_u8_masked_small_lanes): 0.98-1.00x under bench_step's fixed
+   grads but 1.00-1.03x under fresh ones (perf/ab_native.py --grads, 16M params, 2
+   threads), where few lanes are small and the branch is overhead; not taken. */
 static inline __attribute__((always_inline)) void u8_truncated_codes32(const float *restrict w, const __m512 factor,
                                                                        const __m512i noise8[2], const int round_up,
                                                                        uint8_t *restrict codes) {
