@@ -101,3 +101,24 @@ def test_peak_memory_of_construction_and_steps(cpu_path, dtype, options, state_b
     for param in params:
         assert param.untyped_storage().nbytes() == param.numel() * param.element_size()
         assert param.grad.untyped_storage().nbytes() == param.grad.numel() * param.grad.element_size()
+
+
+@pytest.mark.parametrize("n_params", [1, 16])
+def test_8bit_state_dicts_take_no_more_than_what_they_hold(cpu_path, n_params):
+    """state_dict() of 8-bit state decodes into the fp32 it returns (8 B per param),
+    and loading an fp32 dict quantizes into the new codes (2.03 B per param): chunk by
+    chunk, not through int64 copies of the whole state (51 B per param before, on one
+    32M param)."""
+    _fix_malloc_threshold()
+    n = 1 << 25
+    params = [torch.nn.Parameter(torch.randn(n // n_params)) for _ in range(n_params)]
+    for param in params:
+        param.grad = torch.randn_like(param)
+    optimizer = Adadelta(params, state_dtype=torch.uint8)
+    optimizer.step()
+    saved: list[dict] = []
+    saving = peak_increase(lambda: saved.append(optimizer.state_dict()))
+    assert saving <= n * 8 + SLACK_BYTES, f"state_dict(): +{saving / MIB:.0f} MiB for {n * 8 / MIB:.0f} MiB of fp32 state"
+    loading = peak_increase(lambda: optimizer.load_state_dict(saved[0]))
+    codes = n * (2 + 8 / 256)
+    assert loading <= codes + SLACK_BYTES, f"load_state_dict(): +{loading / MIB:.0f} MiB for {codes / MIB:.0f} MiB of codes"

@@ -23,6 +23,7 @@ from triton_adadelta import Adadelta
 from triton_adadelta.flat import table_for_tensors
 from triton_adadelta.kernels.adadelta import QUANT_BLOCK
 from triton_adadelta.puzzlelib import AdaDelta
+from triton_adadelta import quant
 from triton_adadelta.quant import dequantize, quantize_, state_noise
 from triton_adadelta.update import step_flat_
 
@@ -287,6 +288,60 @@ def test_the_compact_state_dict_holds_codes_and_scales_and_is_a_quarter_of_the_s
     n_params = sum(p.numel() for p in model.parameters())
     # fp32: 8 B per param; compact: 2 B of codes and a scale per 256 codes (and torch.save's overhead).
     assert sizes[0] > 7.5 * n_params and sizes[1] < 2.5 * n_params + 20_000, sizes
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_quantizing_and_decoding_chunk_by_chunk_gives_what_one_pass_gives(monkeypatch, noise):
+    n = 5 * QUANT_BLOCK + 77  # chunks of 2 blocks, the last one short
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(n, generator=generator).square() * torch.logspace(-30, 3, n)
+    values[QUANT_BLOCK + 5] = float("nan")  # a NaN block between chunks' ordinary ones
+    noise_bits = state_noise(5, 0, n) & 0xFFFF if noise else None
+    results = []
+    for chunk in (1 << 30, 2 * QUANT_BLOCK):
+        monkeypatch.setattr(quant, "CHUNK", chunk)
+        codes = torch.empty(n, dtype=torch.uint8)
+        scales = torch.empty(-(-n // QUANT_BLOCK))
+        quantize_(values, codes, scales, noise_bits, round_up_small=noise)
+        results.append((codes, scales, dequantize(codes, scales)))
+    for whole, chunked in zip(*results):
+        bits = (lambda t: t.view(torch.int32)) if whole.is_floating_point() else (lambda t: t)  # noqa: E731 (NaNs too)
+        assert torch.equal(bits(whole), bits(chunked))
+    assert results[0][1].isnan().sum() == 1 and bool((results[0][0] > 16).any())
+
+
+def test_a_compact_state_dict_loads_its_own_codes_and_scales():
+    model = _model()
+    optimizer = Adadelta(model.parameters(), state_dtype=torch.uint8)
+    _train(optimizer, model, 2)
+    state_dict = copy.deepcopy(optimizer.compact_state_dict())
+    # A block whose largest code sits below 240 (its largest value below its scale, as a
+    # stochastic rounding down from just under a power of two leaves it): its values
+    # requantized would take half the scale and codes 16 higher.
+    codes = state_dict["state"][0]["square_avg"].view(-1)
+    codes[:QUANT_BLOCK] = codes[:QUANT_BLOCK].clamp(max=239)
+    assert float(state_dict["state"][0]["square_avg_scale"][0]) > 0
+    loaded = Adadelta(model.parameters(), state_dtype=torch.uint8)
+    loaded.load_state_dict(state_dict)
+    again = loaded.compact_state_dict()
+    for key, value in state_dict["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(again["state"][key][name], tensor), (key, name)
+
+
+def test_compact_codes_cast_to_another_dtype_are_refused():
+    model = _model()
+    optimizer = Adadelta(model.parameters(), state_dtype=torch.uint8)
+    _train(optimizer, model, 1)
+    before = {key: value.clone() for key, value in optimizer.state[model[0].weight].items()}
+    state_dict = copy.deepcopy(optimizer.compact_state_dict())
+    # As a tool that upcasts every tensor of a checkpoint would leave it.
+    state_dict["state"][0]["square_avg"] = state_dict["state"][0]["square_avg"].float()
+    for target in (optimizer, Adadelta(_model().parameters())):
+        with pytest.raises(ValueError, match="comes with 'square_avg_scale'.*torch.float32, not torch.uint8"):
+            target.load_state_dict(state_dict)
+    for key, value in before.items():
+        assert torch.equal(optimizer.state[model[0].weight][key], value)
 
 
 def test_loading_torchs_fp32_state_quantizes_it(backend):

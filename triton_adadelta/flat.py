@@ -169,6 +169,14 @@ def check_param_state(key: object, param: torch.Tensor, value: object) -> None:
             # 8-bit state's own form (Adadelta.compact_state_dict): codes and their scales.
             _check_scales(key, name, tensor, value.get(f"{name}_scale"))
             continue
+        if name != "master_param" and f"{name}_scale" in value:
+            # Codes cast to another dtype (a tool that upcasts every tensor) would load
+            # as values, far from the state's: 8-bit codes are only read as uint8.
+            raise ValueError(
+                f"state '{name}' of param {key} comes with '{name}_scale', so it should hold 8-bit codes "
+                f"(compact_state_dict's form), but it is {tensor.dtype}, not torch.uint8: cast the codes "
+                f"back to uint8, or load state_dict()'s fp32 form"
+            )
         if tensor.is_complex() != param.is_complex() or not (tensor.is_floating_point() or tensor.is_complex()):
             raise ValueError(f"state '{name}' of param {key} is {tensor.dtype} but the param is {param.dtype}")
     if torch.as_tensor(value["step"]).numel() != 1:
@@ -649,6 +657,13 @@ class FlatState:
         start, end = self.offsets[i], self.offsets[i] + self.numels[i]
         self.steps[i].copy_(torch.as_tensor(state["step"], dtype=torch.float32))
         for name in ("square_avg", "acc_delta"):
+            saved = local_tensor(state[name].detach())
+            if self.quantized_state and saved.dtype == torch.uint8:
+                # compact_state_dict's codes and scales (checked): stored as they are.
+                # Requantizing their values could move a block one binade down (quant.py).
+                getattr(self, name)[start:end].copy_(saved.reshape(-1))
+                getattr(self, f"{name}_scale")[self._scale_range(i)].copy_(state[f"{name}_scale"].detach().reshape(-1))
+                continue
             values = _state_values(state, name).to(self.device)
             if self.quantized_state:
                 quantize_(values.float(), getattr(self, name)[start:end], getattr(self, f"{name}_scale")[self._scale_range(i)])

@@ -38,6 +38,10 @@ from .kernels.adadelta import QUANT_BLOCK
 
 __all__ = ["QUANT_BLOCK", "dequantize", "quantize_", "state_noise"]
 
+# Values decoded or encoded at a time (a multiple of QUANT_BLOCK): the int64 steps take
+# ~50 B per value (13 MiB a chunk), so a whole 32M-param state at once peaked at 51 B/param on loading.
+CHUNK = 1 << 18
+
 _CODE_EXPONENT_BIAS = 112 << 23  # fp32 exponent field of 2**-15
 _SMALLEST_NORMAL_CODE_BITS = 113 << 23  # fp32 bits of 2**-14
 _CODE_DROPPED_MASK = (1 << 19) - 1  # the fp32 mantissa bits a code drops
@@ -86,11 +90,18 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """fp32 values of 1-D ``codes`` (uint8) whose blocks of ``QUANT_BLOCK`` have ``scales``.
 
     ``codes`` may end inside its last block (a param's state without its padding).
+    Decoded ``CHUNK`` codes at a time, so that the int64 steps take memory of a chunk,
+    not of the whole state.
     """
-    c = codes.to(torch.int64)
-    normal = _from_bits((c << 19) + _CODE_EXPONENT_BIAS)
-    values = torch.where(c >= 16, normal, c.to(torch.float32) * 2.0**-18)
-    return values * scales.repeat_interleave(QUANT_BLOCK)[: codes.numel()]
+    values = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+    for start in range(0, codes.numel(), CHUNK):
+        part = codes[start : start + CHUNK].to(torch.int64)
+        normal = _from_bits((part << 19) + _CODE_EXPONENT_BIAS)
+        decoded = torch.where(part >= 16, normal, part.to(torch.float32) * 2.0**-18)
+        first_block = start // QUANT_BLOCK
+        block_scales = scales[first_block : first_block + CHUNK // QUANT_BLOCK].repeat_interleave(QUANT_BLOCK)
+        torch.mul(decoded, block_scales[: part.numel()], out=values[start : start + CHUNK])
+    return values
 
 
 def quantize_(
@@ -108,11 +119,41 @@ def quantize_(
 
     The last block may be short: its missing elements count as padding (zeros, not
     stored). Raises nothing; a block holding a NaN or an inf gets a NaN scale.
+    Quantized ``CHUNK`` values at a time, so that the int64 steps take memory of a
+    chunk, not of the whole state.
+
+    Raises:
+        ValueError: ``codes``, ``scales`` or ``noise`` of another length than ``values``'.
     """
     n = values.numel()
     n_blocks = -(-n // QUANT_BLOCK)
-    if scales.numel() != n_blocks or codes.numel() != n:
-        raise ValueError(f"{n} values take {n} codes and {n_blocks} scales, not {codes.numel()} and {scales.numel()}")
+    if scales.numel() != n_blocks or codes.numel() != n or (noise is not None and noise.numel() != n):
+        raise ValueError(
+            f"{n} values take {n} codes, {n_blocks} scales and {n} noise values, not {codes.numel()}, "
+            f"{scales.numel()} and {n if noise is None else noise.numel()}"
+        )
+    values, codes, scales = values.reshape(-1), codes.view(-1), scales.view(-1)
+    for start in range(0, n, CHUNK):
+        first_block = start // QUANT_BLOCK
+        _quantize_chunk(
+            values[start : start + CHUNK],
+            codes[start : start + CHUNK],
+            scales[first_block : first_block + CHUNK // QUANT_BLOCK],
+            None if noise is None else noise.reshape(-1)[start : start + CHUNK],
+            round_up_small,
+        )
+
+
+def _quantize_chunk(
+    values: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    noise: torch.Tensor | None,
+    round_up_small: bool,
+) -> None:
+    """:func:`quantize_` of 1-D views, at most ``CHUNK`` values."""
+    n = values.numel()
+    n_blocks = -(-n // QUANT_BLOCK)
     rows = torch.zeros(n_blocks * QUANT_BLOCK, dtype=torch.float32, device=values.device)
     rows[:n] = values.reshape(-1)
     rows = rows.view(n_blocks, QUANT_BLOCK)
