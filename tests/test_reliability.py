@@ -257,6 +257,46 @@ def test_frozen_and_unfrozen_params_follow_torch(backend):
     assert float(optimizer.state[model[0].weight]["step"]) == float(torch_optimizer.state[reference[0].weight]["step"]) == 4.0
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.uint8])
+def test_a_frozen_param_takes_no_state_until_it_can_have_a_grad(backend, state_dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 300), torch.nn.Linear(300, 2))
+    frozen = model[0].weight
+    frozen.requires_grad_(False)
+    optimizer = Adadelta(model.parameters(), state_dtype=state_dtype)
+    x = torch.randn(4, 6)
+
+    def train() -> None:
+        optimizer.zero_grad()
+        model(x).square().sum().backward()
+        optimizer.step()
+
+    def laid_out() -> list[torch.Tensor]:
+        return [param for flat in optimizer.flat_states() for param in flat.params]
+
+    train()
+    assert not any(param is frozen for param in laid_out()) and len(laid_out()) == 3
+    assert sum(flat.n_elements for flat in optimizer.flat_states()) < frozen.numel()
+    assert frozen not in optimizer.state
+    # Loading state for it (a checkpoint from before it was frozen) keeps that state.
+    saved = copy.deepcopy(optimizer.state_dict())
+    saved["state"][0] = {key: value.clone() for key, value in saved["state"][2].items()}
+    for name in ("square_avg", "acc_delta"):
+        saved["state"][0][name] = torch.full_like(frozen, 0.25)
+    optimizer.load_state_dict(saved)
+    assert any(param is frozen for param in laid_out())
+    assert torch.equal(optimizer.state_dict()["state"][0]["square_avg"], torch.full_like(frozen, 0.25))
+    # Unfrozen, a frozen param without state gets a segment at its first grad.
+    model[0].bias.requires_grad_(False)
+    model[0].bias.grad = None
+    optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()) | {"state": {}})
+    assert len(laid_out()) == 2
+    model[0].bias.requires_grad_(True)
+    train()
+    assert len(laid_out()) == 3 and float(optimizer.state[model[0].bias]["step"]) == 1.0
+    assert frozen not in optimizer.state
+
+
 def test_module_zero_grad_set_to_none_skips_like_torch(backend):
     def zero(m):
         m.zero_grad(set_to_none=True)

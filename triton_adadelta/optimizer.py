@@ -40,6 +40,12 @@ _DTYPE = operator.attrgetter("dtype")
 _GET_DEVICE = torch.Tensor.get_device
 
 
+def _may_have_grad(param: torch.Tensor) -> bool:
+    """Whether a param requires a grad or has one (a grad set by hand counts, as torch
+    steps any param with a grad)."""
+    return param.requires_grad or param.grad is not None
+
+
 def _same_objects(current: list[Any], seen: list[Any]) -> bool:
     """Whether two lists hold the same objects (by identity: tensors' == is elementwise)."""
     return len(current) == len(seen) and all(map(operator.is_, current, seen))
@@ -412,6 +418,8 @@ class Adadelta(Optimizer):
         self._flat_states: list[FlatState] = []
         self._laid_out: list[list[torch.Tensor]] | None = None
         self._laid_out_state_dtypes: list[object] = []
+        # The params of the groups without a segment: no grad, none required, no state.
+        self._left_out: list[torch.Tensor] = []
         # `self.state` and its size as of the last step, to notice edits from outside.
         self._state_seen: dict[Any, Any] | None = None
         self._state_size = 0
@@ -471,16 +479,22 @@ class Adadelta(Optimizer):
         self.__dict__.setdefault("_flat_states", [])
         self.__dict__.setdefault("_laid_out", None)
         self.__dict__.setdefault("_laid_out_state_dtypes", [])
+        self.__dict__.setdefault("_left_out", [])
         self.__dict__.setdefault("_state_seen", None)
         self.__dict__.setdefault("_state_size", 0)
         self._handle = compiled.register(self)
 
     # ------------------------------------------------------------- flat states
-    def _lay_out(self) -> list[FlatState]:
+    def _lay_out(self, loading: frozenset[int] = frozenset()) -> list[FlatState]:
         """Build the flat states of every group, carrying each param's state over.
 
         ``self.state`` is what is carried: views of the previous flat states, or the
-        tensors a copy or ``load_state_dict`` left there.
+        tensors a copy or ``load_state_dict`` left there. A param gets a segment where
+        it can have a grad (it requires one, or has one), has state, or has state to
+        load (``loading``: ids): as torch makes no state for a frozen param, a frozen
+        backbone passed in with the rest takes no memory here either. The others are
+        :attr:`_left_out`, and the next step lays out again once one of them requires
+        or has a grad.
         """
         # A group's state_dtype may have been set since (param_groups[0]["state_dtype"] = ...):
         # checked before anything changes.
@@ -488,8 +502,12 @@ class Adadelta(Optimizer):
             _check_group_state_dtype(group, torch.float32, f"param group {g}")
         old = {id(param): (flat, i) for flat in self._flat_states for i, param in enumerate(flat.params)}
         by_key: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[int]]] = {}
+        left_out = []
         for g, group in enumerate(self.param_groups):
             for param in group["params"]:
+                if not (_may_have_grad(param) or self.state.get(param) or id(param) in loading):
+                    left_out.append(param)
+                    continue
                 key = state_key(param, group) + ((id(param),) if self.state_per_param else ())
                 params, groups = by_key.setdefault(key, ([], []))
                 params.append(param)
@@ -510,17 +528,20 @@ class Adadelta(Optimizer):
                     self.state[param] = flat.param_state(i)
             states.append(flat)
         self._flat_states = states
+        self._left_out = left_out
         self._laid_out = [list(group["params"]) for group in self.param_groups]
         self._laid_out_state_dtypes = [group.get("state_dtype") for group in self.param_groups]
         self._remember_state()
         return states
 
     def _current_states(self) -> list[FlatState]:
-        """The flat states, laid out again if a group's params or state dtype changed
-        (the state is carried over, rounded to nearest into bf16 state)."""
+        """The flat states, laid out again if a group's params or state dtype changed,
+        or a param left out may now have a grad (the state is carried over, rounded to
+        nearest into bf16 state)."""
         laid_out = self._laid_out
         if (
             laid_out is None
+            or any(map(_may_have_grad, self._left_out))
             or len(laid_out) != len(self.param_groups)
             or not all(_same_objects(group["params"], seen) for group, seen in zip(self.param_groups, laid_out))
             or any(group.get("state_dtype") is not dtype for group, dtype in zip(self.param_groups, self._laid_out_state_dtypes))
@@ -914,11 +935,12 @@ class Adadelta(Optimizer):
         # memory), the optimizer is put back as it was.
         kept = {
             name: self.__dict__[name]
-            for name in ("state", "param_groups", "_flat_states", "_laid_out", "_laid_out_state_dtypes", "_state_seen", "_state_size")
+            for name in ("state", "param_groups", "_flat_states", "_laid_out", "_laid_out_state_dtypes", "_left_out",
+                         "_state_seen", "_state_size")  # fmt: skip
         }
         try:
             self.__setstate__({"state": defaultdict(dict), "param_groups": new_groups})
-            for flat in self._lay_out():
+            for flat in self._lay_out(loading=frozenset(loaded)):
                 for i, param in enumerate(flat.params):
                     value = loaded.get(id(param))
                     if value is None:
