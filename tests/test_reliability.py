@@ -257,14 +257,16 @@ def test_frozen_and_unfrozen_params_follow_torch(backend):
     assert float(optimizer.state[model[0].weight]["step"]) == float(torch_optimizer.state[reference[0].weight]["step"]) == 4.0
 
 
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.uint8])
-def test_a_frozen_param_takes_no_state_until_it_can_have_a_grad(backend, state_dtype):
+@pytest.mark.parametrize("master_weights", [False, True])
+def test_a_frozen_param_takes_no_state_until_it_can_have_a_grad(backend, master_weights):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 300), torch.nn.Linear(300, 2))
+    if master_weights:
+        model.to(torch.bfloat16)
     frozen = model[0].weight
     frozen.requires_grad_(False)
-    optimizer = Adadelta(model.parameters(), state_dtype=state_dtype)
-    x = torch.randn(4, 6)
+    optimizer = Adadelta(model.parameters(), master_weights=master_weights)
+    x = torch.randn(4, 6, dtype=frozen.dtype)
 
     def train() -> None:
         optimizer.zero_grad()
@@ -282,10 +284,12 @@ def test_a_frozen_param_takes_no_state_until_it_can_have_a_grad(backend, state_d
     saved = copy.deepcopy(optimizer.state_dict())
     saved["state"][0] = {key: value.clone() for key, value in saved["state"][2].items()}
     for name in ("square_avg", "acc_delta"):
-        saved["state"][0][name] = torch.full_like(frozen, 0.25)
+        saved["state"][0][name] = torch.full_like(frozen, 0.25, dtype=torch.float32)
+    if master_weights:
+        saved["state"][0]["master_param"] = frozen.detach().float()
     optimizer.load_state_dict(saved)
     assert any(param is frozen for param in laid_out())
-    assert torch.equal(optimizer.state_dict()["state"][0]["square_avg"], torch.full_like(frozen, 0.25))
+    assert torch.equal(optimizer.state_dict()["state"][0]["square_avg"], torch.full_like(frozen, 0.25, dtype=torch.float32))
     # Unfrozen, a frozen param without state gets a segment at its first grad.
     model[0].bias.requires_grad_(False)
     model[0].bias.grad = None
@@ -295,6 +299,48 @@ def test_a_frozen_param_takes_no_state_until_it_can_have_a_grad(backend, state_d
     train()
     assert len(laid_out()) == 3 and float(optimizer.state[model[0].bias]["step"]) == 1.0
     assert frozen not in optimizer.state
+
+
+@pytest.mark.parametrize(
+    "dtype,options",
+    [
+        (torch.float32, {"state_dtype": torch.bfloat16}),
+        (torch.float32, {"state_dtype": torch.uint8}),
+        (torch.bfloat16, {"stochastic_rounding": True}),
+    ],
+    ids=["bf16_state", "u8_state", "stochastic_rounding"],
+)
+def test_a_resume_rounds_alike_whatever_is_frozen_when_it_loads(backend, dtype, options):
+    """Stochastic rounding's noise is keyed by the element's place in the flat state,
+    so these modes lay out every param, frozen or not: a run that froze its first
+    layer before its first step, resumed where the layer is frozen only after the
+    load (a framework restores the optimizer before its callbacks freeze), rounds
+    as the uninterrupted run does."""
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 40), torch.nn.Linear(40, 2)).to(dtype)
+        return model, Adadelta(model.parameters(), **options)
+
+    def train(model, optimizer, steps):
+        for k in range(steps):
+            optimizer.zero_grad()
+            generator = torch.Generator().manual_seed(k)
+            model(torch.randn(4, 6, generator=generator).to(dtype)).square().sum().backward()
+            optimizer.step()
+
+    model, optimizer = model_and_optimizer()
+    model[0].requires_grad_(False)
+    train(model, optimizer, 2)
+    checkpoint = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    train(model, optimizer, 3)
+    resumed_model, resumed = model_and_optimizer()
+    resumed_model.load_state_dict(checkpoint[0])
+    resumed.load_state_dict(checkpoint[1])
+    resumed_model[0].requires_grad_(False)
+    train(resumed_model, resumed, 3)
+    for mine, theirs in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(mine, theirs)
+    assert any(param is model[0].weight for flat in optimizer.flat_states() for param in flat.params)
 
 
 def test_module_zero_grad_set_to_none_skips_like_torch(backend):

@@ -418,7 +418,8 @@ class Adadelta(Optimizer):
         self._flat_states: list[FlatState] = []
         self._laid_out: list[list[torch.Tensor]] | None = None
         self._laid_out_state_dtypes: list[object] = []
-        # The params of the groups without a segment: no grad, none required, no state.
+        # The params of the groups without a segment: no grad, none required, no state,
+        # in a group that does not round stochastically.
         self._left_out: list[torch.Tensor] = []
         # `self.state` and its size as of the last step, to notice edits from outside.
         self._state_seen: dict[Any, Any] | None = None
@@ -494,7 +495,10 @@ class Adadelta(Optimizer):
         load (``loading``: ids): as torch makes no state for a frozen param, a frozen
         backbone passed in with the rest takes no memory here either. The others are
         :attr:`_left_out`, and the next step lays out again once one of them requires
-        or has a grad.
+        or has a grad. But in a group that rounds stochastically (bf16 or 8-bit state,
+        stochastic rounding), every param gets its segment: the noise is keyed by the
+        element's place in the flat state, which must not depend on what happens to be
+        frozen when a checkpoint loads, or a resume would round otherwise.
         """
         # A group's state_dtype may have been set since (param_groups[0]["state_dtype"] = ...):
         # checked before anything changes.
@@ -505,7 +509,7 @@ class Adadelta(Optimizer):
         left_out = []
         for g, group in enumerate(self.param_groups):
             for param in group["params"]:
-                if not (_may_have_grad(param) or self.state.get(param) or id(param) in loading):
+                if not (_group_rounds(group) or _may_have_grad(param) or self.state.get(param) or id(param) in loading):
                     left_out.append(param)
                     continue
                 key = state_key(param, group) + ((id(param),) if self.state_per_param else ())
