@@ -653,7 +653,8 @@ class FlatState:
     def load_param_state(self, i: int, state: dict[str, torch.Tensor], *, with_master: bool = True) -> None:
         """Copy one param's state in (shapes checked by the caller); fp32 is never
         downcast, except into bf16 state (rounded to nearest) or 8-bit state
-        (quantized). 8-bit codes with their scales are taken as their values."""
+        (quantized). 8-bit codes with their scales are stored as they are into 8-bit
+        state, and taken as their values into any other."""
         start, end = self.offsets[i], self.offsets[i] + self.numels[i]
         self.steps[i].copy_(torch.as_tensor(state["step"], dtype=torch.float32))
         for name in ("square_avg", "acc_delta"):
