@@ -301,6 +301,19 @@ def test_a_frozen_param_takes_no_state_until_it_can_have_a_grad(backend, master_
     assert frozen not in optimizer.state
 
 
+def test_a_param_frozen_after_an_early_load_takes_no_state(backend):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 300), torch.nn.Linear(300, 2))
+    optimizer = Adadelta(model.parameters())
+    optimizer.load_state_dict(optimizer.state_dict())  # as accelerate.prepare does, before any grad
+    model[0].weight.requires_grad_(False)  # then a callback freezes
+    model(torch.randn(4, 6)).square().sum().backward()
+    optimizer.step()
+    laid_out = [param for flat in optimizer.flat_states() for param in flat.params]
+    assert len(laid_out) == 3 and not any(param is model[0].weight for param in laid_out)
+    assert model[0].weight not in optimizer.state
+
+
 @pytest.mark.parametrize(
     "dtype,options",
     [

@@ -40,10 +40,9 @@ _DTYPE = operator.attrgetter("dtype")
 _GET_DEVICE = torch.Tensor.get_device
 
 
-def _may_have_grad(param: torch.Tensor) -> bool:
-    """Whether a param requires a grad or has one (a grad set by hand counts, as torch
-    steps any param with a grad)."""
-    return param.requires_grad or param.grad is not None
+def _has_grad(param: torch.Tensor) -> bool:
+    """Whether a param has a grad (set by autograd or by hand: torch steps either)."""
+    return param.grad is not None
 
 
 def _same_objects(current: list[Any], seen: list[Any]) -> bool:
@@ -418,7 +417,7 @@ class Adadelta(Optimizer):
         self._flat_states: list[FlatState] = []
         self._laid_out: list[list[torch.Tensor]] | None = None
         self._laid_out_state_dtypes: list[object] = []
-        # The params of the groups without a segment: no grad, none required, no state,
+        # The params of the groups without a segment: no grad and no state,
         # in a group that does not round stochastically.
         self._left_out: list[torch.Tensor] = []
         # `self.state` and its size as of the last step, to notice edits from outside.
@@ -491,11 +490,12 @@ class Adadelta(Optimizer):
 
         ``self.state`` is what is carried: views of the previous flat states, or the
         tensors a copy or ``load_state_dict`` left there. A param gets a segment where
-        it can have a grad (it requires one, or has one), has state, or has state to
-        load (``loading``: ids): as torch makes no state for a frozen param, a frozen
-        backbone passed in with the rest takes no memory here either. The others are
-        :attr:`_left_out`, and the next step lays out again once one of them requires
-        or has a grad. But in a group that rounds stochastically (bf16 or 8-bit state,
+        it has a grad, has state, or has state to load (``loading``: ids): as torch
+        makes state only for params with grads, a frozen backbone passed in with the
+        rest takes no memory here either, even where the state was laid out (by a
+        ``load_state_dict``, say) before it was frozen. The others are
+        :attr:`_left_out`, and the next step lays out again once one of them has a
+        grad. But in a group that rounds stochastically (bf16 or 8-bit state,
         stochastic rounding), every param gets its segment: the noise is keyed by the
         element's place in the flat state, which must not depend on what happens to be
         frozen when a checkpoint loads, or a resume would round otherwise.
@@ -509,7 +509,7 @@ class Adadelta(Optimizer):
         left_out = []
         for g, group in enumerate(self.param_groups):
             for param in group["params"]:
-                if not (_group_rounds(group) or _may_have_grad(param) or self.state.get(param) or id(param) in loading):
+                if not (_group_rounds(group) or _has_grad(param) or self.state.get(param) or id(param) in loading):
                     left_out.append(param)
                     continue
                 key = state_key(param, group) + ((id(param),) if self.state_per_param else ())
@@ -545,7 +545,7 @@ class Adadelta(Optimizer):
         laid_out = self._laid_out
         if (
             laid_out is None
-            or any(map(_may_have_grad, self._left_out))
+            or any(map(_has_grad, self._left_out))
             or len(laid_out) != len(self.param_groups)
             or not all(_same_objects(group["params"], seen) for group, seen in zip(self.param_groups, laid_out))
             or any(group.get("state_dtype") is not dtype for group, dtype in zip(self.param_groups, self._laid_out_state_dtypes))
