@@ -40,9 +40,10 @@ _DTYPE = operator.attrgetter("dtype")
 _GET_DEVICE = torch.Tensor.get_device
 
 
-def _has_grad(param: torch.Tensor) -> bool:
-    """Whether a param has a grad (set by autograd or by hand: torch steps either)."""
-    return param.grad is not None
+def _may_have_grad(param: torch.Tensor) -> bool:
+    """Whether a param requires a grad or has one (a grad set by hand counts, as torch
+    steps any param with a grad)."""
+    return param.requires_grad or param.grad is not None
 
 
 def _same_objects(current: list[Any], seen: list[Any]) -> bool:
@@ -319,10 +320,12 @@ class Adadelta(Optimizer):
     ``p.data``, never writes a grad and keeps no view of either between steps. Its
     own state (``square_avg``, ``acc_delta`` and, with ``master_weights``, an fp32
     master copy) lives in flat buffers, one per (device, param dtype, mode), with a
-    16-byte-aligned segment per param. Each step reads the addresses of the params
-    and grads into a segment table (reused while they do not move) and updates every
-    param of every group that has a grad in one kernel launch per flat buffer. A
-    param whose grad is None is skipped, exactly as torch skips it.
+    16-byte-aligned segment per param (with fp32 state and no stochastic rounding,
+    per param that requires a grad, has one or has state). Each step
+    reads the addresses of the params and grads into a segment table (reused while
+    they do not move) and updates every param of every group that has a grad in one
+    kernel launch per flat buffer. A param whose grad is None is skipped, exactly as
+    torch skips it.
 
     Args:
         params (iterable): params or named params to optimize, or dicts defining
@@ -417,8 +420,7 @@ class Adadelta(Optimizer):
         self._flat_states: list[FlatState] = []
         self._laid_out: list[list[torch.Tensor]] | None = None
         self._laid_out_state_dtypes: list[object] = []
-        # The params of the groups without a segment: no grad and no state,
-        # in a group that does not round stochastically.
+        # The params of the groups left without a segment (see _lay_out).
         self._left_out: list[torch.Tensor] = []
         # `self.state` and its size as of the last step, to notice edits from outside.
         self._state_seen: dict[Any, Any] | None = None
@@ -485,17 +487,18 @@ class Adadelta(Optimizer):
         self._handle = compiled.register(self)
 
     # ------------------------------------------------------------- flat states
-    def _lay_out(self, loading: frozenset[int] = frozenset()) -> list[FlatState]:
+    def _lay_out(self, loading: frozenset[int] | None = None) -> list[FlatState]:
         """Build the flat states of every group, carrying each param's state over.
 
         ``self.state`` is what is carried: views of the previous flat states, or the
         tensors a copy or ``load_state_dict`` left there. A param gets a segment where
-        it has a grad, has state, or has state to load (``loading``: ids): as torch
-        makes state only for params with grads, a frozen backbone passed in with the
-        rest takes no memory here either, even where the state was laid out (by a
-        ``load_state_dict``, say) before it was frozen. The others are
-        :attr:`_left_out`, and the next step lays out again once one of them has a
-        grad. But in a group that rounds stochastically (bf16 or 8-bit state,
+        it requires a grad or has one, or has state: as torch makes no state for a
+        frozen param, a frozen backbone passed in with the rest takes no memory here
+        either. ``load_state_dict`` lays out (``loading``: the ids of the params it
+        loads state for) only the params with a grad or state to load, so that a
+        param frozen after a load before any grad (``accelerate.prepare`` does one)
+        gets none. The others are :attr:`_left_out`, and the next step lays out again
+        once one of them requires or has a grad. But in a group that rounds stochastically (bf16 or 8-bit state,
         stochastic rounding), every param gets its segment: the noise is keyed by the
         element's place in the flat state, which must not depend on what happens to be
         frozen when a checkpoint loads, or a resume would round otherwise.
@@ -509,7 +512,12 @@ class Adadelta(Optimizer):
         left_out = []
         for g, group in enumerate(self.param_groups):
             for param in group["params"]:
-                if not (_group_rounds(group) or _has_grad(param) or self.state.get(param) or id(param) in loading):
+                needs_state = param.grad is not None or bool(self.state.get(param))
+                if loading is None:
+                    needs_state = needs_state or param.requires_grad
+                else:
+                    needs_state = needs_state or id(param) in loading
+                if not (_group_rounds(group) or needs_state):
                     left_out.append(param)
                     continue
                 key = state_key(param, group) + ((id(param),) if self.state_per_param else ())
@@ -545,7 +553,7 @@ class Adadelta(Optimizer):
         laid_out = self._laid_out
         if (
             laid_out is None
-            or any(map(_has_grad, self._left_out))
+            or any(map(_may_have_grad, self._left_out))
             or len(laid_out) != len(self.param_groups)
             or not all(_same_objects(group["params"], seen) for group, seen in zip(self.param_groups, laid_out))
             or any(group.get("state_dtype") is not dtype for group, dtype in zip(self.param_groups, self._laid_out_state_dtypes))
