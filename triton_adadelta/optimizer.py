@@ -498,10 +498,11 @@ class Adadelta(Optimizer):
         loads state for) only the params with a grad or state to load, so that a
         param frozen after a load before any grad (``accelerate.prepare`` does one)
         gets none. The others are :attr:`_left_out`, and the next step lays out again
-        once one of them requires or has a grad. But in a group that rounds stochastically (bf16 or 8-bit state,
-        stochastic rounding), every param gets its segment: the noise is keyed by the
-        element's place in the flat state, which must not depend on what happens to be
-        frozen when a checkpoint loads, or a resume would round otherwise.
+        once one of them requires or has a grad. But in a group that rounds
+        stochastically (bf16 or 8-bit state, stochastic rounding), every param gets its
+        segment: the noise is keyed by the element's place in the flat state, which
+        must not depend on what happens to be frozen when a checkpoint loads, or a
+        resume would round otherwise.
         """
         # A group's state_dtype may have been set since (param_groups[0]["state_dtype"] = ...):
         # checked before anything changes.
@@ -511,13 +512,10 @@ class Adadelta(Optimizer):
         by_key: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[int]]] = {}
         left_out = []
         for g, group in enumerate(self.param_groups):
+            every_param = _group_rounds(group)
             for param in group["params"]:
-                needs_state = param.grad is not None or bool(self.state.get(param))
-                if loading is None:
-                    needs_state = needs_state or param.requires_grad
-                else:
-                    needs_state = needs_state or id(param) in loading
-                if not (_group_rounds(group) or needs_state):
+                may_need_state = param.requires_grad if loading is None else id(param) in loading
+                if not (every_param or may_need_state or param.grad is not None or self.state.get(param)):
                     left_out.append(param)
                     continue
                 key = state_key(param, group) + ((id(param),) if self.state_per_param else ())

@@ -118,7 +118,7 @@ def quantize_(
     ``noise``): the subnormal codes round up instead (noise 0xFFFF), as a step's do.
 
     The last block may be short: its missing elements count as padding (zeros, not
-    stored). Raises nothing; a block holding a NaN or an inf gets a NaN scale.
+    stored). A block holding a NaN or an inf gets a NaN scale (no error).
     Quantized ``CHUNK`` values at a time, so that the int64 steps take memory of a
     chunk, not of the whole state.
 
