@@ -20,6 +20,7 @@ Usage::
 
     python perf/bench_step.py            # full run: compiled torch's cold compiles take minutes
     python perf/bench_step.py --quick    # a short run without compiled torch, about 1 minute
+    python perf/bench_step.py --no-compiled --threads 1 --shapes "16M bf16 in 100, 8-bit state"
 
 Writes ``perf/results/bench_step_<device>.json`` and ``.png``.
 """
@@ -511,6 +512,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "perf" / "results")
     parser.add_argument("--shapes", nargs="*", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--budget-s", type=float, default=None, help="seconds of timed rounds per shape (default 40, --quick 8)")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="CPU: the threads torch and our C loop run on (default: torch's own, the cores); "
+        "8-bit state is bound by arithmetic and fp32 state by memory, so their ratio moves with it",
+    )  # fmt: skip
     parser.add_argument("--replot", action="store_true", help="redraw the plot from the results file in --out, timing nothing")
     parser.add_argument("--no-build-timing", action="store_true", help="CPU: skip timing the native library's first build")
     parser.add_argument(
@@ -521,6 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, not {args.threads}")
+        torch.set_num_threads(args.threads)  # (before machine_info, which records it)
     if args.replot:
         stem = args.out / f"bench_step_{device.type}"
         record = json.loads(stem.with_suffix(".json").read_text())

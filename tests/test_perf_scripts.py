@@ -4,7 +4,8 @@ No GPU is needed to check everything around the timer: that every config launche
 that restoring the buffers makes every timed launch start from the same state, the
 best config per size bucket, the rows, the goals summary, the table and the plot.
 On the CPU the sweep times with a wall-clock median instead of do_bench (CUDA events).
-The C loop's A/B (perf/ab_native.py) is run for real, on a few thousand params.
+The C loop's A/B (perf/ab_native.py) is run for real, on a few thousand params;
+bench_step's ``--threads`` up to the point where it would start timing.
 """
 
 from __future__ import annotations
@@ -208,3 +209,26 @@ def test_the_c_loop_a_b_says_what_is_wrong_with_its_base(tmp_path):
     assert run.returncode != 0
     assert "neither a file nor a git revision" in run.stderr
     assert not (tmp_path / "ab_native.json").exists()
+
+
+def test_bench_step_runs_on_the_threads_asked_and_records_them(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # (its import refuses the interpreter; nothing is timed here)
+    import bench_step
+
+    class Recorded(Exception):
+        pass
+
+    def record_threads(device):
+        raise Recorded(torch.get_num_threads())
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(bench_step, "machine_info", record_threads)
+    try:
+        with pytest.raises(Recorded) as recorded:
+            bench_step.main(["--device", "cpu", "--threads", "1"])
+        assert recorded.value.args == (1,)  # set before the machine (and its thread count) is recorded
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(SystemExit):
+        bench_step.main(["--device", "cpu", "--threads", "0"])
+    assert torch.get_num_threads() == threads
