@@ -935,8 +935,9 @@ def check_launch(
         state_dtype = square_avg.dtype  # bf16 or 8-bit state (the math stays fp32)
     if state_dtype == torch.uint8:
         check_quantized_state(square_avg, acc_delta, square_avg_scale, acc_delta_scale)
-        # Once per set of pieces (the cache is theirs): on a GPU the check reads the device.
-        if not table.cache.get("starts_on_quant_blocks"):
+        # Once per set of pieces (the cache is theirs): on a GPU the check reads the
+        # device. (Meta tensors hold no values to check, and their launch updates nothing.)
+        if device.type != "meta" and not table.cache.get("starts_on_quant_blocks"):
             bad_offsets = (table.pieces[STATE_ROW] % QUANT_BLOCK != 0) & (table.pieces[NUMEL_ROW] > 0)
             if bool(bad_offsets.any()):
                 raise ValueError(f"8-bit state: every piece of the table must start on a multiple of {QUANT_BLOCK} elements")
@@ -1017,8 +1018,8 @@ def adadelta_step_(
             f"TRITON_INTERPRET=1 was set when the kernel was imported, and Triton's interpreter "
             f"cannot reach {device} params: unset it to run the compiled kernel, or keep the model on the CPU"
         )
-    if table.n_pieces == 0:
-        return
+    if table.n_pieces == 0 or square_avg.numel() == 0:
+        return  # (a state of empty params only: nothing to update, and no buffer has an address)
     block_map, map_starts, programs = table.block_map()
     args = dict(
         table_ptr=table.pieces,

@@ -95,6 +95,74 @@ def test_params_on_several_devices_get_one_flat_state_per_device(backend):
     assert not torch.equal(on_cpu.detach(), torch.ones(4))
 
 
+@pytest.mark.parametrize("options", [{"state_dtype": torch.bfloat16}, {"state_dtype": torch.uint8}])
+def test_meta_params_step_in_compressed_state_as_torchs_do(backend, options):
+    # torch steps meta params by shapes alone; 8-bit state's launch check read the meta table.
+    param = torch.nn.Parameter(torch.ones(300, device="meta"))
+    optimizer = Adadelta([param], **options)
+    param.grad = torch.ones(300, device="meta")
+    optimizer.step()
+    assert optimizer.state[param]["square_avg"].shape == (300,)
+
+
+@pytest.mark.parametrize(
+    "dtype, options",
+    [
+        (torch.float32, {"state_dtype": torch.uint8}),
+        (torch.bfloat16, {"master_weights": True}),
+        (torch.bfloat16, {"master_weights": True, "state_dtype": torch.uint8}),
+        (torch.bfloat16, {"stochastic_rounding": True, "state_dtype": torch.bfloat16}),
+    ],
+)
+def test_a_flat_state_of_empty_params_only_steps_as_torchs_does(backend, dtype, options):
+    # The empty param is alone in its flat state (the other param has another dtype):
+    # its buffers have no address, which the C loop refused for a master copy or scales.
+    other_dtype = torch.float64
+    empty = torch.nn.Parameter(torch.empty(0, 3, dtype=dtype))
+    other = torch.nn.Parameter(torch.ones(4, dtype=other_dtype))
+    optimizer = Adadelta([{"params": [empty], **options}, {"params": [other]}], lr=1.0)
+    reference = torch.nn.Parameter(torch.ones(4, dtype=other_dtype))
+    torch_optimizer = torch.optim.Adadelta([reference], lr=1.0)
+    for _ in range(2):
+        empty.grad = torch.empty(0, 3, dtype=dtype)
+        other.grad = reference.grad = torch.full((4,), 0.5, dtype=other_dtype)
+        optimizer.step()
+        torch_optimizer.step()
+    assert empty.shape == (0, 3) and float(optimizer.state[empty]["step"]) == 2.0
+    torch.testing.assert_close(other, reference, **KERNEL_TOLERANCE)
+
+
+def test_state_dict_post_hooks_get_and_shape_the_dict_that_is_returned(backend):
+    # torch runs the post hooks last and returns what they return; a hook that casts
+    # the state for a smaller checkpoint, or drops group keys, must see the saved form.
+    seen = []
+
+    def to_bf16(optimizer, state_dict):
+        seen.append({key: value.dtype for key, value in state_dict["state"][0].items()})
+        for state in state_dict["state"].values():
+            state["square_avg"] = state["square_avg"].to(torch.bfloat16)
+        return state_dict
+
+    def drop_keys(optimizer, state_dict):
+        state_dict["param_groups"][0].pop("rounding_seed")
+        return None  # (changed in place)
+
+    for options in ({}, {"state_dtype": torch.bfloat16}, {"state_dtype": torch.uint8}):
+        model, optimizer = trained(**options)
+        expected = optimizer.state_dict()["state"][0]["square_avg"]
+        optimizer.register_state_dict_post_hook(to_bf16)
+        optimizer.register_state_dict_post_hook(drop_keys)
+        for save in (optimizer.state_dict, optimizer.compact_state_dict):
+            if save == optimizer.compact_state_dict and options:
+                continue  # (compact 8-bit state is codes by design; bf16 state is as state_dict's)
+            seen.clear()
+            state_dict = save()
+            assert seen == [{"step": torch.float32, "square_avg": torch.float32, "acc_delta": torch.float32}], options
+            assert state_dict["state"][0]["square_avg"].dtype == torch.bfloat16
+            torch.testing.assert_close(state_dict["state"][0]["square_avg"], expected.to(torch.bfloat16), rtol=0, atol=0)
+            assert "rounding_seed" not in state_dict["param_groups"][0] and "square_avg_scale" not in state_dict["state"][0]
+
+
 def test_state_dict_of_another_model_names_the_mismatch_and_changes_nothing(backend):
     model, optimizer = trained()
     other = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2))

@@ -1027,8 +1027,10 @@ def adadelta_step_cpu_(
         table, square_avg, acc_delta, hparams, master, stochastic_rounding, grad_scale, found_inf,
         square_avg_scale=square_avg_scale, acc_delta_scale=acc_delta_scale,
     )  # fmt: skip
-    if table.n_pieces == 0 or square_avg.device.type == "meta":
-        return  # meta tensors hold no values: there is nothing to update
+    if table.n_pieces == 0 or square_avg.numel() == 0 or square_avg.device.type == "meta":
+        # Nothing to update: meta tensors hold no values, and a state of empty params
+        # only has no buffer address (the C loop refuses a null master or scale).
+        return
     library = _native_for(
         square_avg.device, table.param_dtype, master=master is not None, stochastic_rounding=stochastic_rounding,
         compressed_state=square_avg.dtype in _COMPRESSED_STATE_DTYPES,

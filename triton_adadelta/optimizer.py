@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import numbers
 import operator
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from copy import deepcopy
 from itertools import chain, repeat
 from typing import Any, Callable, Iterable
@@ -861,8 +861,7 @@ class Adadelta(Optimizer):
         hold its values exactly: torch's Adadelta loads the dict, and loading it back
         here stores the same bf16 values, so a save and load resumes bit for bit.
         """
-        self._seed_before_saving()
-        state_dict = super().state_dict()
+        state_dict = self._packed_state_dict()
         packed = state_dict["state"]
         for key, value in packed.items():
             dtypes = {name: getattr(value.get(name), "dtype", None) for name in ("square_avg", "acc_delta")}
@@ -873,7 +872,28 @@ class Adadelta(Optimizer):
                 # 8-bit state: the codes' values, in the param's shape; not the scales.
                 fp32 = {name: dequantized(value[name], value[f"{name}_scale"]) for name in dtypes}
                 packed[key] = {k: v for k, v in value.items() if not k.endswith("_scale")} | fp32
-        return _saveable_state_dict(state_dict)
+        return self._after_post_hooks(_saveable_state_dict(state_dict))
+
+    def _packed_state_dict(self) -> dict[str, Any]:
+        """torch's packing of the state (its pre hooks run), without its post hooks:
+        those get the dict in its saved form, after this optimizer's conversion
+        (:meth:`_after_post_hooks`), as torch hands its hooks the dict it returns."""
+        self._seed_before_saving()
+        post_hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        try:
+            return super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post_hooks
+
+    def _after_post_hooks(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` passed through the state_dict post hooks, as torch's
+        ``Optimizer.state_dict`` ends: a hook's result, where not None, replaces it."""
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            hook_result = post_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        return state_dict
 
     def _seed_before_saving(self) -> None:
         """A checkpoint taken before the first launch that rounds holds the seed too."""
@@ -903,13 +923,12 @@ class Adadelta(Optimizer):
                     "params is saved through state_dict() (fp32 DTensors, which torch.distributed.checkpoint "
                     "saves sharded; loading them back restores the same values)"
                 )
-        self._seed_before_saving()
-        state_dict = super().state_dict()
+        state_dict = self._packed_state_dict()
         packed = state_dict["state"]
         for key, value in packed.items():
             if getattr(value.get("square_avg"), "dtype", None) == torch.bfloat16:
                 packed[key] = {**value, **{name: value[name].float() for name in ("square_avg", "acc_delta")}}
-        return _saveable_state_dict(state_dict)
+        return self._after_post_hooks(_saveable_state_dict(state_dict))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load an optimizer state from ours or :class:`torch.optim.Adadelta`'s.
