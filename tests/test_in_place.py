@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import io
+import operator
 import pickle
 from pathlib import Path
 from typing import Any, Callable
@@ -435,34 +436,116 @@ def test_a_transposed_grad_at_the_address_of_the_last_grad_matches_torch(backend
     torch.testing.assert_close(ours.detach(), theirs.detach(), **parity_tolerance())
 
 
-@pytest.mark.parametrize("edit", ["clear", "new dict", "del one"])
-def test_optimizer_state_cleared_or_replaced_from_outside_is_followed_as_torch(backend, edit: str) -> None:
+@pytest.mark.parametrize(
+    "edit", ["clear", "new dict", "del one", "clear, then read", "del one, then read", "one set to {}"]
+)
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.uint8])
+def test_optimizer_state_cleared_or_replaced_from_outside_is_followed_as_torch(
+    backend, edit: str, state_dtype: torch.dtype
+) -> None:
     """Resetting the optimizer's state the ways users do (``optimizer.state.clear()``,
-    ``optimizer.state = defaultdict(dict)``, ``del optimizer.state[p]``) starts those
-    params afresh, as torch does; the flat state is not silently used on."""
+    ``optimizer.state = defaultdict(dict)``, ``del optimizer.state[p]``,
+    ``optimizer.state[p] = {}``) starts those params afresh, as torch does; the flat
+    state is not silently used on. Also where a read through the defaultdict
+    (``optimizer.state[p].get("step")``) put empty entries back, leaving the dict as
+    long as before. (8-bit state: the step counts and the saved entries.)"""
     from collections import defaultdict
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
     reference = copy.deepcopy(model)
-    optimizer, torch_optimizer = Adadelta(model.parameters()), torch.optim.Adadelta(reference.parameters())
+    optimizer = Adadelta(model.parameters(), state_dtype=state_dtype)
+    torch_optimizer = torch.optim.Adadelta(reference.parameters())
     x = torch.randn(6, 4)
     for step in range(5):
         if step == 3:
             for m, o in ((model, optimizer), (reference, torch_optimizer)):
-                if edit == "clear":
+                if edit.startswith("clear"):
                     o.state.clear()
                 elif edit == "new dict":
                     o.state = defaultdict(dict)
-                else:
+                elif edit.startswith("del one"):
                     del o.state[m[0].weight]
+                else:
+                    o.state[m[0].weight] = {}
+                if edit.endswith("then read"):
+                    [o.state[p].get("step") for p in m.parameters()]  # (a logging loop, say)
         for m, o in ((model, optimizer), (reference, torch_optimizer)):
             o.zero_grad()
             m(x).pow(2).sum().backward()
             o.step()
-    for a, b in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(a.detach(), b.detach(), **parity_tolerance())
+    if state_dtype == torch.float32:
+        for a, b in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(a.detach(), b.detach(), **parity_tolerance())
     ours_state, torch_state = optimizer.state_dict()["state"], torch_optimizer.state_dict()["state"]
-    assert ours_state.keys() == torch_state.keys()
+    assert sorted(ours_state) == sorted(torch_state)
     for key in torch_state:
+        assert sorted(ours_state[key]) == sorted(torch_state[key])
         assert float(ours_state[key]["step"]) == float(torch_state[key]["step"])
+    for flat in optimizer.flat_states():
+        every = edit.startswith("clear") or edit == "new dict"
+        assert flat.steps.tolist() == [2.0 if every or p is model[0].weight else 5.0 for p in flat.params]
+
+
+def test_an_entry_held_by_user_code_stays_live_when_the_state_is_laid_out_again(backend) -> None:
+    """``entry = optimizer.state[p]`` (for logging, say) is the entry the optimizer
+    updates and reads, also after a re-layout (here: a frozen layer unfrozen), as a
+    torch optimizer's entry always is."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    model[0].requires_grad_(False)
+    optimizer = Adadelta(model.parameters())
+    x = torch.randn(6, 4)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        model(x).pow(2).sum().backward()
+        optimizer.step()
+
+    step()
+    entry = optimizer.state[model[2].weight]
+    layouts = optimizer.flat_states()
+    model[0].requires_grad_(True)
+    step()
+    assert not any(map(operator.is_, optimizer.flat_states(), layouts))  # (laid out again)
+    assert optimizer.state[model[2].weight] is entry and float(entry["step"]) == 2.0
+    entry["square_avg"].zero_()
+    entry["acc_delta"].zero_()
+    (flat,) = optimizer.flat_states()
+    i = next(k for k, param in enumerate(flat.params) if param is model[2].weight)
+    assert not flat.square_avg[flat.offsets[i] : flat.offsets[i] + flat.numels[i]].any()
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_a_param_taken_out_of_the_groups_keeps_its_own_state_not_the_old_flat_buffer(
+    backend, state_dtype: torch.dtype
+) -> None:
+    """A param removed from the groups keeps its entry, as torch keeps it, but as
+    copies: views would hold the whole previous flat state in memory."""
+    torch.manual_seed(0)
+    body, head = torch.nn.Linear(64, 64), torch.nn.Linear(64, 2)
+    optimizer = Adadelta([*body.parameters(), *head.parameters()], state_dtype=state_dtype)
+    (body(torch.randn(3, 64)).sum() + head(torch.randn(3, 64)).sum()).backward()
+    optimizer.step()
+    kept = {name: value.clone() for name, value in optimizer.state[head.weight].items()}
+    new_head = torch.nn.Linear(64, 2)
+    optimizer.param_groups[0]["params"] = [*body.parameters(), *new_head.parameters()]
+    (body(torch.randn(3, 64)).sum() + new_head(torch.randn(3, 64)).sum()).backward()
+    optimizer.step()
+    entry = optimizer.state[head.weight]
+    assert sorted(entry) == sorted(kept)
+    for name, value in entry.items():
+        assert torch.equal(value, kept[name]), name
+        assert value.untyped_storage().nbytes() == value.numel() * value.element_size(), name
+
+
+def test_a_param_listed_twice_by_editing_the_groups_raises_and_changes_nothing(backend) -> None:
+    param = torch.nn.Parameter(torch.ones(4))
+    optimizer = Adadelta([param])
+    param.grad = torch.ones(4)
+    optimizer.step()
+    before = param.detach().clone()
+    optimizer.param_groups[0]["params"].append(param)
+    with pytest.raises(ValueError, match="listed more than once"):
+        optimizer.step()
+    assert torch.equal(param.detach(), before) and float(optimizer.state[param]["step"]) == 1.0
