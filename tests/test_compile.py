@@ -142,6 +142,40 @@ def test_compiling_a_fresh_optimizers_step_as_users_do_breaks_no_graph(cpu_path,
     assert not counters["graph_break"], list(counters["graph_break"])
 
 
+@pytest.mark.parametrize("options", [{"state_dtype": torch.bfloat16}, {"state_dtype": torch.uint8}])
+def test_a_step_that_rounds_compiles_once_also_with_dynamic_false(cpu_path, options) -> None:
+    # The launch count in the first group changes at every launch that rounds; as an
+    # int, dynamo guarded on it and compiled again at every step (with dynamic=False
+    # until its recompile limit, then the step ran eagerly). It is a tensor now, as
+    # torch advises for a scheduled lr. The key is there after one eager step, or in
+    # any resumed run (every state_dict holds it).
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4)
+    twin = copy.deepcopy(model)
+    optimizer, eager = Adadelta(model.parameters(), lr=1.0, **options), Adadelta(twin.parameters(), lr=1.0, **options)
+    batches = [torch.randn(8, 16) for _ in range(12)]
+    for net, opt in ((model, optimizer), (twin, eager)):
+        opt.zero_grad()
+        net(batches[0]).sum().backward()
+        opt.step()
+    eager.load_state_dict(optimizer.state_dict())  # (the same seed, and a loaded launch count)
+    optimizer.load_state_dict(optimizer.state_dict())
+    step = torch.compile(optimizer.step, dynamic=False)
+    for x in batches[1:]:
+        for net, opt, run in ((model, optimizer, step), (twin, eager, eager.step)):
+            opt.zero_grad()
+            net(x).sum().backward()
+            run()
+    assert counters["stats"]["unique_graphs"] == 1
+    launches = optimizer.state_dict()["param_groups"][0]["rounding_launches"]
+    assert type(launches) is int and launches == 12  # (saved as torch's groups save numbers)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_a_whole_compiled_train_step_breaks_no_more_than_torch_s(cpu_path) -> None:
     counts = {}
     for name, optimizer_class in (("ours", Adadelta), ("torch", torch.optim.Adadelta)):

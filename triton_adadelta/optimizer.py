@@ -187,8 +187,10 @@ def _saveable_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
         if isinstance(group.get("state_dtype"), torch.dtype):
             group["state_dtype"] = str(group["state_dtype"])
     if state_dict["param_groups"]:
-        state_dict["param_groups"][0].setdefault(ROUNDING_SEED, None)
-        state_dict["param_groups"][0].setdefault(ROUNDING_LAUNCHES, 0)
+        first = state_dict["param_groups"][0]
+        first.setdefault(ROUNDING_SEED, None)
+        # The live launch count is a tensor (see _launch_counter); saved, its value.
+        first[ROUNDING_LAUNCHES] = operator.index(first.get(ROUNDING_LAUNCHES, 0))
     return state_dict
 
 
@@ -286,6 +288,19 @@ def _checked_rounding(group: dict[str, Any], where: str) -> dict[str, Any]:
             f"not {group[ROUNDING_SEED]!r} and {group.get(ROUNDING_LAUNCHES)!r}"
         )
     return {ROUNDING_SEED: seed, ROUNDING_LAUNCHES: launches}
+
+
+def _launch_counter(group: dict[str, Any]) -> torch.Tensor:
+    """The first group's launch count, as the 0-dim int64 CPU tensor that the group
+    holds, counted in place: an int there would change at every launch, and
+    ``torch.compile`` guards on a param group's numbers (as on a float ``lr``), so a
+    compiled step would compile again at each (at every one with ``dynamic=False``,
+    until Dynamo gives up). An int put there (a loaded or synced group: ZeRO copies
+    its groups' values in) is made a tensor."""
+    counter = group.get(ROUNDING_LAUNCHES, 0)
+    if not isinstance(counter, torch.Tensor) or counter.dtype != torch.int64 or counter.device.type != "cpu" or counter.dim():
+        counter = group[ROUNDING_LAUNCHES] = torch.tensor(operator.index(counter), dtype=torch.int64)
+    return counter
 
 
 def _group_rounds(group: dict[str, Any]) -> bool:
@@ -808,8 +823,9 @@ class Adadelta(Optimizer):
         one would, whatever torch's RNG state, and no step after the first draws from
         torch's generator."""
         group = self._draw_rounding_seed()
-        launches = group.get(ROUNDING_LAUNCHES, 0)
-        group[ROUNDING_LAUNCHES] = launches + 1
+        counter = _launch_counter(group)
+        launches = int(counter)
+        counter.fill_(launches + 1)
         return 1 + (group[ROUNDING_SEED] - 1 + launches * _ROUNDING_SEED_STRIDE) % (2**31 - 2)
 
     def _draw_rounding_seed(self) -> dict[str, Any]:
@@ -817,7 +833,7 @@ class Adadelta(Optimizer):
         group = self.param_groups[0]
         if group.get(ROUNDING_SEED) is None:
             group[ROUNDING_SEED] = int(torch.randint(1, 2**31 - 1, (1,)).item())
-            group[ROUNDING_LAUNCHES] = 0
+            group[ROUNDING_LAUNCHES] = torch.tensor(0)
         return group
 
     def _advance_steps(self, flat: FlatState, plan: StepPlan, found_inf: torch.Tensor | None) -> bool:
@@ -1000,6 +1016,8 @@ class Adadelta(Optimizer):
             new_groups[0].pop(key, None)
         rounding = _checked_rounding(state_dict["param_groups"][0], "param group 0 of the state_dict")
         new_groups[0].update(rounding or _checked_rounding(self.param_groups[0], "param group 0"))
+        if ROUNDING_LAUNCHES in new_groups[0]:
+            _launch_counter(new_groups[0])
 
         # Everything fits. Should laying the state out fail all the same (out of
         # memory), the optimizer is put back as it was.
