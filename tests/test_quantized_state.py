@@ -344,6 +344,27 @@ def test_compact_codes_cast_to_another_dtype_are_refused():
         assert torch.equal(optimizer.state[model[0].weight][key], value)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tensor_put_in_place_of_codes_is_saved_as_its_values_not_decoded(dtype):
+    # Replacing a tensor inside an entry is not followed by the step (README), but the
+    # state_dict of it must not take the new tensor for codes (bf16 params with master
+    # weights: the other state's codes came out as bf16 values, 249.0 for 0.098, with
+    # the scales kept, which ours then refused to load), nor decode it as codes.
+    model = _model().to(dtype)
+    optimizer = Adadelta(model.parameters(), state_dtype=torch.uint8, master_weights=dtype == torch.bfloat16)
+    _train(optimizer, model, 2)
+    weight = model[0].weight
+    acc_delta = optimizer.state_dict()["state"][0]["acc_delta"]
+    optimizer.state[weight]["square_avg"] = torch.full_like(weight, 0.25)
+    state_dict = optimizer.state_dict()
+    saved = state_dict["state"][0]
+    assert "square_avg_scale" not in saved and "acc_delta_scale" not in saved
+    assert torch.equal(saved["square_avg"], torch.full(weight.shape, 0.25)) and torch.equal(saved["acc_delta"], acc_delta)
+    loaded = Adadelta(_model().to(dtype).parameters(), state_dtype=torch.uint8, master_weights=dtype == torch.bfloat16)
+    loaded.load_state_dict(state_dict)
+    assert torch.equal(loaded.state_dict()["state"][0]["square_avg"], saved["square_avg"])
+
+
 def test_loading_torchs_fp32_state_quantizes_it(backend):
     model = _model()
     reference = torch.optim.Adadelta(model.parameters())

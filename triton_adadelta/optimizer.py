@@ -922,13 +922,17 @@ class Adadelta(Optimizer):
         packed = state_dict["state"]
         for key, value in packed.items():
             dtypes = {name: getattr(value.get(name), "dtype", None) for name in ("square_avg", "acc_delta")}
-            if torch.bfloat16 in dtypes.values():
+            if any(name.endswith("_scale") for name in value):
+                # 8-bit state: the codes' values, in the param's shape; not the scales.
+                # (A tensor put in the entry in place of its codes is saved as its values.)
+                fp32 = {
+                    name: dequantized(value[name], value[f"{name}_scale"]) if dtype == torch.uint8 else value[name].float()
+                    for name, dtype in dtypes.items()
+                }
+                packed[key] = {k: v for k, v in value.items() if not k.endswith("_scale")} | fp32
+            elif torch.bfloat16 in dtypes.values():
                 # A new dict: torch's packing hands out the optimizer's own per-param dicts.
                 packed[key] = {**value, **{name: value[name].float() for name in dtypes}}
-            elif torch.uint8 in dtypes.values():
-                # 8-bit state: the codes' values, in the param's shape; not the scales.
-                fp32 = {name: dequantized(value[name], value[f"{name}_scale"]) for name in dtypes}
-                packed[key] = {k: v for k, v in value.items() if not k.endswith("_scale")} | fp32
         return self._after_post_hooks(_saveable_state_dict(state_dict))
 
     def _packed_state_dict(self) -> dict[str, Any]:
