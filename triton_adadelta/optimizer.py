@@ -649,8 +649,8 @@ class Adadelta(Optimizer):
 
     def _state_unchanged(self) -> bool:
         """Whether ``self.state`` is the dict, with the entries in the order, that
-        :meth:`_remember_state` saw: one C-level pass over its values (about 16 us for
-        1000 params here), no tensor hashed."""
+        :meth:`_remember_state` saw: one C-level pass over its values, no tensor
+        hashed (a scratch timing: 20 us more a step for 1000 params, 165 -> 185 us)."""
         return (
             self.state is self._state_seen
             and len(self.state) == self._state_size
