@@ -500,6 +500,21 @@ def test_the_rounding_seeds_are_in_the_state_dict_and_a_resume_needs_no_rng_stat
         copied.param_groups[0]["rounding_seed"], 3)
 
 
+def test_the_launch_count_of_a_state_dict_or_group_is_never_counted_in_place():
+    # ZeroRedundancyOptimizer saves its groups' values as they are and loads a dict's
+    # as they are: a count counted in place changed the saved dict under its holder.
+    model = _model()
+    optimizer = Adadelta(model.parameters(), state_dtype=torch.uint8)
+    _train(optimizer, model, 2)
+    state_dict = optimizer.state_dict()
+    state_dict["param_groups"][0]["rounding_launches"] = held = torch.tensor(2)  # (as ZeRO's state_dict holds it)
+    optimizer.load_state_dict(state_dict)
+    in_group = optimizer.param_groups[0]["rounding_launches"]
+    _train(optimizer, model, 3)
+    assert int(held) == 2 and int(in_group) == 2
+    assert optimizer.state_dict()["param_groups"][0]["rounding_launches"] == 5
+
+
 def test_a_checkpoint_before_the_first_rounding_launch_holds_the_seed_too():
     # Saved before any step (or while the rounding groups are frozen), then resumed in
     # another process: the seed was drawn when saving, so the runs round alike.

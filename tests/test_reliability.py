@@ -163,6 +163,49 @@ def test_state_dict_post_hooks_get_and_shape_the_dict_that_is_returned(backend):
             assert "rounding_seed" not in state_dict["param_groups"][0] and "square_avg_scale" not in state_dict["state"][0]
 
 
+def test_state_dict_hooks_registered_or_saving_inside_a_pre_hook_behave_as_torchs(backend):
+    # The post hooks once ran swapped out around torch's packing: a post hook that a
+    # pre hook registered ran on the unconverted dict (8-bit codes) and was then lost,
+    # and a pre hook that saved too got no post hooks.
+    model, optimizer = trained(state_dtype=torch.uint8)
+    seen = []
+
+    def post_hook(optimizer, state_dict):
+        seen.append(state_dict["state"][0]["square_avg"].dtype)
+
+    def registering_pre_hook(optimizer):
+        if not seen:
+            optimizer.register_state_dict_post_hook(post_hook)
+
+    optimizer.register_state_dict_pre_hook(registering_pre_hook)
+    optimizer.state_dict()
+    optimizer.state_dict()
+    assert seen == [torch.float32, torch.float32] and len(optimizer._optimizer_state_dict_post_hooks) == 1
+
+    inner: list[object] = []
+
+    def saving_pre_hook(optimizer):
+        if not inner:
+            inner.append(None)  # (the inner call's pre hook must not save again)
+            inner.append(optimizer.state_dict())
+
+    model, optimizer = trained(state_dtype=torch.uint8)
+    optimizer.register_state_dict_post_hook(lambda optimizer, state_dict: {**state_dict, "hooked": True})
+    optimizer.register_state_dict_pre_hook(saving_pre_hook)
+    assert optimizer.state_dict()["hooked"] and inner[1]["hooked"]
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_a_key_that_user_code_adds_to_an_entry_is_saved_as_torch_saves_it(backend, state_dtype):
+    # torch saves whatever an entry holds; a key ending in "_scale" was once taken for
+    # 8-bit state's scales and dropped.
+    model, optimizer = trained(state_dtype=state_dtype)
+    optimizer.state[model[0].weight]["lr_scale"] = torch.tensor(0.5)
+    saved = optimizer.state_dict()["state"][0]
+    assert torch.equal(saved["lr_scale"], torch.tensor(0.5))
+    assert "square_avg_scale" not in saved and saved["square_avg"].dtype == torch.float32
+
+
 def test_state_dict_of_another_model_names_the_mismatch_and_changes_nothing(backend):
     model, optimizer = trained()
     other = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import numbers
 import operator
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from copy import deepcopy
 from itertools import chain, repeat
 from typing import Any, Callable, Iterable
@@ -189,7 +189,7 @@ def _saveable_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     if state_dict["param_groups"]:
         first = state_dict["param_groups"][0]
         first.setdefault(ROUNDING_SEED, None)
-        # The live launch count is a tensor (see _launch_counter); saved, its value.
+        # The live launch count is a tensor (see _count_launch); saved, its value.
         first[ROUNDING_LAUNCHES] = operator.index(first.get(ROUNDING_LAUNCHES, 0))
     return state_dict
 
@@ -268,6 +268,9 @@ _ROUNDING_SEED_STRIDE = 0x9E3779B1
 ROUNDING_SEED = "rounding_seed"
 ROUNDING_LAUNCHES = "rounding_launches"
 
+# The keys of 8-bit state's scales in a param's entry (beside its codes).
+_SCALE_KEYS = frozenset({"square_avg_scale", "acc_delta_scale"})
+
 
 def _checked_rounding(group: dict[str, Any], where: str) -> dict[str, Any]:
     """A saved first group's rounding keys as ints (numpy ints and 1-element integer
@@ -290,17 +293,16 @@ def _checked_rounding(group: dict[str, Any], where: str) -> dict[str, Any]:
     return {ROUNDING_SEED: seed, ROUNDING_LAUNCHES: launches}
 
 
-def _launch_counter(group: dict[str, Any]) -> torch.Tensor:
-    """The first group's launch count, as the 0-dim int64 CPU tensor that the group
-    holds, counted in place: an int there would change at every launch, and
-    ``torch.compile`` guards on a param group's numbers (as on a float ``lr``), so a
-    compiled step would compile again at each (at every one with ``dynamic=False``,
-    until Dynamo gives up). An int put there (a loaded or synced group: ZeRO copies
-    its groups' values in) is made a tensor."""
-    counter = group.get(ROUNDING_LAUNCHES, 0)
-    if not isinstance(counter, torch.Tensor) or counter.dtype != torch.int64 or counter.device.type != "cpu" or counter.dim():
-        counter = group[ROUNDING_LAUNCHES] = torch.tensor(operator.index(counter), dtype=torch.int64)
-    return counter
+def _count_launch(group: dict[str, Any]) -> int:
+    """The first group's launch count (an int, or a 1-element integer tensor), which
+    the group then holds plus one, as a new 0-dim int64 tensor: an int that changed at
+    every launch made ``torch.compile`` compile the step again at each (it guards on a
+    param group's numbers, as on a float ``lr``; with ``dynamic=False`` at every step,
+    until Dynamo gave up), and a tensor counted in place would change under whoever
+    holds it (ZeroRedundancyOptimizer saves and loads its groups' values as they are)."""
+    launches = operator.index(group.get(ROUNDING_LAUNCHES, 0))
+    group[ROUNDING_LAUNCHES] = torch.tensor(launches + 1)
+    return launches
 
 
 def _group_rounds(group: dict[str, Any]) -> bool:
@@ -823,9 +825,7 @@ class Adadelta(Optimizer):
         one would, whatever torch's RNG state, and no step after the first draws from
         torch's generator."""
         group = self._draw_rounding_seed()
-        counter = _launch_counter(group)
-        launches = int(counter)
-        counter.fill_(launches + 1)
+        launches = _count_launch(group)
         return 1 + (group[ROUNDING_SEED] - 1 + launches * _ROUNDING_SEED_STRIDE) % (2**31 - 2)
 
     def _draw_rounding_seed(self) -> dict[str, Any]:
@@ -922,30 +922,40 @@ class Adadelta(Optimizer):
         packed = state_dict["state"]
         for key, value in packed.items():
             dtypes = {name: getattr(value.get(name), "dtype", None) for name in ("square_avg", "acc_delta")}
-            if any(name.endswith("_scale") for name in value):
+            if _SCALE_KEYS & value.keys():
                 # 8-bit state: the codes' values, in the param's shape; not the scales.
                 # (A tensor put in the entry in place of its codes is saved as its values.)
                 fp32 = {
                     name: dequantized(value[name], value[f"{name}_scale"]) if dtype == torch.uint8 else value[name].float()
                     for name, dtype in dtypes.items()
                 }
-                packed[key] = {k: v for k, v in value.items() if not k.endswith("_scale")} | fp32
+                packed[key] = {k: v for k, v in value.items() if k not in _SCALE_KEYS} | fp32
             elif torch.bfloat16 in dtypes.values():
                 # A new dict: torch's packing hands out the optimizer's own per-param dicts.
                 packed[key] = {**value, **{name: value[name].float() for name in dtypes}}
         return self._after_post_hooks(_saveable_state_dict(state_dict))
 
     def _packed_state_dict(self) -> dict[str, Any]:
-        """torch's packing of the state (its pre hooks run), without its post hooks:
-        those get the dict in its saved form, after this optimizer's conversion
-        (:meth:`_after_post_hooks`), as torch hands its hooks the dict it returns."""
+        """``torch.optim.Optimizer.state_dict``'s pre hooks and packing, without its
+        post hooks: those get the dict in its saved form, after this optimizer's
+        conversion (:meth:`_after_post_hooks`), as torch hands its hooks the dict it
+        returns. (Packed here, not by swapping the hooks out around torch's method: a
+        hook registered by a pre hook, a pre hook that saves too, or another thread
+        would then have found the swapped-in dict.)"""
         self._seed_before_saving()
-        post_hooks = self._optimizer_state_dict_post_hooks
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        try:
-            return super().state_dict()
-        finally:
-            self._optimizer_state_dict_post_hooks = post_hooks
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        # The groups as torch packs them: params by their index in the order of the groups.
+        index: dict[int, int] = {}
+        param_groups = []
+        for group in self.param_groups:
+            for param in group["params"]:
+                index.setdefault(id(param), len(index))
+            packed = {key: value for key, value in group.items() if key != "params"}
+            packed["params"] = [index[id(param)] for param in group["params"]]
+            param_groups.append(packed)
+        state = {(index[id(key)] if isinstance(key, torch.Tensor) else key): value for key, value in self.state.items()}
+        return {"state": state, "param_groups": param_groups}
 
     def _after_post_hooks(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` passed through the state_dict post hooks, as torch's
@@ -1021,7 +1031,7 @@ class Adadelta(Optimizer):
         rounding = _checked_rounding(state_dict["param_groups"][0], "param group 0 of the state_dict")
         new_groups[0].update(rounding or _checked_rounding(self.param_groups[0], "param group 0"))
         if ROUNDING_LAUNCHES in new_groups[0]:
-            _launch_counter(new_groups[0])
+            new_groups[0][ROUNDING_LAUNCHES] = torch.tensor(new_groups[0][ROUNDING_LAUNCHES])  # (see _count_launch)
 
         # Everything fits. Should laying the state out fail all the same (out of
         # memory), the optimizer is put back as it was.
